@@ -1,0 +1,180 @@
+"""Fixtures that start real services: a private Redis, the provider stub, a worker process.
+
+Each fixture is a factory that stops what it started. The session worker runs with
+short backoff and pause settings so the suite is quick; the production defaults are
+covered by the unit tests of ``worker.settings`` and ``worker.policy``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from worker import keys
+from worker.local import LocalRedis, WorkerProcess, local_env
+from worker.stub import ProviderStub
+
+API_KEY = "test-key-0001"
+API_SECRET = "s3cret-value-that-must-never-be-logged"
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, every_s: float = 0.05) -> Any:
+    """Poll until ``predicate()`` is truthy; returns its value or fails the test."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout_s} s")
+        time.sleep(every_s)
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """Every JSON line of a worker log (a non-JSON line fails the test)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def unique(prefix: str = "m") -> str:
+    """A msgid no other test uses."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def worker_settings(redis_url: str, stub_url: str) -> dict[str, str]:
+    """The environment of the test worker and of the test process's producer."""
+    return local_env(
+        redis_url,
+        stub_url,
+        API_KEY,
+        API_SECRET,
+        max_attempts=4,
+        backoff_base_s=0.05,
+        backoff_cap_s=2,
+        connect_timeout_s=1,
+        read_timeout_s=1,
+        pause_s=1.5,
+        requeue_after_s=5,
+        scheduler_tick_s=0.05,
+        log_level="INFO",
+    )
+
+
+def reset_caches() -> None:
+    """Forget settings and clients built from an earlier environment."""
+    from worker.app import get_settings
+    from worker.tasks import get_runtime, get_store
+
+    get_settings.cache_clear()
+    get_store.cache_clear()
+    get_runtime.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
+    """A private Redis for the whole session (the shared one on 6379 is left alone)."""
+    server = LocalRedis(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def stub() -> Iterator[ProviderStub]:
+    """The provider stand-in, answering over real HTTP on loopback."""
+    with ProviderStub(API_KEY, API_SECRET) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def settings_env(redis_server: LocalRedis, stub: ProviderStub) -> Iterator[dict[str, str]]:
+    """Point this process (the producer side) at the private Redis and the stub."""
+    env = worker_settings(redis_server.url, stub.url)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    reset_caches()
+    yield env
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    reset_caches()
+
+
+@pytest.fixture(scope="session")
+def worker_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the session worker writes its JSON lines."""
+    return tmp_path_factory.mktemp("worker") / "worker.log"
+
+
+@pytest.fixture(scope="session")
+def worker(settings_env: dict[str, str], worker_log: Path) -> Iterator[WorkerProcess]:
+    """One real ``backfill worker`` process (threads pool) for the session."""
+    process = WorkerProcess(settings_env, worker_log, concurrency=8).start()
+    process.wait_ready()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def r(settings_env: dict[str, str]) -> Iterator[redis.Redis]:
+    """A client on the test Redis; the project's keys are removed after each test."""
+    client = redis.Redis.from_url(settings_env["BACKFILL_REDIS_URL"], decode_responses=True)
+    yield client
+    for key in client.scan_iter(f"{keys.PREFIX}*", count=1000):
+        client.delete(key)
+    client.close()
+
+
+@pytest.fixture
+def audit(worker_log: Path) -> Callable[[str], list[dict[str, Any]]]:
+    """``audit(delivery_id)``: the postback.attempt events of one delivery, in order."""
+
+    def attempts_of(delivery_id: str) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in read_log(worker_log)
+            if e.get("event") == "postback.attempt" and e.get("delivery_id") == delivery_id
+        ]
+
+    return attempts_of
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[LocalRedis]:
+    """A Redis of this test's own (for tests that kill workers or Redis)."""
+    server = LocalRedis(tmp_path / "redis", appendonly=True).start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def spawn_worker(
+    settings_env: dict[str, str], tmp_path: Path
+) -> Iterator[Callable[..., WorkerProcess]]:
+    """``spawn_worker(redis_url, **env)``: start a ready worker; all are stopped at the end."""
+    started: list[WorkerProcess] = []
+
+    def spawn(redis_url: str, concurrency: int = 8, **env: str) -> WorkerProcess:
+        log_path = tmp_path / f"worker-{len(started)}.log"
+        process = WorkerProcess(
+            {**settings_env, "BACKFILL_REDIS_URL": redis_url, **env},
+            log_path,
+            concurrency=concurrency,
+        ).start()
+        started.append(process)
+        process.wait_ready()
+        return process
+
+    yield spawn
+    for process in started:
+        process.kill()

@@ -1,0 +1,104 @@
+"""Status-code classes and backoff delays (pure functions)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from worker.policy import (
+    AnswerClass,
+    Outcome,
+    backoff_ceiling,
+    classify_code,
+    classify_http,
+    decide,
+    parse_code_table,
+    retry_delay,
+    retry_window,
+)
+
+
+@pytest.mark.parametrize(
+    ("codes", "kind"),
+    [
+        (["0"], AnswerClass.SUCCESS),
+        (["-20"], AnswerClass.DUPLICATE),
+        (["-12", "-15", "-16", "-18", "-23", "-27", "-28", "-99", "7"], AnswerClass.TRANSIENT),
+        (["-9", "-11", "-14", "-21", "-22", "-24", "-25"], AnswerClass.BAD_RECORD),
+        (["-1", "-2", "-10", "-13", "-29", "-30", "-31", "-32"], AnswerClass.BLOCKED),
+    ],
+)
+def test_the_spec_code_table(codes: list[str], kind: AnswerClass) -> None:
+    assert {classify_code(c) for c in codes} == {kind}
+
+
+@pytest.mark.parametrize(
+    ("http", "kind"),
+    [
+        (200, None),
+        (500, AnswerClass.TRANSIENT),
+        (503, AnswerClass.TRANSIENT),
+        (408, AnswerClass.TRANSIENT),
+        (429, AnswerClass.TRANSIENT),
+        (400, AnswerClass.BAD_RECORD),
+        (404, AnswerClass.BAD_RECORD),
+        (302, AnswerClass.TRANSIENT),
+    ],
+)
+def test_http_status_classes(http: int, kind: AnswerClass | None) -> None:
+    assert classify_http(http) == kind
+
+
+def test_backoff_ceiling_doubles_up_to_the_cap() -> None:
+    assert [backoff_ceiling(n, 2, 1800) for n in (1, 2, 3, 10, 11, 16)] == [
+        2,
+        4,
+        8,
+        1024,
+        1800,
+        1800,
+    ]
+    assert backoff_ceiling(10_000, 2, 1800) == 1800
+
+
+def test_full_jitter_stays_within_zero_and_the_ceiling() -> None:
+    rng = random.Random(1)
+    delays = [retry_delay(3, 2, 1800, rng=rng) for _ in range(2000)]
+    assert min(delays) >= 0
+    assert max(delays) <= 8
+    assert max(delays) > 7  # the whole range is used, not just its top
+    assert min(delays) < 1
+
+
+def test_retry_after_is_a_floor_within_the_cap() -> None:
+    rng = random.Random(2)
+    assert all(retry_delay(1, 2, 1800, 30, rng) >= 30 for _ in range(100))
+    assert retry_delay(1, 2, 10, 3600, rng) == 10
+
+
+def test_default_retry_window_is_about_three_hours() -> None:
+    assert 3 * 3600 - 600 < retry_window(16, 2, 1800) < 3 * 3600 + 600
+
+
+def test_decide_maps_classes_to_outcomes() -> None:
+    assert decide(AnswerClass.SUCCESS, 1, 16, 2, 1800) == (Outcome.DELIVERED, None)
+    assert decide(AnswerClass.DUPLICATE, 1, 16, 2, 1800) == (Outcome.DUPLICATE, None)
+    assert decide(AnswerClass.BLOCKED, 16, 16, 2, 1800) == (Outcome.PAUSED, None)
+    assert decide(AnswerClass.BAD_RECORD, 1, 16, 2, 1800) == (Outcome.DEAD, None)
+    assert decide(AnswerClass.TRANSIENT, 16, 16, 2, 1800) == (Outcome.DEAD, None)
+    outcome, delay = decide(AnswerClass.TRANSIENT, 15, 16, 2, 1800)
+    assert outcome is Outcome.RETRY
+    assert delay is not None
+    assert 0 <= delay <= 1800
+
+
+def test_code_table_overrides_parse_and_reject_nonsense() -> None:
+    assert parse_code_table("-16:bad_record, -99:transient") == {
+        "-16": AnswerClass.BAD_RECORD,
+        "-99": AnswerClass.TRANSIENT,
+    }
+    with pytest.raises(ValueError, match="unknown class"):
+        parse_code_table("-16:fatal")
+    with pytest.raises(ValueError, match="CODE:CLASS"):
+        parse_code_table("sixteen")

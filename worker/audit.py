@@ -1,0 +1,180 @@
+"""Logging: one structlog JSON stream for our events and Celery's, with secrets redacted.
+
+Configure once per process (``configure_logging``); then ``structlog.get_logger()``.
+Celery's own records go through the same ``ProcessorFormatter``, so a worker writes
+one JSON line per record, each carrying the bound ``task_id`` while a task runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+from worker.policy import Outcome
+from worker.provider import Answer
+from worker.record import BackfillRecord, mask_number
+
+REDACTED = "[REDACTED]"
+_SECRET_KEYS = frozenset({"sign", "api_secret", "secret", "password", "authorization"})
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+_SIGNS_KEPT = 8192
+
+log = structlog.get_logger("worker.audit")
+
+
+class Redactor:
+    """Knows the secrets of this process and the Signs it made; blanks them in log lines."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._secrets: set[str] = set()
+        self._secret_pattern: re.Pattern[str] | None = None
+        self._signs: OrderedDict[str, None] = OrderedDict()
+
+    def add_secret(self, value: str) -> None:
+        """Redact this literal wherever it appears (the API secret, tokens)."""
+        if len(value) < 4:
+            return  # too short to redact without mangling ordinary text
+        with self._lock:
+            self._secrets.add(value)
+            ordered = sorted(self._secrets, key=len, reverse=True)
+            self._secret_pattern = re.compile("|".join(re.escape(s) for s in ordered))
+
+    def add_sign(self, value: str) -> None:
+        """Remember a Sign this process sent, so it is blanked if it ever reaches a log."""
+        with self._lock:
+            self._signs[value] = None
+            if len(self._signs) > _SIGNS_KEPT:
+                self._signs.popitem(last=False)
+
+    def scrub(self, text: str) -> str:
+        """The text with every known secret and Sign replaced by ``[REDACTED]``."""
+        pattern = self._secret_pattern
+        if pattern is not None:
+            text = pattern.sub(REDACTED, text)
+        if self._signs and _HEX32.search(text):
+            text = _HEX32.sub(lambda m: REDACTED if m.group() in self._signs else m.group(), text)
+        return text
+
+    def __call__(self, _logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:
+        for key, value in event.items():
+            if key.lower() in _SECRET_KEYS:
+                event[key] = REDACTED
+            elif isinstance(value, str):
+                event[key] = self.scrub(value)
+            elif isinstance(value, BaseException):
+                event[key] = self.scrub(repr(value))
+            elif isinstance(value, dict | list | tuple):
+                event[key] = _scrub_nested(self, value)
+        return event
+
+
+def _scrub_nested(redactor: Redactor, value: Any) -> Any:
+    if isinstance(value, str):
+        return redactor.scrub(value)
+    if isinstance(value, dict):
+        return {
+            k: REDACTED if str(k).lower() in _SECRET_KEYS else _scrub_nested(redactor, v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_scrub_nested(redactor, v) for v in value]
+    return value
+
+
+redactor = Redactor()
+_configured: dict[str, Any] = {}
+
+
+def configure_logging(fmt: str = "json", level: str = "INFO", stream: TextIO | None = None) -> None:
+    """Route structlog and stdlib logging (Celery's too) through one redacting renderer."""
+    stream = stream or sys.stdout
+    key = {"fmt": fmt, "level": level, "stream": stream}
+    if _configured == key:
+        return
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        timestamper,
+    ]
+    renderer: Processor = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            redactor,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.captureWarnings(True)  # Python warnings become JSON lines too
+    for noisy in ("urllib3", "requests"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.stdlib.PositionalArgumentsFormatter(),
+            structlog.processors.StackInfoRenderer(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    _configured.clear()
+    _configured.update(key)
+
+
+def log_attempt(
+    *,
+    delivery_id: str,
+    attempt: int,
+    max_attempts: int,
+    record: BackfillRecord,
+    answer: Answer | None,
+    outcome: Outcome,
+    retry_in_s: float | None,
+    error: str | None = None,
+    replay: bool = False,
+) -> None:
+    """The ``postback.attempt`` audit event (SPEC section 4): one per attempt."""
+    fields: MutableMapping[str, Any] = {
+        "delivery_id": delivery_id,
+        "attempt": attempt,
+        "max_attempts": max_attempts,
+        "app_id": record.app_id,
+        "msgid": record.msgid,
+        "number": mask_number(record.number),
+        "http_status": answer.http_status if answer else None,
+        "api_status": answer.api_status if answer else None,
+        "api_reason": answer.api_reason if answer else None,
+        "error": error if error is not None else (answer.error if answer else None),
+        "latency_ms": answer.latency_ms if answer else 0.0,
+        "outcome": outcome.value,
+        "retry_in_s": None if retry_in_s is None else round(retry_in_s, 3),
+    }
+    if replay:
+        fields["replay"] = True
+    if outcome is Outcome.DEAD:
+        log.warning("postback.attempt", **fields)
+    else:
+        log.info("postback.attempt", **fields)

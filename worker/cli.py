@@ -1,0 +1,380 @@
+"""The ``backfill`` command line (SPEC section 6): thin wrappers that parse, call, print.
+
+Exit codes: 0 success, 1 runtime failure, 2 bad input or bad configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+import redis
+
+from worker.errors import ConfigError, InvalidRecord
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _exits(func: F) -> F:
+    """Turn project errors into the documented exit codes with a one-line reason."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (ConfigError, InvalidRecord) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except redis.RedisError as exc:
+            click.echo(f"error: Redis unavailable: {type(exc).__name__}: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _cli_logging() -> None:
+    from worker.app import get_settings
+    from worker.audit import configure_logging
+
+    settings = get_settings()
+    configure_logging(settings.log_format, settings.log_level, stream=sys.stderr)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Deliver postback backfill records to the SMS provider."""
+
+
+@main.command()
+@click.option("--concurrency", "-c", type=click.IntRange(1, 512), help="Threads (default 16).")
+@click.option("--hostname", "-n", help="Celery node name, e.g. backfill1@%h.")
+@_exits
+def worker(concurrency: int | None, hostname: str | None) -> None:
+    """Run a worker (threads pool) with the project's defaults."""
+    from worker.app import app, get_settings
+    from worker.audit import configure_logging
+    from worker.tasks import get_runtime
+
+    settings = get_settings()
+    get_runtime()  # fails fast with exit 2 when the credentials are missing
+    # before Celery starts, so its start-up warnings are JSON lines too
+    configure_logging(settings.log_format, settings.log_level)
+    argv = [
+        "--quiet",  # the banner is not JSON; worker.ready says the same in one line
+        "worker",
+        f"--concurrency={concurrency or settings.concurrency}",
+        "--pool=threads",
+        f"--queues={settings.queue}",
+        f"--loglevel={settings.log_level}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    app.worker_main(argv)
+
+
+@main.command()
+@click.option("--app-id", help="The provider's appId.")
+@click.option("--msgid", help="The provider's message id (optional).")
+@click.option("--number", help="End user's number with country prefix.")
+@click.option("--time", "time_", help="Verification time, epoch milliseconds (13 digits).")
+@click.option("--file", "file_", help="JSON lines or CSV with a header; - for stdin.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), help="Input format.")
+@click.option("--rejects", help="Where rejected rows go (default: beside the input).")
+@_exits
+def enqueue(
+    app_id: str | None,
+    msgid: str | None,
+    number: str | None,
+    time_: str | None,
+    file_: str | None,
+    fmt: str | None,
+    rejects: str | None,
+) -> None:
+    """Enqueue one record and print its delivery_id, or every row of --file."""
+    from worker.producer import enqueue_record
+    from worker.record import BackfillRecord
+
+    if file_ is not None:
+        if any(v is not None for v in (app_id, msgid, number, time_)):
+            raise click.UsageError("give either --file or the record's fields, not both")
+        _cli_logging()
+        sys.exit(_enqueue_file(file_, fmt, rejects))
+    record = BackfillRecord.parse(
+        {"app_id": app_id, "msgid": msgid, "number": number, "time": time_}
+    )
+    _cli_logging()
+    click.echo(enqueue_record(record, source="cli"))
+
+
+def _enqueue_file(path: str, fmt: str | None, rejects: str | None) -> int:
+    import structlog
+
+    from worker.bulk import BulkResult, enqueue_rows, format_of, open_input, read_rows
+    from worker.bulk import rejects_path_for as rejects_for
+    from worker.tasks import get_store
+
+    if path != "-" and not os.path.isfile(path):
+        raise click.BadParameter(f"no such file: {path}", param_hint="--file")
+    total = None if path == "-" else _count_lines(path)
+    rejects_path = rejects_for(path, rejects)
+    bar = None
+    if total is not None and sys.stderr.isatty():
+        bar = click.progressbar(length=total, label="enqueue", file=sys.stderr)
+
+    def progress(result: BulkResult) -> None:
+        if bar is not None:
+            bar.update(result.rows - bar.pos)
+        elif result.rows % 10_000 < 1000:
+            click.echo(f"rows {result.rows}  rejected {result.rejected}", err=True)
+
+    with open_input(path) as stream, rejects_path.open("w", encoding="utf-8") as out:
+        rows = read_rows(stream, fmt or format_of(path))
+        result = enqueue_rows(get_store(), rows, out, progress=progress)
+    if bar is not None:
+        bar.update(result.rows - bar.pos)
+        bar.render_finish()
+    if not result.rejected:
+        rejects_path.unlink()
+    rate = result.rows / result.seconds if result.seconds else 0.0
+    click.echo(
+        f"accepted {result.accepted}  duplicates {result.duplicates}  "
+        f"rejected {result.rejected}  ({result.rows} rows, {rate:,.0f} rows/s)"
+    )
+    if result.rejected:
+        click.echo(f"rejected rows with line numbers and reasons: {rejects_path}", err=True)
+    structlog.get_logger("worker.bulk").info(
+        "postback.bulk_enqueued",
+        source="bulk",
+        file=path,
+        accepted=result.accepted,
+        duplicates=result.duplicates,
+        rejected=result.rejected,
+    )
+    return 2 if result.rejected else 0
+
+
+def _count_lines(path: str) -> int:
+    with open(path, "rb") as raw:
+        return max(sum(1 for _ in raw) - (1 if path.lower().endswith(".csv") else 0), 0)
+
+
+@main.command()
+@click.argument("delivery_id")
+@_exits
+def status(delivery_id: str) -> None:
+    """Print a delivery's state and every attempt (JSON); exit 1 if unknown."""
+    from worker.tasks import get_store
+
+    found = get_store().status(delivery_id)
+    if found is None:
+        click.echo(f"error: no delivery {delivery_id}", err=True)
+        sys.exit(1)
+    found["number"] = _masked(found.get("number", ""))
+    click.echo(json.dumps(found, indent=2))
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8099, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", envvar="BACKFILL_API_KEY", required=True, help="Expected Api-Key.")
+@click.option("--api-secret", envvar="BACKFILL_API_SECRET", required=True, help="Signing secret.")
+@click.option("--fault-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--faults", default="status,500,503,429,slow,drop,nonjson", show_default=True)
+@click.option("--slow-s", default=20.0, show_default=True, type=click.FloatRange(0))
+@click.option("--seed", type=int, help="Seed the fault dice for a repeatable run.")
+@_exits
+def stub(
+    host: str,
+    port: int,
+    api_key: str,
+    api_secret: str,
+    fault_rate: float,
+    faults: str,
+    slow_s: float,
+    seed: int | None,
+) -> None:
+    """Run the local provider stand-in (never a stand-in for the real provider)."""
+    from worker.stub import FAULT_KINDS, ProviderStub
+
+    kinds = [f.strip() for f in faults.split(",") if f.strip()]
+    unknown = [k for k in kinds if k.split(":")[0] not in FAULT_KINDS]
+    if unknown:
+        raise click.BadParameter(f"unknown fault kinds {unknown}", param_hint="--faults")
+    server = ProviderStub(
+        api_key,
+        api_secret,
+        host=host,
+        port=port,
+        fault_rate=fault_rate,
+        faults=kinds,
+        slow_s=slow_s,
+        seed=seed,
+    )
+    click.echo(f"stub listening on {server.url} (fault rate {fault_rate:.0%})", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+@main.command()
+@click.option("--records", "-n", default=200, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--fault-rate", default=0.25, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--workdir", type=click.Path(file_okay=False), help="Keep logs here.")
+@_exits
+def demo(records: int, fault_rate: float, workdir: str | None) -> None:
+    """Run the whole path here: private Redis, stub with faults, a worker, N records."""
+    from worker.demo import run_demo
+
+    sys.exit(run_demo(records=records, fault_rate=fault_rate, workdir=workdir))
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@_exits
+def intake(host: str, port: int) -> None:
+    """Serve the HTTP intake (POST /v1/backfills) for non-Python producers."""
+    import uvicorn
+
+    from worker.app import get_settings
+    from worker.audit import configure_logging, redactor
+    from worker.intake import create_app
+    from worker.settings import parse_tokens
+    from worker.tasks import get_store
+
+    settings = get_settings()
+    if settings.intake_tokens is None:
+        raise ConfigError("BACKFILL_INTAKE_TOKENS: required by the intake (NAME:TOKEN,...)")
+    tokens = parse_tokens(settings.intake_tokens.get_secret_value())
+    for token in tokens.values():
+        redactor.add_secret(token)
+    configure_logging(settings.log_format, settings.log_level)
+    application = create_app(get_store(), tokens)
+    uvicorn.run(application, host=host, port=port, log_config=None, server_header=False)
+
+
+@main.command()
+@click.option("--timeout", default=2.0, show_default=True, type=click.FloatRange(0.1, 30))
+@_exits
+def health(timeout: float) -> None:
+    """Exit 0 when Redis answers and a worker replies to a Celery ping, else 1."""
+    from worker.app import app
+    from worker.tasks import get_store
+
+    try:
+        get_store().redis.ping()
+    except redis.RedisError as exc:
+        click.echo(f"unhealthy: Redis does not answer ({type(exc).__name__})")
+        sys.exit(1)
+    replies = app.control.ping(timeout=timeout)
+    if not replies:
+        click.echo(f"unhealthy: no worker replied to a ping within {timeout:g} s")
+        sys.exit(1)
+    click.echo(f"healthy: Redis answers, {len(replies)} worker(s) replied")
+
+
+@main.group()
+def dead() -> None:
+    """The dead-letter store: list, show, replay, purge."""
+
+
+@dead.command("list")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
+@_exits
+def dead_list(limit: int) -> None:
+    """Table of dead letters, newest first: id, app, masked number, last error, attempts."""
+    from worker.record import mask_number
+    from worker.tasks import get_store
+
+    store = get_store()
+    rows = store.dead_ids(limit=limit)
+    click.echo(f"{'delivery_id':36}  {'app_id':16}  {'number':20}  att  {'when':20}  last_error")
+    for delivery_id, died in rows:
+        info = store.status(delivery_id) or {}
+        click.echo(
+            f"{delivery_id:36}  {info.get('app_id', '')[:16]:16}  "
+            f"{mask_number(info.get('number', ''))[:20]:20}  {info.get('attempts', '?'):>3}  "
+            f"{_when(died):20}  {info.get('last_error', '')}"
+        )
+    click.echo(f"{len(rows)} shown, {store.counts()['dead']} dead in all", err=True)
+
+
+@dead.command("show")
+@click.argument("delivery_id")
+@click.pass_context
+def dead_show(ctx: click.Context, delivery_id: str) -> None:
+    """Every attempt of one dead letter (JSON)."""
+    ctx.invoke(status, delivery_id=delivery_id)
+
+
+@dead.command("replay")
+@click.argument("delivery_id", required=False)
+@click.option("--all", "everything", is_flag=True, help="Replay every dead letter.")
+@click.option("--app-id", help="With --all: only this app's dead letters.")
+@_exits
+def dead_replay(delivery_id: str | None, everything: bool, app_id: str | None) -> None:
+    """Re-enqueue dead letters with a fresh attempt budget and the same delivery_id."""
+    from worker.tasks import get_store, publish
+
+    store = get_store()
+    ids = _chosen(store, delivery_id, everything, app_id)
+    replayed = [i for i in ids if store.replay(i)]
+    if replayed:
+        try:
+            publish(replayed)
+        except Exception as exc:
+            click.echo(f"warning: publish deferred to the scheduler: {exc}", err=True)
+    click.echo(f"replayed {len(replayed)} of {len(ids)}")
+    if delivery_id and not replayed:
+        sys.exit(1)
+
+
+@dead.command("purge")
+@click.argument("delivery_id", required=False)
+@click.option("--all", "everything", is_flag=True, help="Purge every dead letter.")
+@click.option("--yes", is_flag=True, help="Confirm --all.")
+@_exits
+def dead_purge(delivery_id: str | None, everything: bool, yes: bool) -> None:
+    """Delete dead letters for good (--all needs --yes)."""
+    from worker.tasks import get_store
+
+    if everything and not yes:
+        raise click.UsageError("--all deletes every dead letter: add --yes to confirm")
+    store = get_store()
+    ids = _chosen(store, delivery_id, everything, None)
+    purged = sum(store.purge(i) for i in ids)
+    click.echo(f"purged {purged} of {len(ids)}")
+    if delivery_id and not purged:
+        sys.exit(1)
+
+
+def _chosen(store: Any, delivery_id: str | None, everything: bool, app_id: str | None) -> list[str]:
+    if bool(delivery_id) == everything:
+        raise click.UsageError("give one DELIVERY_ID or --all")
+    if delivery_id:
+        return [delivery_id]
+    ids = [i for i, _ in store.dead_ids(limit=10_000_000)]
+    if app_id:
+        ids = [i for i in ids if (store.status(i) or {}).get("app_id") == app_id]
+    return ids
+
+
+def _masked(number: str) -> str:
+    from worker.record import mask_number
+
+    return mask_number(number)
+
+
+def _when(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%SZ")

@@ -1,0 +1,64 @@
+"""Prometheus metrics of a worker, served on ``BACKFILL_METRICS_PORT`` (off when unset).
+
+Counters and the latency histogram are this worker's own; the fleet-wide gauges (queue
+depth, pending, waiting retries, dead letters, paused) are read from Redis at scrape
+time, so every worker reports the same fleet figures.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import structlog
+from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from worker.store import Store
+
+log = structlog.get_logger("worker.metrics")
+
+ATTEMPTS = Counter("backfill_attempts", "Attempts by outcome.", ["outcome"])
+ATTEMPT_SECONDS = Histogram(
+    "backfill_attempt_duration_seconds",
+    "Time of one provider call, connect to answer.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20),
+)
+DEAD_LETTERED = Counter("backfill_dead_lettered", "Deliveries moved to the dead-letter store.")
+RATE_LIMIT_WAITS = Counter(
+    "backfill_rate_limit_waits", "Attempts that waited for the fleet-wide rate limit."
+)
+RATE_LIMIT_WAIT_SECONDS = Counter(
+    "backfill_rate_limit_wait_seconds", "Seconds attempts spent waiting for the rate limit."
+)
+
+
+class FleetCollector(Collector):
+    """Fleet-wide gauges read from Redis on each scrape (one pipelined round trip)."""
+
+    def __init__(self, store: Store, queue: str) -> None:
+        self._store = store
+        self._queue = queue
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            figures = self._store.gauges(self._queue, time.time())
+        except Exception as exc:
+            log.warning("metrics.redis_unavailable", error=type(exc).__name__)
+            return
+        for name, help_text in (
+            ("queue_depth", "Messages waiting in the Celery queue."),
+            ("pending", "Deliveries not yet delivered or dead."),
+            ("waiting_retries", "Pending deliveries scheduled for later (retries, dispatched)."),
+            ("dead_letters", "Deliveries in the dead-letter store."),
+            ("paused", "1 while the fleet is paused after an account-blocked answer."),
+        ):
+            yield GaugeMetricFamily(f"backfill_{name}", help_text, value=figures[name])
+
+
+def serve(port: int, store: Store, queue: str) -> None:
+    """Start the /metrics HTTP server in a daemon thread."""
+    REGISTRY.register(FleetCollector(store, queue))
+    start_http_server(port)
+    log.info("metrics.serving", port=port)

@@ -1,0 +1,125 @@
+"""What an answer means and how long to wait: status-code classes and backoff (pure)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from enum import StrEnum
+
+
+class AnswerClass(StrEnum):
+    """The SPEC section 1 classes of a provider answer."""
+
+    SUCCESS = "success"
+    DUPLICATE = "duplicate"
+    TRANSIENT = "transient"
+    BAD_RECORD = "bad_record"
+    BLOCKED = "blocked"
+
+
+class Outcome(StrEnum):
+    """The audit outcome of one attempt (SPEC section 4)."""
+
+    DELIVERED = "delivered"
+    DUPLICATE = "duplicate"
+    RETRY = "retry"
+    DEAD = "dead"
+    PAUSED = "paused"
+
+
+# The provider's published code table; unknown codes are transient (SPEC section 1).
+DEFAULT_CODE_CLASSES: Mapping[str, AnswerClass] = {
+    "0": AnswerClass.SUCCESS,
+    "-20": AnswerClass.DUPLICATE,
+    **dict.fromkeys(("-12", "-15", "-16", "-18", "-23", "-27", "-28"), AnswerClass.TRANSIENT),
+    **dict.fromkeys(("-9", "-11", "-14", "-21", "-22", "-24", "-25"), AnswerClass.BAD_RECORD),
+    **dict.fromkeys(("-1", "-2", "-10", "-13", "-29", "-30", "-31", "-32"), AnswerClass.BLOCKED),
+}
+
+# Provider codes that mean "you are sending too fast": the whole fleet slows down.
+SLOWDOWN_CODES = frozenset({"-15", "-27", "-28"})
+
+# HTTP statuses that say "try again later" rather than "this request is wrong".
+TRANSIENT_HTTP = frozenset({408, 429})
+
+
+def classify_code(
+    code: str, table: Mapping[str, AnswerClass] = DEFAULT_CODE_CLASSES
+) -> AnswerClass:
+    """The class of a provider ``status`` code; codes not in the table are transient."""
+    return table.get(code.strip(), AnswerClass.TRANSIENT)
+
+
+def classify_http(http_status: int) -> AnswerClass | None:
+    """The class implied by the HTTP status alone, or None when the body decides (2xx)."""
+    if 200 <= http_status < 300:
+        return None
+    if http_status >= 500 or http_status in TRANSIENT_HTTP:
+        return AnswerClass.TRANSIENT
+    if 400 <= http_status < 500:
+        return AnswerClass.BAD_RECORD
+    return AnswerClass.TRANSIENT
+
+
+def backoff_ceiling(attempt: int, base_s: float, cap_s: float) -> float:
+    """The upper bound of the wait after failed attempt ``attempt`` (1-based)."""
+    if attempt < 1:
+        raise ValueError("attempt is 1-based")
+    # 2**60 already dwarfs any cap; bounding the exponent keeps the float finite.
+    return float(min(cap_s, base_s * 2 ** min(attempt - 1, 60)))
+
+
+def retry_delay(
+    attempt: int,
+    base_s: float,
+    cap_s: float,
+    retry_after_s: float | None = None,
+    rng: random.Random | None = None,
+) -> float:
+    """Full-jitter backoff: random(0, min(cap, base * 2**(n-1))), Retry-After as a floor."""
+    ceiling = backoff_ceiling(attempt, base_s, cap_s)
+    delay = (rng or random).uniform(0.0, ceiling)
+    if retry_after_s is not None and retry_after_s > 0:
+        delay = max(delay, min(retry_after_s, cap_s))
+    return delay
+
+
+def retry_window(max_attempts: int, base_s: float, cap_s: float) -> float:
+    """The longest total wait the settings allow between the first and the last attempt."""
+    return sum(backoff_ceiling(n, base_s, cap_s) for n in range(1, max_attempts))
+
+
+def parse_code_table(spec: str) -> dict[str, AnswerClass]:
+    """Parse overrides like ``-16:bad_record,-99:transient`` (raises ValueError)."""
+    table: dict[str, AnswerClass] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        code, sep, name = item.partition(":")
+        if not sep or not code.strip().lstrip("-").isdigit():
+            raise ValueError(f"expected CODE:CLASS pairs, got {item!r}")
+        try:
+            table[code.strip()] = AnswerClass(name.strip())
+        except ValueError:
+            choices = ", ".join(c.value for c in AnswerClass)
+            raise ValueError(f"unknown class {name.strip()!r} (one of {choices})") from None
+    return table
+
+
+def decide(
+    kind: AnswerClass,
+    attempt: int,
+    max_attempts: int,
+    base_s: float,
+    cap_s: float,
+    retry_after_s: float | None = None,
+    rng: random.Random | None = None,
+) -> tuple[Outcome, float | None]:
+    """The outcome of counted attempt ``attempt`` and, for a retry, the wait before the next."""
+    if kind is AnswerClass.SUCCESS:
+        return Outcome.DELIVERED, None
+    if kind is AnswerClass.DUPLICATE:
+        return Outcome.DUPLICATE, None
+    if kind is AnswerClass.BLOCKED:
+        return Outcome.PAUSED, None
+    if kind is AnswerClass.BAD_RECORD or attempt >= max_attempts:
+        return Outcome.DEAD, None
+    return Outcome.RETRY, retry_delay(attempt, base_s, cap_s, retry_after_s, rng)

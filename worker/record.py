@@ -1,0 +1,143 @@
+"""The backfill record and its validation (SPEC section 2). No I/O here.
+
+A record is validated once, when it is enqueued; after that it crosses Redis and
+the queue only as a plain mapping of strings (``to_fields`` / ``from_fields``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from worker.errors import InvalidRecord
+
+FIELDS = ("app_id", "msgid", "number", "time")
+_TOKEN = re.compile(r"[\x21-\x7e]{1,64}")
+_NUMBER = re.compile(r"\+?([0-9]{6,20})")
+_EPOCH_MS = re.compile(r"[0-9]{13}")
+_TIME_FORMS = (
+    "expected epoch milliseconds as a 13-digit string (e.g. '1681184764000'), "
+    "an int of epoch milliseconds, or a timezone-aware datetime"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class BackfillRecord:
+    """One verified code to report: who (app), which message, which number, when."""
+
+    app_id: str
+    number: str
+    time: str
+    msgid: str | None = None
+
+    @classmethod
+    def parse(cls, data: Mapping[str, Any]) -> BackfillRecord:
+        """Validate raw input (any types) and return a record, or raise InvalidRecord."""
+        errors: dict[str, str] = {}
+        for unknown in sorted(set(data) - set(FIELDS)):
+            errors[str(unknown)] = "unknown field"
+        app_id = _token(data.get("app_id"), "app_id", required=True, errors=errors)
+        msgid = _token(data.get("msgid"), "msgid", required=False, errors=errors)
+        number = _number(data.get("number"), errors)
+        time = _time(data.get("time"), errors)
+        if errors:
+            raise InvalidRecord(errors)
+        assert app_id is not None
+        assert number is not None
+        assert time is not None
+        return cls(app_id=app_id, msgid=msgid, number=number, time=time)
+
+    def fingerprint(self) -> str:
+        """A stable digest of the four fields: the key of idempotent enqueue."""
+        joined = "\x1f".join((self.app_id, self.msgid or "", self.number, self.time))
+        return hashlib.sha256(joined.encode()).hexdigest()
+
+    def to_fields(self) -> dict[str, str]:
+        """The record as flat strings, as stored in Redis (no msgid: empty string)."""
+        return {
+            "app_id": self.app_id,
+            "msgid": self.msgid or "",
+            "number": self.number,
+            "time": self.time,
+        }
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, str]) -> BackfillRecord:
+        """Rebuild a record that was validated before it was stored."""
+        return cls(
+            app_id=fields["app_id"],
+            msgid=fields.get("msgid") or None,
+            number=fields["number"],
+            time=fields["time"],
+        )
+
+    def provider_body(self) -> dict[str, str]:
+        """The provider's JSON body: appId, msgid (left out when absent), number, time."""
+        body = {"appId": self.app_id, "number": self.number, "time": self.time}
+        if self.msgid is not None:
+            body["msgid"] = self.msgid
+        return body
+
+
+def mask_number(number: str) -> str:
+    """All but the last four digits replaced by ``*`` (for logs and listings)."""
+    return "*" * max(len(number) - 4, 0) + number[-4:]
+
+
+def _token(value: object, field: str, *, required: bool, errors: dict[str, str]) -> str | None:
+    if value is None or (value == "" and not required):
+        if required:
+            errors[field] = "required"
+        return None
+    if not isinstance(value, str):
+        errors[field] = f"expected a string, got {type(value).__name__}"
+        return None
+    if not _TOKEN.fullmatch(value):
+        errors[field] = "expected 1 to 64 printable ASCII characters without spaces"
+        return None
+    return value
+
+
+def _number(value: object, errors: dict[str, str]) -> str | None:
+    if value is None or value == "":
+        errors["number"] = "required"
+        return None
+    if not isinstance(value, str):
+        errors["number"] = f"expected a string of digits, got {type(value).__name__}"
+        return None
+    match = _NUMBER.fullmatch(value)
+    if match is None:
+        errors["number"] = "expected 6 to 20 digits with the country prefix (a leading + is ok)"
+        return None
+    return match.group(1)
+
+
+def _time(value: object, errors: dict[str, str]) -> str | None:
+    if value is None or value == "":
+        errors["time"] = "required"
+        return None
+    if isinstance(value, bool | float):
+        errors["time"] = f"{type(value).__name__} not accepted: {_TIME_FORMS}"
+        return None
+    if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            errors["time"] = f"naive datetime not accepted: {_TIME_FORMS}"
+            return None
+        millis = int(value.timestamp() * 1000)
+        text = str(millis)
+    elif isinstance(value, int):
+        text = str(value)
+    elif isinstance(value, str):
+        text = value
+    else:
+        errors["time"] = f"{type(value).__name__} not accepted: {_TIME_FORMS}"
+        return None
+    if not _EPOCH_MS.fullmatch(text):
+        hint = " (looks like seconds)" if re.fullmatch(r"[0-9]{10}", text) else ""
+        errors["time"] = f"bad value{hint}: {_TIME_FORMS}"
+        return None
+    return text

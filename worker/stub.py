@@ -1,0 +1,443 @@
+"""The local provider stub (SPEC section 7): a stand-in for ``POST {base}/postback/backfill``.
+
+It checks headers, sign and body the way the provider does, records every request it
+accepted, and injects faults (non-zero statuses, HTTP 500/503/429, slow answers, dropped
+connections, non-JSON bodies) at random or scripted per ``msgid``. Tests, the demo and
+the benchmarks use it; it never stands in for the real provider in production.
+Standard library only, so a bare interpreter can run it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import random
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from email.message import Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from socketserver import TCPServer
+from types import TracebackType
+from typing import Any, cast
+
+FAULT_KINDS = ("status", "500", "503", "429", "slow", "drop", "nonjson")
+_STEP_KINDS = frozenset((*FAULT_KINDS, "ok"))
+_FIELDS = frozenset(("appId", "msgid", "number", "time"))
+_REQUIRED = ("appId", "number", "time")
+_MAX_BODY = 1 << 20
+_INVALID = object()  # what a body that is not JSON parses to
+
+Step = tuple[str, str | None]
+
+
+def parse_step(step: str) -> Step:
+    """Split a plan step or fault kind like ``"429:5"`` into ``("429", "5")``; reject bad ones."""
+    kind, sep, arg = step.partition(":")
+    if kind not in _STEP_KINDS or (sep and kind not in ("status", "429", "slow")):
+        raise ValueError(f"unknown stub step {step!r}")
+    if not sep:
+        return kind, None
+    try:
+        number = float(arg) if kind == "slow" else int(arg)
+    except ValueError:
+        raise ValueError(f"bad argument in stub step {step!r}") from None
+    if kind != "status" and not 0 <= number <= 3600:
+        raise ValueError(f"argument out of range in stub step {step!r}")
+    return kind, arg
+
+
+def _parse_json(body: bytes) -> object:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return _INVALID
+
+
+def _cut(conn: socket.socket) -> None:
+    """Shut a connection down both ways without a word; one already gone is fine."""
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_RDWR)
+
+
+def _check_body(payload: object) -> tuple[str, str] | None:
+    """The provider's body checks: ``None`` when the body is acceptable."""
+    if payload is _INVALID:
+        return "-22", "body is not JSON"
+    if not isinstance(payload, dict):
+        return "-22", "body must be a JSON object"
+    unknown = sorted(payload.keys() - _FIELDS)
+    if unknown:
+        return "-22", f"unknown field {unknown[0]}"
+    for name, value in payload.items():
+        if not isinstance(value, str):
+            return "-22", f"{name} must be a string"
+    for name in _REQUIRED:
+        if not payload.get(name):
+            return "-14", f"{name} is empty"
+    return None
+
+
+class ProviderStub:
+    """The provider stand-in: binds when built, serves on ``start()`` or ``serve_forever()``."""
+
+    _records: list[dict[str, object]]
+    _log: list[dict[str, object]]
+    _seen: set[tuple[str, str | None, str, str]]
+    _plans: dict[str, deque[Step]]
+    _counts: dict[str, int]
+    _faults: dict[str, int]
+    _codes: dict[str, int]
+
+    def __init__(
+        self,
+        api_key: str,
+        api_secret: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        base_path: str = "/sms",
+        fault_rate: float = 0.0,
+        faults: Sequence[str] = FAULT_KINDS,
+        slow_s: float = 20.0,
+        retry_after_s: int = 1,
+        transient_codes: Sequence[str] = ("-12", "-15", "-18", "-23"),
+        max_skew_s: int = 300,
+        seed: int | None = None,
+        verbose: bool = False,
+    ) -> None:
+        if not 0.0 <= fault_rate <= 1.0:
+            raise ValueError("fault_rate must be between 0 and 1")
+        self._fault_steps = [parse_step(f) for f in faults]
+        if fault_rate > 0 and not self._fault_steps:
+            raise ValueError("fault_rate > 0 needs at least one fault kind")
+        self._api_key = api_key
+        self._sign_prefix = (api_key + api_secret).encode()  # the secret stays inside this
+        base = base_path.strip("/")
+        self._base_path = f"/{base}" if base else ""
+        self.backfill_path = f"{self._base_path}/postback/backfill"
+        self._fault_rate = fault_rate
+        self._slow_s = slow_s
+        self._retry_after_s = retry_after_s
+        self._transient_codes = tuple(transient_codes) or ("-12",)
+        self._max_skew_s = max_skew_s
+        self._random = random.Random(seed)
+        self.verbose = verbose
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._connections: set[socket.socket] = set()
+        self._thread: threading.Thread | None = None
+        self._serving = False
+        self.reset()
+        self._server = _StubServer((host, port), self)
+
+    @property
+    def url(self) -> str:
+        """Base URL with the real bound port, e.g. ``http://127.0.0.1:54321/sms``."""
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}{self._base_path}"
+
+    def start(self) -> ProviderStub:
+        """Serve in a daemon thread; returns self."""
+        self._serving = True  # before the thread runs, so an early stop() still shuts it down
+        self._thread = threading.Thread(
+            target=self.serve_forever, name="provider-stub", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve until ``stop()`` (blocking; the CLI uses this)."""
+        self._serving = True
+        try:
+            self._server.serve_forever(poll_interval=0.02)  # stop() waits up to one poll
+        finally:
+            self._serving = False
+
+    def stop(self) -> None:
+        """Stop serving, wake slow answers, cut open connections, release the port. Idempotent."""
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            self._stopping.set()
+            connections = list(self._connections)
+        if self._serving:
+            self._server.shutdown()
+        for conn in connections:  # idle keep-alive threads would otherwise wait for the client
+            _cut(conn)
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> ProviderStub:
+        """Start serving (see ``start()``)."""
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop serving (see ``stop()``)."""
+        self.stop()
+
+    def stats(self) -> dict[str, object]:
+        """Counters: requests, accepted, unique, duplicates, faults by kind, answers by code."""
+        with self._lock:
+            return {
+                **self._counts,
+                "unique": len(self._seen),
+                "faults": dict(self._faults),
+                "codes": dict(self._codes),
+            }
+
+    def requests(self) -> list[dict[str, object]]:
+        """Copies of the accepted requests, oldest first."""
+        with self._lock:
+            return [dict(r) for r in self._records]
+
+    def seen(self) -> list[dict[str, object]]:
+        """Every request on the backfill path, faulted or not: msgid, Timestamp, step."""
+        with self._lock:
+            return [dict(r) for r in self._log]
+
+    def set_plan(self, by_msgid: Mapping[str, Sequence[str]]) -> None:
+        """Script the next answers per msgid (merged into existing plans); ``"ok"`` is normal."""
+        parsed = {msgid: deque(parse_step(s) for s in steps) for msgid, steps in by_msgid.items()}
+        with self._lock:
+            self._plans.update(parsed)
+
+    def reset(self) -> None:
+        """Forget records, counters and plans."""
+        with self._lock:
+            self._records = []
+            self._log = []
+            self._seen = set()
+            self._plans = {}
+            self._counts = {"requests": 0, "accepted": 0, "duplicates": 0}
+            self._faults = dict.fromkeys(FAULT_KINDS, 0)
+            self._codes = {}
+
+    def _next_step(self, payload: object) -> tuple[str, str]:
+        """Count the request and choose its fate: a scripted step, a random fault, or ``ok``."""
+        msgid = payload.get("msgid") if isinstance(payload, dict) else None
+        with self._lock:
+            self._counts["requests"] += 1
+            plan = self._plans.get(msgid) if isinstance(msgid, str) else None
+            if plan is not None:
+                kind, arg = plan.popleft() if plan else ("ok", None)
+            elif self._fault_rate and self._random.random() < self._fault_rate:
+                kind, arg = self._random.choice(self._fault_steps)
+            else:
+                return "ok", ""
+            if kind != "ok":
+                self._faults[kind] += 1
+            if kind == "status" and arg is None:
+                arg = self._random.choice(self._transient_codes)
+        defaults = {"429": str(self._retry_after_s), "slow": str(self._slow_s)}
+        return kind, arg if arg is not None else defaults.get(kind, "")
+
+    def _process(self, headers: Message[str, str], payload: object) -> tuple[str, str]:
+        """The provider's checks in its order; records the request when it is accepted."""
+        now = time.time()
+        if not headers.get("Content-Type", "").lower().startswith("application/json"):
+            return "-22", "content type must be application/json"
+        if headers.get("Api-Key") != self._api_key:
+            return "-1", "auth error"
+        stamp = headers.get("Timestamp", "")
+        fresh = stamp.isascii() and stamp.isdigit() and len(stamp) <= 12
+        if not fresh or abs(now - int(stamp)) > self._max_skew_s:
+            return "-16", "timestamp expired"
+        expected = hashlib.md5(self._sign_prefix + stamp.encode()).hexdigest().encode()
+        if not hmac.compare_digest(headers.get("Sign", "").encode(), expected):
+            return "-1", "sign error"
+        problem = _check_body(payload)
+        if problem is not None:
+            return problem
+        body = cast(dict[str, str], payload)
+        key = (body["appId"], body.get("msgid"), body["number"], body["time"])
+        with self._lock:
+            if key in self._seen:
+                self._counts["duplicates"] += 1
+                return "-20", "data existing"
+            self._seen.add(key)
+            self._counts["accepted"] += 1
+            self._records.append({**body, "msgid": key[1], "timestamp": stamp, "received_at": now})
+        return "0", "success"
+
+    def _note(self, payload: object, stamp: str, step: str) -> None:
+        msgid = payload.get("msgid") if isinstance(payload, dict) else None
+        with self._lock:
+            self._log.append({"msgid": msgid, "timestamp": stamp, "step": step})
+
+    def _count_code(self, code: str) -> None:
+        with self._lock:
+            self._codes[code] = self._codes.get(code, 0) + 1
+
+    def _track(self, conn: socket.socket, *, open_: bool) -> None:
+        with self._lock:
+            if open_:
+                self._connections.add(conn)
+            else:
+                self._connections.discard(conn)
+
+
+_VIEWS: dict[str, Callable[[ProviderStub], object]] = {
+    "/healthz": lambda _: {"ok": True},
+    "/_stub/stats": ProviderStub.stats,
+    "/_stub/requests": ProviderStub.requests,
+    "/_stub/seen": ProviderStub.seen,
+}
+
+
+class _StubServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # idle keep-alive connections must not hold up stop()
+    request_queue_size = 1024  # benchmarks open many pooled connections at once
+
+    def __init__(self, address: tuple[str, int], stub: ProviderStub) -> None:
+        self.stub = stub
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind would look the host up with getfqdn (reverse DNS): slow, useless.
+        TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return  # clients hanging up (timeouts, dropped connections) is routine here
+        super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, like the pooled client expects
+    disable_nagle_algorithm = True  # headers and body are two writes; Nagle would stall the body
+    server_version = "provider-stub"
+    sys_version = ""
+
+    @property
+    def stub(self) -> ProviderStub:
+        """The stub this connection belongs to."""
+        return cast(_StubServer, self.server).stub
+
+    def setup(self) -> None:
+        """Track the connection so ``stop()`` can cut it."""
+        super().setup()
+        self.stub._track(self.connection, open_=True)
+
+    def finish(self) -> None:
+        """Untrack the connection."""
+        try:
+            super().finish()
+        finally:
+            self.stub._track(self.connection, open_=False)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet unless verbose; never resolves the client's name."""
+        if self.stub.verbose:
+            sys.stderr.write(f"{self.client_address[0]} - {format % args}\n")
+
+    def do_GET(self) -> None:
+        """Health and the control endpoints that read state."""
+        view = _VIEWS.get(self.path.partition("?")[0])
+        if view is None:
+            self._not_found()
+        elif self._read_body() is not None:
+            self._json(200, view(self.stub))
+
+    def do_POST(self) -> None:
+        """The backfill call and the control endpoints that change state."""
+        route = self.path.partition("?")[0]
+        body = self._read_body()
+        if body is None:
+            return
+        if route == self.stub.backfill_path:
+            self._backfill(body)
+        elif route == "/_stub/plan":
+            self._plan(body)
+        elif route == "/_stub/reset":
+            self.stub.reset()
+            self._json(200, {"ok": True})
+        else:
+            self._json(404, {"error": "not found"})
+
+    def _not_found(self) -> None:
+        """Any other path or method: drain the body (keep-alive) and answer 404."""
+        if self._read_body() is not None:
+            self._json(404, {"error": "not found"})
+
+    do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _not_found
+
+    def _backfill(self, body: bytes) -> None:
+        stub = self.stub
+        payload = _parse_json(body)
+        kind, arg = stub._next_step(payload)
+        stub._note(payload, self.headers.get("Timestamp", ""), kind)
+        if kind == "drop":
+            self.close_connection = True
+            _cut(self.connection)
+        elif kind in ("500", "503"):
+            self._json(int(kind), {"error": f"injected {kind}"})
+        elif kind == "429":
+            self._json(429, {"error": "too many requests"}, {"Retry-After": arg})
+        elif kind == "nonjson":
+            self._send(200, b"<html>gateway</html>", "text/html")
+        elif kind == "status":
+            stub._count_code(arg)
+            self._json(200, {"status": arg, "reason": "injected"})
+        else:
+            code, reason = stub._process(self.headers, payload)
+            if kind == "slow":  # recorded already, as the provider would have; answer too late
+                stub._stopping.wait(float(arg))
+            stub._count_code(code)
+            self._json(200, {"status": code, "reason": reason})
+
+    def _plan(self, body: bytes) -> None:
+        payload = _parse_json(body)
+        plans = payload.get("by_msgid") if isinstance(payload, dict) else None
+        if not isinstance(plans, dict) or not all(
+            isinstance(steps, list) and all(isinstance(s, str) for s in steps)
+            for steps in plans.values()
+        ):
+            self._json(400, {"error": 'expected {"by_msgid": {msgid: [step, ...]}}'})
+            return
+        try:
+            self.stub.set_plan(plans)
+        except ValueError as exc:
+            self._json(400, {"error": str(exc)})
+            return
+        self._json(200, {"ok": True, "planned": len(plans)})
+
+    def _read_body(self) -> bytes | None:
+        """The request body, or ``None`` after answering a body this stub cannot frame."""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if "Transfer-Encoding" in self.headers or not 0 <= length <= _MAX_BODY:
+            self.close_connection = True  # the rest of the stream cannot be trusted
+            self._json(411, {"error": "a Content-Length up to 1 MiB is required"})
+            return None
+        return self.rfile.read(length) if length else b""
+
+    def _json(self, status: int, value: object, headers: Mapping[str, str] | None = None) -> None:
+        self._send(status, json.dumps(value).encode(), "application/json", headers)
+
+    def _send(
+        self, status: int, body: bytes, content_type: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)

@@ -1,0 +1,234 @@
+"""The delivery task: one attempt per execution -> audit -> delivered / retry / dead / paused."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cache
+from typing import Any
+
+import structlog
+from celery import signals
+
+from worker import metrics
+from worker.app import app, get_settings
+from worker.audit import log_attempt, redactor
+from worker.policy import SLOWDOWN_CODES, Outcome, decide
+from worker.provider import Answer, ProviderClient
+from worker.scheduler import Dispatcher
+from worker.settings import Settings
+from worker.store import Claim, Store, connect
+
+log = structlog.get_logger("worker.tasks")
+# An attempt waits at most this long for a rate-limit slot; beyond, it is rescheduled.
+MAX_RATE_WAIT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What a worker process builds once: settings, the Redis store, the provider client."""
+
+    settings: Settings
+    store: Store
+    client: ProviderClient
+
+
+@cache
+def get_store() -> Store:
+    """The process's Store on ``BACKFILL_REDIS_URL``."""
+    settings = get_settings()
+    return Store(
+        connect(settings.redis_url, settings.redis_master_name),
+        dedupe_ttl_s=settings.dedupe_ttl_s,
+        requeue_after_s=settings.requeue_after_s,
+    )
+
+
+@cache
+def get_runtime() -> Runtime:
+    """Build the worker's runtime; needs the API credentials (ConfigError otherwise)."""
+    settings = get_settings()
+    api_key, api_secret = settings.credentials()
+    redactor.add_secret(api_secret)
+    client = ProviderClient(
+        settings.base_url,
+        api_key,
+        api_secret,
+        connect_timeout_s=settings.connect_timeout_s,
+        read_timeout_s=settings.read_timeout_s,
+        code_table=settings.code_table,
+        on_sign=redactor.add_sign,
+    )
+    return Runtime(settings, get_store(), client)
+
+
+@app.task(name="backfill.deliver", bind=True, ignore_result=True, max_retries=None)
+def deliver(self: Any, delivery_id: str) -> str:
+    """Make one attempt at a delivery (Celery entry point)."""
+    return attempt_delivery(delivery_id, task_id=self.request.id)
+
+
+def publish(delivery_ids: Sequence[str]) -> None:
+    """Send one ``backfill.deliver`` message per delivery, on one pooled connection."""
+    with app.producer_or_acquire() as producer:
+        for delivery_id in delivery_ids:
+            deliver.apply_async((delivery_id,), producer=producer)
+
+
+def attempt_delivery(delivery_id: str, task_id: str | None = None) -> str:
+    """Claim, send, audit and record one attempt; returns what happened (for tests)."""
+    rt = get_runtime()
+    settings = rt.settings
+    claim = rt.store.claim(
+        delivery_id,
+        settings.attempt_lease_s,
+        rate_per_s=settings.rate_limit,
+        burst=settings.rate_burst,
+        max_wait_s=MAX_RATE_WAIT_S,
+    )
+    if claim.verdict != "claimed":
+        return _not_attempted(delivery_id, claim, settings)
+    assert claim.record is not None
+    if claim.wait_s > 0:
+        metrics.RATE_LIMIT_WAITS.inc()
+        metrics.RATE_LIMIT_WAIT_SECONDS.inc(claim.wait_s)
+        time.sleep(claim.wait_s)
+    attempt = claim.attempts + 1
+    answer = rt.client.send(claim.record)
+    metrics.ATTEMPT_SECONDS.observe(answer.latency_ms / 1000.0)
+    outcome, retry_in_s = decide(
+        answer.kind,
+        attempt,
+        settings.max_attempts,
+        settings.backoff_base_s,
+        settings.backoff_cap_s,
+        answer.retry_after_s,
+    )
+    if outcome is Outcome.PAUSED:
+        retry_in_s = settings.pause_s
+    log_attempt(
+        delivery_id=delivery_id,
+        attempt=attempt,
+        max_attempts=settings.max_attempts,
+        record=claim.record,
+        answer=answer,
+        outcome=outcome,
+        retry_in_s=retry_in_s,
+        replay=claim.replay,
+    )
+    verdict, first_pause = rt.store.finish(
+        delivery_id,
+        claim,
+        outcome=outcome.value,
+        attempt=_attempt_doc(attempt, answer, outcome, retry_in_s, task_id),
+        counted=outcome is not Outcome.PAUSED,
+        retry_in_s=retry_in_s or 0.0,
+        pause_s=settings.pause_s,
+        last_error=_last_error(answer),
+        pause_reason=f"{answer.api_status} {answer.api_reason or ''}".strip(),
+        hold_s=settings.slowdown_s if answer.api_status in SLOWDOWN_CODES else 0.0,
+    )
+    metrics.ATTEMPTS.labels(outcome.value).inc()
+    if first_pause:
+        log.error(
+            "postback.paused",
+            delivery_id=delivery_id,
+            api_status=answer.api_status,
+            api_reason=answer.api_reason,
+            pause_s=settings.pause_s,
+        )
+    if verdict == "dead":
+        metrics.DEAD_LETTERED.inc()
+        log.error(
+            "postback.dead",
+            delivery_id=delivery_id,
+            attempts=attempt,
+            app_id=claim.record.app_id,
+            last_error=_last_error(answer),
+        )
+    return outcome.value if verdict != "stale" else "stale"
+
+
+def _not_attempted(delivery_id: str, claim: Claim, settings: Settings) -> str:
+    if claim.verdict == "delivered" and claim.record is not None:
+        # a redelivered message for a delivery that already succeeded: nothing is sent
+        log_attempt(
+            delivery_id=delivery_id,
+            attempt=claim.attempts,
+            max_attempts=settings.max_attempts,
+            record=claim.record,
+            answer=None,
+            outcome=Outcome.DUPLICATE,
+            retry_in_s=None,
+            error="already delivered; not sent again",
+        )
+    elif claim.verdict == "throttled":
+        metrics.RATE_LIMIT_WAITS.inc()
+    elif claim.verdict == "missing":
+        log.warning("postback.unknown_delivery", delivery_id=delivery_id)
+    else:
+        log.debug("postback.skipped", delivery_id=delivery_id, verdict=claim.verdict)
+    return claim.verdict
+
+
+def _attempt_doc(
+    attempt: int, answer: Answer, outcome: Outcome, retry_in_s: float | None, task_id: str | None
+) -> dict[str, Any]:
+    return {
+        "attempt": attempt,
+        "at": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "http_status": answer.http_status,
+        "api_status": answer.api_status,
+        "api_reason": answer.api_reason,
+        "error": answer.error,
+        "latency_ms": answer.latency_ms,
+        "outcome": outcome.value,
+        "retry_in_s": None if retry_in_s is None else round(retry_in_s, 3),
+        "task_id": task_id,
+    }
+
+
+def _last_error(answer: Answer) -> str:
+    if answer.error:
+        return answer.error
+    if answer.api_status not in (None, "0"):
+        return f"status {answer.api_status}: {answer.api_reason or ''}".strip()
+    return ""
+
+
+_dispatcher: list[Dispatcher] = []
+
+
+@signals.worker_ready.connect
+def _start_dispatcher(**_: Any) -> None:
+    rt = get_runtime()
+    settings = rt.settings
+    dispatcher = Dispatcher(
+        rt.store,
+        publish,
+        queue=settings.queue,
+        tick_s=settings.scheduler_tick_s,
+        high_water=settings.dispatch_high_water,
+        probe_lease_s=settings.attempt_lease_s,
+    )
+    dispatcher.start()
+    _dispatcher.append(dispatcher)
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port, rt.store, settings.queue)
+    log.info(
+        "worker.ready",
+        queue=settings.queue,
+        concurrency=settings.concurrency,
+        max_attempts=settings.max_attempts,
+        retry_window_s=round(settings.retry_window_s()),
+        rate_limit=settings.rate_limit,
+        started_at=time.time(),
+    )
+
+
+@signals.worker_shutting_down.connect
+def _stop_dispatcher(**_: Any) -> None:
+    while _dispatcher:
+        _dispatcher.pop().stop()
