@@ -9,6 +9,7 @@ import requests
 
 from worker.policy import AnswerClass
 from worker.provider import (
+    ProviderClient,
     build_body,
     build_headers,
     classify_exception,
@@ -96,3 +97,25 @@ def test_transport_failures_are_transient(exc: Exception, word: str) -> None:
     assert answer.kind is AnswerClass.TRANSIENT
     assert answer.error is not None
     assert answer.error.startswith(word)
+
+
+def test_session_reads_proxies_and_ca_bundle_once_and_keeps_tls_verified(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    plain = ProviderClient("https://api.example.test/sms", "key", "secret")._session()
+    assert plain.verify is True
+    assert plain.trust_env is False  # the environment is not re-read on every request
+    assert "https" not in plain.proxies
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/corp-ca.pem")
+    proxied = ProviderClient("https://api.example.test/sms", "key", "secret")._session()
+    assert proxied.proxies["https"] == "http://proxy.internal:3128"
+    assert proxied.verify == "/etc/ssl/corp-ca.pem"  # a CA bundle, never False
+
+    monkeypatch.setenv("NO_PROXY", "api.example.test")
+    bypass = ProviderClient("https://api.example.test/sms", "key", "secret")._session()
+    assert "https" not in bypass.proxies

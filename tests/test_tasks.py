@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -215,3 +217,27 @@ def test_every_worker_line_is_json_and_task_lines_carry_the_task_id(
     attempts = [e for e in events if e.get("event") == "postback.attempt"]
     assert attempts
     assert all(e.get("task_id") for e in attempts)
+
+
+def test_published_messages_are_the_ones_celery_itself_writes(r: redis.Redis) -> None:
+    """publish() builds protocol-2 messages by hand; they must match apply_async's."""
+    from worker.tasks import deliver, wake_message
+
+    queue = f"compare-{unique()}"
+    try:
+        deliver.apply_async(("delivery-1",), queue=queue)
+        raw = r.rpop(queue)
+        assert isinstance(raw, str)
+        theirs = json.loads(raw)
+        ours = json.loads(wake_message("delivery-1", queue, theirs["headers"]["origin"]))
+        for doc in (theirs, ours):
+            # per-message identifiers: fresh on every publish, checked for shape only
+            task_id = doc["headers"].pop("id")
+            assert doc["headers"].pop("root_id") == task_id
+            assert doc["properties"].pop("correlation_id") == task_id
+            assert len(doc["properties"].pop("delivery_tag")) == 36
+            doc["properties"].pop("reply_to")  # results are off; Celery's is a process oid
+            doc["body"] = json.loads(base64.b64decode(doc["body"]))
+        assert ours == theirs
+    finally:
+        r.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")

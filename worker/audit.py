@@ -129,6 +129,11 @@ def configure_logging(fmt: str = "json", level: str = "INFO", stream: TextIO | N
     logging.captureWarnings(True)  # Python warnings become JSON lines too
     for noisy in ("urllib3", "requests"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Celery's "Task received" / "Task succeeded" INFO pair repeats what the audit line says
+    # (task_id, outcome) and costs ~5% of worker CPU; failures still log at ERROR.
+    per_task = logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING
+    for chatty in ("celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(chatty).setLevel(per_task)
     structlog.configure(
         processors=[
             *shared,

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import os
+import socket
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -71,10 +76,65 @@ def deliver(self: Any, delivery_id: str) -> str:
 
 
 def publish(delivery_ids: Sequence[str]) -> None:
-    """Send one ``backfill.deliver`` message per delivery, on one pooled connection."""
-    with app.producer_or_acquire() as producer:
-        for delivery_id in delivery_ids:
-            deliver.apply_async((delivery_id,), producer=producer)
+    """Push one ``backfill.deliver`` message per delivery onto the queue: one LPUSH in all.
+
+    ``deliver.apply_async`` cost ~0.45 ms of CPU per message (argument repr, a fresh
+    Redis client and one round trip each); the dispatcher publishes every delivery, so
+    the messages are built here and pushed together. They are the messages Celery
+    itself writes (protocol 2, kombu's Redis envelope); a test compares the two.
+    """
+    if not delivery_ids:
+        return
+    queue = get_settings().queue
+    origin = f"gen{os.getpid()}@{_HOSTNAME}"
+    messages = [wake_message(delivery_id, queue, origin) for delivery_id in delivery_ids]
+    get_store().redis.lpush(queue, *messages)
+
+
+_HOSTNAME = socket.gethostname()
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+
+def wake_message(delivery_id: str, queue: str, origin: str) -> str:
+    """The message ``deliver.apply_async((delivery_id,), queue=queue)`` would write."""
+    task_id = str(uuid.uuid4())
+    body = json.dumps([[delivery_id], {}, _EMBED]).encode()
+    envelope = {
+        "body": base64.b64encode(body).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {
+            "lang": "py",
+            "task": deliver.name,
+            "id": task_id,
+            "shadow": None,
+            "eta": None,
+            "expires": None,
+            "group": None,
+            "group_index": None,
+            "retries": 0,
+            "timelimit": [None, None],
+            "root_id": task_id,
+            "parent_id": None,
+            "argsrepr": repr((delivery_id,)),
+            "kwargsrepr": "{}",
+            "origin": origin,
+            "ignore_result": True,
+            "replaced_task_nesting": 0,
+            "stamped_headers": None,
+            "stamps": {},
+        },
+        "properties": {
+            "correlation_id": task_id,
+            "reply_to": None,
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    return json.dumps(envelope)
 
 
 def attempt_delivery(delivery_id: str, task_id: str | None = None) -> str:
