@@ -97,3 +97,20 @@ def test_unknown_hex_strings_are_left_alone(stream: io.StringIO) -> None:
     msgid = "0123456789abcdef0123456789abcdef"
     structlog.get_logger().info("x", msgid=msgid)
     assert lines(stream)[0]["msgid"] == msgid
+
+
+def test_celery_per_task_info_lines_are_off_unless_debugging() -> None:
+    trace, strategy = (
+        logging.getLogger("celery.app.trace"),
+        logging.getLogger("celery.worker.strategy"),
+    )
+    try:
+        configure_logging("json", "INFO", stream=io.StringIO())
+        assert not trace.isEnabledFor(logging.INFO)  # "Task ... succeeded": the audit says it
+        assert not strategy.isEnabledFor(logging.INFO)  # "Task ... received"
+        assert trace.isEnabledFor(logging.ERROR)  # a task that raised is still logged
+        configure_logging("json", "DEBUG", stream=io.StringIO())
+        assert trace.isEnabledFor(logging.INFO)
+        assert strategy.isEnabledFor(logging.INFO)
+    finally:
+        configure_logging("json", "INFO", stream=io.StringIO())
