@@ -78,6 +78,7 @@ def test_the_rate_limit_holds_across_workers(
     )
     assert len(times) == len(ids)
     measured = (len(times) - 1) / (times[-1] - times[0])
+    print(f"\nrate limit {limit:g}/s across 3 workers: measured {measured:.1f}/s")
     # three workers of eight threads could send hundreds a second; together they keep 40/s
     assert abs(measured - limit) / limit < 0.10, measured
 
