@@ -206,3 +206,16 @@ def test_health_command(settings_env: dict[str, str], worker: WorkerProcess) -> 
     down = backfill("health", env={"BACKFILL_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
     assert down.returncode == 1
     assert "Redis" in down.stdout
+
+
+def test_health_for_one_node(settings_env: dict[str, str], worker: WorkerProcess) -> None:
+    from worker.app import app
+
+    names = [name for reply in app.control.ping(timeout=2.0) for name in reply]
+    assert names, "the session worker replies to a ping"
+    mine = backfill("health", "--node", names[0])
+    assert mine.returncode == 0, mine.stdout + mine.stderr
+    assert names[0] in mine.stdout
+    other = backfill("health", "--node", "celery@no-such-host", "--timeout", "0.5")
+    assert other.returncode == 1  # another worker's reply does not count for this node
+    assert "celery@no-such-host did not reply" in other.stdout

@@ -278,9 +278,16 @@ def intake(host: str, port: int) -> None:
 
 @main.command()
 @click.option("--timeout", default=2.0, show_default=True, type=click.FloatRange(0.1, 30))
+@click.option(
+    "--node",
+    help="Only this worker counts, e.g. celery@%h: the default name of the worker on "
+    "this host (%h is the host name). Without it any worker's reply counts.",
+)
 @_exits
-def health(timeout: float) -> None:
+def health(timeout: float, node: str | None) -> None:
     """Exit 0 when Redis answers and a worker replies to a Celery ping, else 1."""
+    from celery.utils.nodenames import host_format
+
     from worker.app import app
     from worker.tasks import get_store
 
@@ -289,11 +296,16 @@ def health(timeout: float) -> None:
     except redis.RedisError as exc:
         click.echo(f"unhealthy: Redis does not answer ({type(exc).__name__})")
         sys.exit(1)
-    replies = app.control.ping(timeout=timeout)
+    name = host_format(node) if node else None
+    replies = app.control.ping(destination=[name] if name else None, timeout=timeout)
+    if name and not any(name in reply for reply in replies):
+        click.echo(f"unhealthy: worker {name} did not reply to a ping within {timeout:g} s")
+        sys.exit(1)
     if not replies:
         click.echo(f"unhealthy: no worker replied to a ping within {timeout:g} s")
         sys.exit(1)
-    click.echo(f"healthy: Redis answers, {len(replies)} worker(s) replied")
+    who = f"worker {name} replied" if name else f"{len(replies)} worker(s) replied"
+    click.echo(f"healthy: Redis answers, {who}")
 
 
 @main.group()
