@@ -221,7 +221,8 @@ def test_every_worker_line_is_json_and_task_lines_carry_the_task_id(
 
 def test_published_messages_are_the_ones_celery_itself_writes(r: redis.Redis) -> None:
     """publish() builds protocol-2 messages by hand; they must match apply_async's."""
-    from worker.tasks import deliver, wake_message
+    from worker.messages import wake_message
+    from worker.tasks import deliver
 
     queue = f"compare-{unique()}"
     try:

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import base64
-import json
-import os
-import socket
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,6 +15,7 @@ from celery import signals
 from worker import metrics
 from worker.app import app, get_settings
 from worker.audit import log_attempt, redactor
+from worker.messages import DELIVER_TASK, wake_messages
 from worker.policy import SLOWDOWN_CODES, Outcome, decide
 from worker.provider import Answer, ProviderClient
 from worker.scheduler import Dispatcher
@@ -69,7 +65,7 @@ def get_runtime() -> Runtime:
     return Runtime(settings, get_store(), client)
 
 
-@app.task(name="backfill.deliver", bind=True, ignore_result=True, max_retries=None)
+@app.task(name=DELIVER_TASK, bind=True, ignore_result=True, max_retries=None)
 def deliver(self: Any, delivery_id: str) -> str:
     """Make one attempt at a delivery (Celery entry point)."""
     return attempt_delivery(delivery_id, task_id=self.request.id)
@@ -80,61 +76,12 @@ def publish(delivery_ids: Sequence[str]) -> None:
 
     ``deliver.apply_async`` cost ~0.45 ms of CPU per message (argument repr, a fresh
     Redis client and one round trip each); the dispatcher publishes every delivery, so
-    the messages are built here and pushed together. They are the messages Celery
-    itself writes (protocol 2, kombu's Redis envelope); a test compares the two.
+    the messages are built by ``worker.messages`` and pushed together.
     """
     if not delivery_ids:
         return
     queue = get_settings().queue
-    origin = f"gen{os.getpid()}@{_HOSTNAME}"
-    messages = [wake_message(delivery_id, queue, origin) for delivery_id in delivery_ids]
-    get_store().redis.lpush(queue, *messages)
-
-
-_HOSTNAME = socket.gethostname()
-_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-
-
-def wake_message(delivery_id: str, queue: str, origin: str) -> str:
-    """The message ``deliver.apply_async((delivery_id,), queue=queue)`` would write."""
-    task_id = str(uuid.uuid4())
-    body = json.dumps([[delivery_id], {}, _EMBED]).encode()
-    envelope = {
-        "body": base64.b64encode(body).decode(),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {
-            "lang": "py",
-            "task": deliver.name,
-            "id": task_id,
-            "shadow": None,
-            "eta": None,
-            "expires": None,
-            "group": None,
-            "group_index": None,
-            "retries": 0,
-            "timelimit": [None, None],
-            "root_id": task_id,
-            "parent_id": None,
-            "argsrepr": repr((delivery_id,)),
-            "kwargsrepr": "{}",
-            "origin": origin,
-            "ignore_result": True,
-            "replaced_task_nesting": 0,
-            "stamped_headers": None,
-            "stamps": {},
-        },
-        "properties": {
-            "correlation_id": task_id,
-            "reply_to": None,
-            "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": queue},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
-        },
-    }
-    return json.dumps(envelope)
+    get_store().redis.lpush(queue, *wake_messages(delivery_ids, queue))
 
 
 def attempt_delivery(delivery_id: str, task_id: str | None = None) -> str:
