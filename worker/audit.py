@@ -20,12 +20,16 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 from worker.policy import Outcome
 from worker.provider import Answer
-from worker.record import BackfillRecord, mask_number
+from worker.record import BackfillRecord
+from worker.redact import REDACTED, cap, mask_number
 
-REDACTED = "[REDACTED]"
 _SECRET_KEYS = frozenset({"sign", "api_secret", "secret", "password", "authorization"})
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _SIGNS_KEPT = 8192
+# Every string in a log line is capped: a hostile message (a 1 MB delivery id) or a
+# provider's answer must not become a 1 MB line. Tracebacks get more room.
+VALUE_LIMIT = 1024
+TRACEBACK_LIMIT = 16384
 
 log = structlog.get_logger("worker.audit")
 
@@ -69,9 +73,10 @@ class Redactor:
             if key.lower() in _SECRET_KEYS:
                 event[key] = REDACTED
             elif isinstance(value, str):
-                event[key] = self.scrub(value)
+                limit = TRACEBACK_LIMIT if key in ("exception", "stack") else VALUE_LIMIT
+                event[key] = cap(self.scrub(value), limit)
             elif isinstance(value, BaseException):
-                event[key] = self.scrub(repr(value))
+                event[key] = cap(self.scrub(repr(value)), VALUE_LIMIT)
             elif isinstance(value, dict | list | tuple):
                 event[key] = _scrub_nested(self, value)
         return event
@@ -79,7 +84,7 @@ class Redactor:
 
 def _scrub_nested(redactor: Redactor, value: Any) -> Any:
     if isinstance(value, str):
-        return redactor.scrub(value)
+        return cap(redactor.scrub(value), VALUE_LIMIT)
     if isinstance(value, dict):
         return {
             k: REDACTED if str(k).lower() in _SECRET_KEYS else _scrub_nested(redactor, v)
@@ -154,7 +159,7 @@ def log_attempt(
     delivery_id: str,
     attempt: int,
     max_attempts: int,
-    record: BackfillRecord,
+    record: BackfillRecord | None,
     answer: Answer | None,
     outcome: Outcome,
     retry_in_s: float | None,
@@ -166,9 +171,9 @@ def log_attempt(
         "delivery_id": delivery_id,
         "attempt": attempt,
         "max_attempts": max_attempts,
-        "app_id": record.app_id,
-        "msgid": record.msgid,
-        "number": mask_number(record.number),
+        "app_id": record.app_id if record else None,
+        "msgid": record.msgid if record else None,
+        "number": mask_number(record.number) if record else None,
         "http_status": answer.http_status if answer else None,
         "api_status": answer.api_status if answer else None,
         "api_reason": answer.api_reason if answer else None,

@@ -2,19 +2,25 @@
 
 Good rows go to Redis in pipelined batches (one Lua call per row, one round trip per
 batch); the workers' dispatchers publish them. Rejected rows are written, with their
-line number and reason, to a rejects file. A batch that fails midway is retried whole:
-enqueue is idempotent, so rows that did get in come back as duplicates, never twice.
+line number and reason, to a rejects file made on the first rejected row. A batch that
+fails midway is retried whole: enqueue is idempotent, so rows that did get in come back
+as duplicates, never twice.
+
+Input is read as bytes and decoded line by line, so a line that is not UTF-8 is named,
+and a line over ``MAX_ROW_BYTES`` is skipped in chunks, never held whole.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
-import io
 import itertools
 import json
+import os
+import stat
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -22,50 +28,188 @@ from typing import IO, Any
 import redis
 import structlog
 
-from worker.errors import InvalidRecord
+from worker.errors import BackfillError, InvalidRecord
 from worker.record import BackfillRecord
 from worker.store import Store
 
 log = structlog.get_logger("worker.bulk")
 BATCH = 1000
+MAX_ROW_BYTES = 64 * 1024  # a row is four short fields; anything this long is not one
+MAX_REJECT_ROW_CHARS = 1024  # what of a rejected row is copied into the rejects file
 _RETRIES = 3
+_TOO_LONG = f"row longer than {MAX_ROW_BYTES} bytes"
+
+
+class UnreadableInput(BackfillError):
+    """The input cannot be read as rows (missing, a directory, not UTF-8): exit 2."""
 
 
 @dataclass
 class BulkResult:
-    """What a bulk enqueue came to."""
+    """What a bulk enqueue came to; ``stopped`` says why it ended before the input did."""
 
     accepted: int = 0
     duplicates: int = 0
     rejected: int = 0
     rows: int = 0
     seconds: float = 0.0
-    rejects_path: Path | None = None
+    stopped: str | None = None
     delivery_ids: list[str] = field(default_factory=list)
 
 
-def read_rows(stream: IO[str], fmt: str | None = None) -> Iterator[tuple[int, Any]]:
-    """(line number, row) pairs; a row is a dict, or an InvalidRecord for a malformed line."""
-    first = stream.readline()
-    lines = itertools.chain([first], stream)
-    fmt = fmt or ("jsonl" if first.lstrip().startswith("{") else "csv")
-    if fmt == "csv":
-        reader = csv.DictReader(lines)
-        for row in reader:
-            yield reader.line_num, {k if k is not None else "extra": v for k, v in row.items()}
-        return
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+class Rejects:
+    """The rejects file, JSON lines of line, errors and row; created on the first one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.count = 0
+        self._out: IO[str] | None = None
+
+    def add(self, line: int, errors: Mapping[str, str], row: Any) -> None:
+        """Write one rejected row (its copy capped at ``MAX_REJECT_ROW_CHARS``)."""
+        if self._out is None:
+            self._out = self.path.open("w", encoding="utf-8")
+        entry = {"line": line, "errors": dict(errors), "row": row_text(row)}
+        self._out.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self.count += 1
+
+    def close(self) -> None:
+        """Close the file if one was made."""
+        if self._out is not None:
+            self._out.close()
+
+    def __enter__(self) -> Rejects:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def row_text(row: Any) -> Any:
+    """The row as given, for the rejects file: as is when short, else its JSON cut short."""
+    if isinstance(row, InvalidRecord):
+        return None
+    try:
+        text = json.dumps(row, ensure_ascii=False)
+    except (RecursionError, TypeError, ValueError):
+        return None
+    return row if len(text) <= MAX_REJECT_ROW_CHARS else text[:MAX_REJECT_ROW_CHARS] + "..."
+
+
+class _Lines:
+    """Numbered physical lines of a byte stream as text; an over-long line comes as None."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self.number = 0
+        self.size = 0  # bytes of the last line, without its line ending
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str | None:
+        chunk = self._raw.readline(MAX_ROW_BYTES + 2)  # room for the \r\n
+        if not chunk:
+            raise StopIteration
+        self.number += 1
+        if self.number == 1:
+            chunk = chunk.removeprefix(codecs.BOM_UTF8)
+        self.size = len(chunk.rstrip(b"\r\n"))
+        if self.size > MAX_ROW_BYTES:
+            while chunk and not chunk.endswith(b"\n"):
+                chunk = self._raw.readline(MAX_ROW_BYTES)
+            return None
         try:
-            row = json.loads(line)
-        except ValueError:
-            yield number, InvalidRecord({"row": "not valid JSON"})
+            return chunk.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UnreadableInput(f"line {self.number} is not valid UTF-8") from None
+
+
+class _RowTooLong(Exception):
+    """A CSV record (which may span lines inside quotes) grew over the cap."""
+
+
+class _CsvFeed:
+    """Lines for the csv reader, cutting a record off once it grows over the cap."""
+
+    def __init__(self, lines: _Lines, first: str | None) -> None:
+        self._lines = lines
+        self._first: list[str | None] = [first]
+        self.record_bytes = 0
+
+    def __iter__(self) -> _CsvFeed:
+        return self
+
+    def __next__(self) -> str:
+        text = self._first.pop() if self._first else next(self._lines)
+        self.record_bytes += self._lines.size
+        if text is None or self.record_bytes > MAX_ROW_BYTES:
+            self.record_bytes = 0
+            raise _RowTooLong
+        return text
+
+
+def read_rows(raw: IO[bytes], fmt: str | None = None) -> Iterator[tuple[int, Any]]:
+    """(line number, row) pairs; a row is a dict, or an InvalidRecord for a malformed line.
+
+    Raises UnreadableInput at a line that is not UTF-8 (rows before it were yielded).
+    """
+    lines = _Lines(raw)
+    first = next(lines, "")
+    if first == "":
+        return
+    fmt = fmt or ("jsonl" if first is None or first.lstrip().startswith("{") else "csv")
+    if fmt == "csv":
+        yield from _csv_rows(lines, first)
+        return
+    for text in itertools.chain([first], lines):  # lazy: lines.number is this line's
+        if text is None:
+            yield lines.number, InvalidRecord({"row": _TOO_LONG})
+        elif text.strip():
+            yield lines.number, _json_row(text)
+
+
+def _json_row(text: str) -> dict[str, Any] | InvalidRecord:
+    try:
+        row = json.loads(text)
+    except RecursionError:
+        return InvalidRecord({"row": "JSON nested too deeply"})
+    except ValueError:
+        return InvalidRecord({"row": "not valid JSON"})
+    return row if isinstance(row, dict) else InvalidRecord({"row": "expected a JSON object"})
+
+
+def _csv_rows(lines: _Lines, first: str | None) -> Iterator[tuple[int, Any]]:
+    feed = _CsvFeed(lines, first)
+    reader = csv.reader(feed)
+    header: list[str] = []
+    while not header:  # blank lines before the header are skipped, as rows' are
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
+        except (_RowTooLong, csv.Error) as exc:
+            reason = str(exc) or _TOO_LONG
+            raise UnreadableInput(f"line {lines.number}: unreadable CSV header: {reason}") from None
+    while True:
+        feed.record_bytes = 0
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except _RowTooLong:
+            yield lines.number, InvalidRecord({"row": _TOO_LONG})
             continue
-        yield (
-            number,
-            row if isinstance(row, dict) else InvalidRecord({"row": "expected a JSON object"}),
-        )
+        except csv.Error as exc:
+            yield lines.number, InvalidRecord({"row": f"not valid CSV: {exc}"})
+            continue
+        if not values:  # a blank line, as csv.DictReader skips them
+            continue
+        row: dict[str, Any] = dict(zip(header, values, strict=False))
+        row.update(dict.fromkeys(header[len(values) :]))  # short row: missing fields are None
+        if len(values) > len(header):
+            row["extra"] = values[len(header) :]
+        yield lines.number, row
 
 
 def format_of(path: str) -> str | None:
@@ -77,37 +221,38 @@ def format_of(path: str) -> str | None:
 def enqueue_rows(
     store: Store,
     rows: Iterable[tuple[int, Any]],
-    rejects: IO[str],
+    rejects: Rejects,
     *,
     progress: Any = None,
     keep_ids: bool = False,
 ) -> BulkResult:
-    """Validate and enqueue rows; write rejects as JSON lines; returns the counts."""
+    """Validate and enqueue rows, rejected ones to ``rejects``; returns the counts.
+
+    Input that turns unreadable midway ends the run with ``stopped`` set: the good rows
+    before it are enqueued (they stay; enqueue is idempotent, so a rerun is safe).
+    """
     result = BulkResult()
     started = time.perf_counter()
     batch: list[BackfillRecord] = []
-    for number, row in rows:
-        result.rows += 1
-        try:
-            if isinstance(row, InvalidRecord):
-                raise row
-            batch.append(BackfillRecord.parse(row))
-        except InvalidRecord as exc:
-            result.rejected += 1
-            rejects.write(json.dumps({"line": number, "errors": exc.errors, "row": row_text(row)}))
-            rejects.write("\n")
-        if len(batch) >= BATCH:
-            _flush(store, batch, result, keep_ids)
-            if progress is not None:
-                progress(result)
+    try:
+        for number, row in rows:
+            result.rows += 1
+            try:
+                if isinstance(row, InvalidRecord):
+                    raise row
+                batch.append(BackfillRecord.parse(row))
+            except InvalidRecord as exc:
+                result.rejected += 1
+                rejects.add(number, exc.errors, row)
+            if len(batch) >= BATCH:
+                _flush(store, batch, result, keep_ids)
+                if progress is not None:
+                    progress(result)
+    except UnreadableInput as exc:
+        result.stopped = str(exc)
     _flush(store, batch, result, keep_ids)
     result.seconds = time.perf_counter() - started
     return result
-
-
-def row_text(row: Any) -> Any:
-    """The row as given, for the rejects file (JSON-safe)."""
-    return None if isinstance(row, InvalidRecord) else row
 
 
 def _flush(store: Store, batch: list[BackfillRecord], result: BulkResult, keep_ids: bool) -> None:
@@ -129,11 +274,51 @@ def _flush(store: Store, batch: list[BackfillRecord], result: BulkResult, keep_i
     batch.clear()
 
 
-def open_input(path: str) -> IO[str]:
-    """The input file, or stdin for ``-`` (UTF-8, universal newlines for CSV)."""
+def open_input(path: str) -> tuple[IO[bytes], bool]:
+    """The input as bytes (stdin for ``-``) and whether it can be read twice (a file).
+
+    Raises UnreadableInput naming a missing file, a directory or anything but a file or
+    a pipe (``/dev/zero`` would never end).
+    """
     if path == "-":
-        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+        return sys.stdin.buffer, False
+    try:
+        raw = open(path, "rb")  # noqa: SIM115 - returned open; the caller closes it
+    except FileNotFoundError:
+        raise UnreadableInput(f"no such file: {path}") from None
+    except IsADirectoryError:
+        raise UnreadableInput(f"{path} is a directory") from None
+    except OSError as exc:
+        raise UnreadableInput(f"cannot read {path}: {exc.strerror}") from None
+    mode = os.fstat(raw.fileno()).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        raw.close()
+        raise UnreadableInput(f"{path} is not a regular file or a pipe")
+    return raw, stat.S_ISREG(mode)
+
+
+def count_lines(raw: IO[bytes]) -> int:
+    """Lines in a file, checking it is UTF-8 on the way (UnreadableInput names the line).
+
+    One pass in 1 MiB chunks, so a file is checked before any of its rows is enqueued.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines, last = 0, b"\n"
+    while chunk := raw.read(1 << 20):
+        try:
+            decoder.decode(chunk)
+        except UnicodeDecodeError as exc:
+            # exc.object is this chunk behind at most 3 held-back bytes, none of them \n
+            line = lines + exc.object[: exc.start].count(b"\n") + 1
+            raise UnreadableInput(f"line {line} is not valid UTF-8") from None
+        lines += chunk.count(b"\n")
+        last = chunk[-1:]
+    ends_open = int(last != b"\n")  # a last line without a line ending still counts
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise UnreadableInput(f"line {lines + ends_open} is not valid UTF-8") from None
+    return lines + ends_open
 
 
 def rejects_path_for(path: str, explicit: str | None) -> Path:

@@ -302,8 +302,28 @@ def health(timeout: float, node: str | None) -> None:
         missing = f"worker {name} did not reply" if name else "no worker replied"
         click.echo(f"unhealthy: {missing} to a ping within {timeout:g} s")
         sys.exit(1)
+    stalled = _stalled_workers(name)
+    if stalled:
+        click.echo("unhealthy: " + "; ".join(f"{who} stalled: {why}" for who, why in stalled))
+        sys.exit(1)
     who = f"worker {name} replied" if name else f"{len(replies)} worker(s) replied"
-    click.echo(f"healthy: Redis answers, {who}")
+    click.echo(f"healthy: Redis answers, {who}, making progress")
+
+
+def _stalled_workers(node: str | None) -> list[tuple[str, str]]:
+    """The workers (just ``node`` when given) whose heartbeat says they are stalled."""
+    import time
+
+    from worker.app import get_settings
+    from worker.heartbeat import BEAT_TTL_S, stalled
+    from worker.tasks import get_store
+
+    beats = get_store().beats(node)
+    if node and node not in beats:
+        return [(node, f"no heartbeat in the last {BEAT_TTL_S} s")]
+    now, limit = time.time(), get_settings().stall_after_s
+    found = [(who, stalled(beat, now, limit)) for who, beat in beats.items()]
+    return [(who, why) for who, why in found if why]
 
 
 @main.group()

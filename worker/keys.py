@@ -9,6 +9,7 @@
 - ``backfill:pause:probe``    flag: the pause ended but no answer has proven the account yet
 - ``backfill:pause:probe-lock`` string with a TTL: one probe attempt in flight
 - ``backfill:ratelimit``      string: the fleet's rate-limit clock (GCRA arrival time)
+- ``backfill:worker:<node>``  hash with a TTL: one worker's heartbeat (see heartbeat.py)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ PAUSED = PREFIX + "paused"
 PROBE = PREFIX + "pause:probe"
 PROBE_LOCK = PREFIX + "pause:probe-lock"
 RATE = PREFIX + "ratelimit"
+WORKER = PREFIX + "worker:"
 
 
 def delivery(delivery_id: str) -> str:
@@ -38,3 +40,8 @@ def attempts(delivery_id: str) -> str:
 def dedupe(fingerprint: str) -> str:
     """The idempotency key of one record's four fields."""
     return DEDUPE + fingerprint
+
+
+def worker(node: str) -> str:
+    """The heartbeat hash of one worker node."""
+    return WORKER + node

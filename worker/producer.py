@@ -7,6 +7,7 @@ from datetime import datetime
 import structlog
 
 from worker.record import BackfillRecord, mask_number
+from worker.store import Store
 from worker.tasks import get_store, publish
 
 log = structlog.get_logger("worker.producer")
@@ -26,13 +27,24 @@ def enqueue_backfill(
 
 
 def enqueue_record(
-    record: BackfillRecord, *, source: str = "api", caller: str | None = None
+    record: BackfillRecord,
+    *,
+    source: str = "api",
+    caller: str | None = None,
+    store: Store | None = None,
 ) -> str:
-    """Enqueue a validated record: one Lua call to store it, one publish to wake a worker."""
-    delivery_id, created = get_store().enqueue(record, source=source, dispatch_grace_s=None)
+    """Enqueue a validated record: one Lua call to store it, one publish to wake a worker.
+
+    ``caller`` (an intake token's name) may then read the delivery through the intake;
+    ``store`` defaults to the process's own (the intake passes its fail-fast one).
+    """
+    store = store or get_store()
+    delivery_id, created = store.enqueue(
+        record, source=source, dispatch_grace_s=None, caller=caller
+    )
     if created:
         try:
-            publish([delivery_id])
+            publish([delivery_id], store)
         except Exception as exc:
             log.warning(
                 "postback.publish_deferred",

@@ -1,4 +1,10 @@
-"""The signed provider call (SPEC section 1): build, send, classify. No Celery, no Redis."""
+"""The signed provider call (SPEC section 1): build, send, classify. No Celery, no Redis.
+
+Every answer is hostile until parsed (SPEC section 8): redirects are never followed, an
+attempt ends by a hard deadline (connect + read timeout) whatever the server does, the
+body is read up to ``MAX_BODY`` bytes after decompression, the ``status`` must be what
+the provider documents, and every piece of provider text passes ``worker.redact``.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +13,30 @@ import email.utils
 import hashlib
 import json
 import os
+import re
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import requests
-from requests.adapters import HTTPAdapter
 
+from worker.deadline import DeadlineExceeded, Watchdog, WatchedAdapter
 from worker.policy import DEFAULT_CODE_CLASSES, AnswerClass, classify_code, classify_http
 from worker.record import BackfillRecord
+from worker.redact import cap, redact
 
 PATH = "/postback/backfill"
 CONTENT_TYPE = "application/json;charset=UTF-8"
-_REASON_LIMIT = 200
+# The provider answers with a few dozen bytes; anything past this is not an answer.
+MAX_BODY = 64 * 1024
+_CHUNK = 16 * 1024
+_STATUS = re.compile(r"-?[0-9]{1,9}")
+_DELTA_SECONDS = re.compile(r"[0-9]{1,10}")
+_EXCERPT = 60
+
+Scrub = Callable[[str], str]
 
 
 def sign(api_key: str, api_secret: str, timestamp: str) -> str:
@@ -57,33 +73,70 @@ class Answer:
     latency_ms: float = 0.0
 
 
+def _same(text: str) -> str:
+    return cap(text)
+
+
+def parse_status(value: object) -> str | None:
+    """The provider's ``status`` as documented (an int, or ASCII digits with an optional
+    leading minus), normalised to its string form; None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        text = str(value)
+    elif isinstance(value, str):
+        text = value
+    else:
+        return None
+    if not _STATUS.fullmatch(text):
+        return None
+    return str(int(text))
+
+
 def classify_response(
     http_status: int,
     body: bytes,
     headers: Mapping[str, str],
     table: Mapping[str, AnswerClass] = DEFAULT_CODE_CLASSES,
+    scrub: Scrub = _same,
 ) -> Answer:
     """Classify an HTTP answer: HTTP status first, then the JSON ``status`` code."""
     retry_after = parse_retry_after(headers.get("Retry-After"))
+    if 300 <= http_status < 400:
+        # A redirect is never followed: credentials and the record go to the base URL only.
+        # Every delivery would meet it, so it pauses the fleet like an account block.
+        where = scrub(headers.get("Location") or "no Location")
+        return Answer(
+            AnswerClass.BLOCKED,
+            http_status=http_status,
+            error=f"HTTP {http_status} redirect to {where} (not followed: check BACKFILL_BASE_URL)",
+        )
     by_http = classify_http(http_status)
     if by_http is not None:
         return Answer(
-            by_http,
-            http_status=http_status,
-            error=f"HTTP {http_status}",
-            retry_after_s=retry_after,
+            by_http, http_status=http_status, error=f"HTTP {http_status}", retry_after_s=retry_after
         )
     try:
         payload = json.loads(body)
-    except ValueError:
-        return Answer(AnswerClass.TRANSIENT, http_status=http_status, error="body is not JSON")
+    except (ValueError, RecursionError):
+        excerpt = scrub(body[:_EXCERPT].decode("utf-8", "replace"))
+        return Answer(
+            AnswerClass.TRANSIENT, http_status=http_status, error=f"body is not JSON: {excerpt!r}"
+        )
     if not isinstance(payload, dict) or "status" not in payload:
         return Answer(
             AnswerClass.TRANSIENT, http_status=http_status, error="JSON without a status field"
         )
-    code = str(payload["status"])
     reason = payload.get("reason")
-    reason_text = None if reason is None else str(reason)[:_REASON_LIMIT]
+    reason_text = None if reason is None else scrub(str(reason))
+    code = parse_status(payload["status"])
+    if code is None:
+        return Answer(
+            AnswerClass.TRANSIENT,
+            http_status=http_status,
+            api_reason=reason_text,
+            error=f"unknown answer: status {scrub(repr(payload['status']))}",
+        )
     return Answer(
         classify_code(code, table),
         http_status=http_status,
@@ -93,31 +146,80 @@ def classify_response(
     )
 
 
-def classify_exception(exc: BaseException) -> Answer:
+def _tls_reason(exc: BaseException) -> str:
+    """The verification reason buried in a requests SSLError (expired, hostname, issuer)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return str(current.verify_message or current.reason or "certificate verify failed")
+        if isinstance(current, ssl.SSLError):
+            return str(current.reason or current.strerror or type(current).__name__)
+        todo += [a for a in current.args if isinstance(a, BaseException)]
+        reason = getattr(current, "reason", None)
+        if isinstance(reason, BaseException):
+            todo.append(reason)
+        todo += [e for e in (current.__cause__, current.__context__) if e is not None]
+    return type(exc).__name__
+
+
+def classify_exception(exc: BaseException, deadline_s: float | None = None) -> Answer:
     """Every transport failure is transient; the error names its kind, never headers."""
+    if isinstance(exc, DeadlineExceeded):
+        return Answer(
+            AnswerClass.TRANSIENT,
+            error=f"deadline exceeded: no complete answer within {deadline_s or 0:g} s",
+        )
     if isinstance(exc, requests.Timeout):
-        kind = "timeout"
+        error = f"timeout: {type(exc).__name__}"
     elif isinstance(exc, requests.exceptions.SSLError):
-        kind = "tls error"
+        error = f"tls error: {cap(_tls_reason(exc), 120)}"
     elif isinstance(exc, requests.ConnectionError):
-        kind = "connection error"
+        error = f"connection error: {type(exc).__name__}"
+    elif isinstance(exc, requests.RequestException):
+        error = f"transport error: {type(exc).__name__}"
     else:
-        kind = "transport error"
-    return Answer(AnswerClass.TRANSIENT, error=f"{kind}: {type(exc).__name__}")
+        error = f"unexpected error: {type(exc).__name__}"
+    return Answer(AnswerClass.TRANSIENT, error=error)
 
 
 def parse_retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds: delta-seconds or an HTTP date; None when absent or bad."""
+    """Retry-After as seconds: ASCII delta-seconds or an HTTP date; None when absent or bad."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and _DELTA_SECONDS.fullmatch(value):
         return float(value)
+    if not value.isascii() or len(value) > 64:
+        return None
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    return max(0.0, when.timestamp() - time.time())
+    try:
+        return max(0.0, when.timestamp() - time.time())
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+class BodyTooLarge(Exception):
+    """The answer's body (after decompression) passed MAX_BODY."""
+
+
+def read_capped(response: requests.Response, limit: int = MAX_BODY) -> bytes:
+    """The body, decompressed, streamed in chunks and never more than ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.raw.stream(_CHUNK, decode_content=True):
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class ProviderClient:
@@ -138,9 +240,12 @@ class ProviderClient:
         self._api_key = api_key
         self._api_secret = api_secret
         self._timeout = (connect_timeout_s, read_timeout_s)
+        # The hard deadline of one attempt: whatever the server does, it ends by then.
+        self.deadline_s = connect_timeout_s + read_timeout_s
         self._table = code_table
         self._on_sign = on_sign
         self._local = threading.local()
+        self._watchdog = Watchdog()
 
     def __repr__(self) -> str:
         return f"ProviderClient(url={self.url!r})"
@@ -149,36 +254,55 @@ class ProviderClient:
         session: requests.Session | None = getattr(self._local, "session", None)
         if session is None:
             session = requests.Session()
-            adapter = HTTPAdapter(pool_connections=1, pool_maxsize=2, max_retries=0)
+            adapter = WatchedAdapter(pool_connections=1, pool_maxsize=2, max_retries=0)
             session.mount("https://", adapter)
             session.mount("http://", adapter)
             # The environment (proxies, CA bundle) is read once here, not on every request:
             # requests' per-call environment merge was ~4% of worker CPU.
             session.proxies.update(requests.utils.get_environ_proxies(self.url))
-            session.verify = (
-                os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
-            )
+            session.verify = ca_bundle() or True
             session.trust_env = False
+            # Our answers are a few dozen bytes: ask for them plain (a compressed one is
+            # still decoded, within MAX_BODY).
+            session.headers["Accept-Encoding"] = "identity"
             self._local.session = session
         return session
 
     def send(self, record: BackfillRecord) -> Answer:
-        """One attempt: fresh Timestamp and Sign, bounded by connect and read timeouts."""
+        """One attempt: fresh Timestamp and Sign, ended by the deadline, never raising."""
         headers = build_headers(self._api_key, self._api_secret)
         if self._on_sign is not None:
             self._on_sign(headers["Sign"])
+        secrets = (self._api_key, self._api_secret, headers["Sign"])
+
+        def scrub(text: str) -> str:
+            return redact(text, secrets=secrets, number=record.number)
+
         started = time.perf_counter()
         try:
-            response = self._session().post(
-                self.url, data=build_body(record), headers=headers, timeout=self._timeout
-            )
-            body = response.content
-        except requests.RequestException as exc:
-            answer = classify_exception(exc)
-        else:
-            answer = classify_response(response.status_code, body, response.headers, self._table)
+            answer = self._exchange(record, headers, scrub)
+        except BodyTooLarge:
+            answer = Answer(AnswerClass.TRANSIENT, error=f"body too large (over {MAX_BODY} bytes)")
+        except Exception as exc:  # any failure of an attempt is an audited transient one
+            answer = classify_exception(exc, self.deadline_s)
         latency_ms = round((time.perf_counter() - started) * 1000.0, 2)
         return dataclasses.replace(answer, latency_ms=latency_ms)
+
+    def _exchange(self, record: BackfillRecord, headers: dict[str, str], scrub: Scrub) -> Answer:
+        with self._watchdog.deadline(self.deadline_s):
+            response = self._session().post(
+                self.url,
+                data=build_body(record),
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+                stream=True,
+            )
+            try:
+                body = b"" if 300 <= response.status_code < 400 else read_capped(response)
+            finally:
+                response.close()  # a connection with unread body left is dropped, not reused
+        return classify_response(response.status_code, body, response.headers, self._table, scrub)
 
     def close(self) -> None:
         """Close this thread's session (other threads' sessions close with their thread)."""
@@ -186,3 +310,9 @@ class ProviderClient:
         if session is not None:
             session.close()
             self._local.session = None
+
+
+def ca_bundle() -> str | None:
+    """The CA bundle requests will use: REQUESTS_CA_BUNDLE, else CURL_CA_BUNDLE, else None
+    (certifi's). SSL_CERT_FILE is not read by requests."""
+    return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or None

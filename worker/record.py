@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time as clock
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from worker.errors import InvalidRecord
@@ -19,6 +20,12 @@ FIELDS = ("app_id", "msgid", "number", "time")
 _TOKEN = re.compile(r"[\x21-\x7e]{1,64}")
 _NUMBER = re.compile(r"\+?([0-9]{6,20})")
 _EPOCH_MS = re.compile(r"[0-9]{13}")
+# A verification older than the provider's records or in the future is a producer's bug
+# (seconds for milliseconds, a zero default, a bad clock), not a code to report.
+EARLIEST_TIME_MS = 1_262_304_000_000  # 2010-01-01T00:00:00Z
+MAX_TIME_AHEAD_MS = 24 * 3600 * 1000  # clock skew allowed between the producer and us
+MAX_UNKNOWN_NAMED = 8  # unknown field names listed in an error; the rest are counted
+_NAME_CAP = 64
 _TIME_FORMS = (
     "expected epoch milliseconds as a 13-digit string (e.g. '1681184764000'), "
     "an int of epoch milliseconds, or a timezone-aware datetime"
@@ -38,8 +45,12 @@ class BackfillRecord:
     def parse(cls, data: Mapping[str, Any]) -> BackfillRecord:
         """Validate raw input (any types) and return a record, or raise InvalidRecord."""
         errors: dict[str, str] = {}
-        for unknown in sorted(set(data) - set(FIELDS)):
-            errors[str(unknown)] = "unknown field"
+        unknown = sorted(str(name) for name in set(data) - set(FIELDS))
+        for name in unknown[:MAX_UNKNOWN_NAMED]:
+            shown = name if len(name) <= _NAME_CAP else name[:_NAME_CAP] + "..."
+            errors[shown] = "unknown field"
+        if len(unknown) > MAX_UNKNOWN_NAMED:
+            errors["..."] = f"{len(unknown) - MAX_UNKNOWN_NAMED} more unknown fields"
         app_id = _token(data.get("app_id"), "app_id", required=True, errors=errors)
         msgid = _token(data.get("msgid"), "msgid", required=False, errors=errors)
         number = _number(data.get("number"), errors)
@@ -127,17 +138,41 @@ def _time(value: object, errors: dict[str, str]) -> str | None:
         if value.tzinfo is None or value.utcoffset() is None:
             errors["time"] = f"naive datetime not accepted: {_TIME_FORMS}"
             return None
-        millis = int(value.timestamp() * 1000)
-        text = str(millis)
-    elif isinstance(value, int):
-        text = str(value)
-    elif isinstance(value, str):
-        text = value
+        try:
+            millis = int(value.timestamp() * 1000)
+        except (OverflowError, ValueError):  # near datetime.min/max with an offset
+            errors["time"] = f"{value.isoformat()} is out of range"
+            return None
+    elif isinstance(value, int | str):
+        # an int too long for str() (Python caps it at 4,300 digits) is no 13-digit value
+        text = value if isinstance(value, str) else str(value) if value.bit_length() < 64 else ""
+        if not _EPOCH_MS.fullmatch(text):
+            hint = " (looks like seconds)" if re.fullmatch(r"[0-9]{10}", text) else ""
+            errors["time"] = f"bad value{hint}: {_TIME_FORMS}"
+            return None
+        millis = int(text)
     else:
         errors["time"] = f"{type(value).__name__} not accepted: {_TIME_FORMS}"
         return None
-    if not _EPOCH_MS.fullmatch(text):
-        hint = " (looks like seconds)" if re.fullmatch(r"[0-9]{10}", text) else ""
-        errors["time"] = f"bad value{hint}: {_TIME_FORMS}"
+    problem = time_out_of_range(millis)
+    if problem:
+        errors["time"] = problem
         return None
-    return text
+    return str(millis)
+
+
+def time_out_of_range(millis: int, now_ms: int | None = None) -> str | None:
+    """Why epoch milliseconds are out of range (before 2010, over 24 h ahead), or None."""
+    now_ms = int(clock.time() * 1000) if now_ms is None else now_ms
+    if millis < EARLIEST_TIME_MS:
+        return f"{_iso(millis)} is before {_iso(EARLIEST_TIME_MS)}, the earliest accepted"
+    if millis > now_ms + MAX_TIME_AHEAD_MS:
+        return f"{_iso(millis)} is more than 24 h ahead of now ({_iso(now_ms)})"
+    return None
+
+
+def _iso(millis: int) -> str:
+    try:
+        return datetime.fromtimestamp(millis / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return f"{millis} ms"

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     rate_burst: int = Field(1, ge=1)
     # A "too frequent" answer (-15, -27, -28) holds every worker this long.
     slowdown_s: float = Field(1.0, ge=0)
+    # `backfill health`: a worker with work waiting this long and no attempt finished in
+    # that time is stalled (unhealthy).
+    stall_after_s: float = Field(120.0, ge=5, le=86400)
 
     @field_validator("base_url")
     @classmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar
@@ -22,24 +22,35 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from worker import keys
+from worker.errors import InvalidRecord
 from worker.record import BackfillRecord
 
 T = TypeVar("T")
+# How many attempt documents a delivery keeps (the audit log has every one).
+HISTORY = 50
 _TRANSIENT_REDIS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
-def connect(url: str, master_name: str = "mymaster") -> redis.Redis:
+def connect(
+    url: str,
+    master_name: str = "mymaster",
+    *,
+    connect_timeout_s: float = 5.0,
+    timeout_s: float = 10.0,
+    retries: int = 6,
+) -> redis.Redis:
     """A client for the project's state, retrying briefly through connection blips.
 
     ``sentinel://h1:26379;sentinel://h2:26379/0`` (kombu's form) asks the sentinels for
-    the current primary of ``master_name`` and follows it through a failover.
+    the current primary of ``master_name`` and follows it through a failover. The
+    defaults ride out a blip of ~3.5 s; the intake asks for less (it answers 503 instead).
     """
     options: dict[str, Any] = {
         "decode_responses": True,
-        "socket_connect_timeout": 5,
-        "socket_timeout": 10,
+        "socket_connect_timeout": connect_timeout_s,
+        "socket_timeout": timeout_s,
         "health_check_interval": 30,
-        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), 6),
+        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
         "retry_on_error": list(_TRANSIENT_REDIS),
     }
     if not url.startswith("sentinel://"):
@@ -77,7 +88,8 @@ def new_delivery_id() -> str:
 class Claim:
     """The answer to "may I attempt this delivery now?"."""
 
-    verdict: str  # claimed, delivered, dead, missing, busy, early, paused
+    # claimed, delivered, dead, missing, orphan, corrupt, poison, busy, early, paused, throttled
+    verdict: str
     token: str = ""
     attempts: int = 0
     record: BackfillRecord | None = None
@@ -85,6 +97,20 @@ class Claim:
     replay: bool = False
     resume_at: float | None = None
     wait_s: float = 0.0  # a rate-limit slot was reserved this far ahead
+    detail: str = ""  # why a claimed record cannot be sent, or which field is corrupt
+
+
+def _stored_record(
+    app_id: str, msgid: str | None, number: str, time_: str
+) -> tuple[BackfillRecord | None, str]:
+    """The stored record, validated again: a hand-edited one may no longer be sendable."""
+    try:
+        record = BackfillRecord.parse(
+            {"app_id": app_id, "msgid": msgid or None, "number": number, "time": time_}
+        )
+    except InvalidRecord as exc:
+        return None, "corrupt state: " + ", ".join(sorted(exc.errors))
+    return record, ""
 
 
 def _script(name: str) -> str:
@@ -105,10 +131,17 @@ class Store:
         self._replay = client.register_script(_script("replay"))
 
     def enqueue(
-        self, record: BackfillRecord, *, source: str = "api", dispatch_grace_s: float | None = None
+        self,
+        record: BackfillRecord,
+        *,
+        source: str = "api",
+        dispatch_grace_s: float | None = None,
+        caller: str | None = None,
     ) -> tuple[str, bool]:
         """Store a new delivery (or find the same record's); returns (delivery_id, created)."""
-        return self.enqueue_many([record], source=source, dispatch_grace_s=dispatch_grace_s)[0]
+        return self.enqueue_many(
+            [record], source=source, dispatch_grace_s=dispatch_grace_s, caller=caller
+        )[0]
 
     def enqueue_many(
         self,
@@ -116,17 +149,20 @@ class Store:
         *,
         source: str = "bulk",
         dispatch_grace_s: float | None = 0.0,
+        caller: str | None = None,
     ) -> list[tuple[str, bool]]:
         """Store deliveries in one script run; (delivery_id, created) per record, in order.
 
         ``dispatch_grace_s`` is how long the dispatchers leave a new delivery alone:
         0 for bulk (they publish it), ``requeue_after_s`` (None) when the caller publishes.
+        ``caller`` (an intake token's name) is added to the delivery's ``callers``, new or
+        not: the intake lets a caller read only the deliveries listed for it.
         """
         if not records:
             return []
         grace = self.requeue_after_s if dispatch_grace_s is None else dispatch_grace_s
         key_list = [keys.SCHEDULE]
-        args: list[Any] = [self.dedupe_ttl_s, grace, source]
+        args: list[Any] = [self.dedupe_ttl_s, grace, source, caller or "", keys.DELIVERY]
         for record in records:
             delivery_id = new_delivery_id()
             key_list += [keys.dedupe(record.fingerprint()), keys.delivery(delivery_id)]
@@ -139,21 +175,33 @@ class Store:
         delivery_id: str,
         lease_s: float,
         *,
+        max_attempts: int,
+        pause_s: float,
         rate_per_s: float = 0.0,
         burst: int = 1,
         max_wait_s: float = 5.0,
     ) -> Claim:
-        """Lease a pending, due delivery for one attempt and a rate-limit slot for it."""
+        """Lease a pending, due delivery for one attempt (counted now) and a rate-limit slot.
+
+        A claimed delivery whose stored record no longer validates comes back with
+        ``record=None`` and the reason in ``detail``: the caller dead-letters it.
+        """
         reply = self._claim(
-            [keys.delivery(delivery_id), keys.SCHEDULE, keys.PAUSED, keys.RATE],
-            [delivery_id, lease_s, rate_per_s, burst, max_wait_s],
+            [keys.delivery(delivery_id), keys.SCHEDULE, keys.PAUSED, keys.RATE, keys.DEAD],
+            [
+                delivery_id,
+                lease_s,
+                rate_per_s,
+                burst,
+                max_wait_s,
+                max_attempts,
+                max(int(pause_s * 1000), 1),
+            ],
         )
         verdict = str(reply[0])
         if verdict == "claimed":
             _, token, attempts, app_id, msgid, number, time_, dedupe_key, replay, wait = reply
-            record = BackfillRecord.from_fields(
-                {"app_id": app_id, "msgid": msgid, "number": number, "time": time_}
-            )
+            record, problem = _stored_record(app_id, msgid, number, time_)
             return Claim(
                 verdict,
                 str(token),
@@ -162,15 +210,18 @@ class Store:
                 str(dedupe_key),
                 replay == "1",
                 wait_s=float(wait),
+                detail=problem,
             )
-        if verdict == "delivered":
+        if verdict in ("delivered", "poison"):
             _, attempts, app_id, msgid, number, time_ = reply
             record = BackfillRecord.from_fields(
-                {"app_id": app_id, "msgid": msgid, "number": number, "time": time_}
+                {"app_id": app_id, "msgid": msgid or "", "number": number, "time": time_}
             )
             return Claim(verdict, attempts=int(attempts), record=record)
         if verdict in ("paused", "throttled"):
             return Claim(verdict, resume_at=float(reply[1]))
+        if verdict == "corrupt":
+            return Claim(verdict, detail=f"corrupt state: {reply[1]}")
         return Claim(verdict)
 
     def finish(
@@ -212,19 +263,47 @@ class Store:
             last_error,
             pause_reason,
             hold_s,
+            HISTORY,
         ]
         verdict, first_pause = persist(lambda: self._finish(key_list, args), deadline_s)
         return str(verdict), bool(int(first_pause))
 
     def promote(
-        self, queue: str, *, limit: int, high_water: int, probe_lease_s: float
-    ) -> list[str]:
-        """Due deliveries to dispatch now (each pushed out by requeue_after meanwhile)."""
-        ids = self._promote(
+        self, queue: str, *, limit: int, high_water: int, probe_lease_s: float, pause_s: float
+    ) -> tuple[int, list[str]]:
+        """The queue's length and the due deliveries to dispatch now (each pushed out by
+        requeue_after meanwhile)."""
+        depth, ids = self._promote(
             [keys.SCHEDULE, keys.PAUSED, keys.PROBE, keys.PROBE_LOCK, queue],
-            [limit, self.requeue_after_s, high_water, int(probe_lease_s * 1000)],
+            [
+                limit,
+                self.requeue_after_s,
+                high_water,
+                max(int(probe_lease_s * 1000), 1),
+                max(int(pause_s * 1000), 1),
+            ],
         )
-        return [str(i) for i in ids]
+        return int(depth), [str(i) for i in ids]
+
+    def beat(self, node: str, fields: Mapping[str, str], ttl_s: int) -> None:
+        """Write one worker's heartbeat hash (see ``worker.heartbeat``)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(keys.worker(node), items=[part for pair in fields.items() for part in pair])
+        pipe.expire(keys.worker(node), ttl_s)
+        pipe.execute()
+
+    def beats(self, node: str | None = None) -> dict[str, dict[str, str]]:
+        """The live workers' heartbeats by node (just ``node``'s when given)."""
+        names = (
+            [keys.worker(node)]
+            if node
+            else sorted(self.redis.scan_iter(keys.WORKER + "*", count=1000))
+        )
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(name)
+        found = zip(names, pipe.execute(), strict=True)
+        return {name[len(keys.WORKER) :]: beat for name, beat in found if beat}
 
     def status(self, delivery_id: str) -> dict[str, Any] | None:
         """The delivery's stored fields and every attempt, or None if unknown."""

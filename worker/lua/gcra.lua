@@ -5,7 +5,8 @@
 -- w would exceed max_wait (nothing reserved: the caller comes back later).
 local function rate_wait(key, now, rate, burst, max_wait)
   local tat = tonumber(redis.call('GET', key)) or now
-  if tat < now then
+  if tat ~= tat or tat > now + 86400 or tat < now then
+    -- behind us, or not a sane clock (a corrupt value): start from now
     tat = now
   end
   local interval = 0
