@@ -1,17 +1,20 @@
 #!/usr/bin/env python3
-"""Intake throughput: accepted records/s for single-record and 1,000-record requests.
+"""Intake throughput, and /healthz latency while a burst of batches arrives.
 
 Starts a private Redis and a real ``backfill intake`` (uvicorn) process, then posts from
 a few client threads over keep-alive connections. No worker runs: this measures intake
-and enqueue only. Prints a table and, with --json PATH, writes the figures.
+and enqueue only. The burst sends ``--burst`` 1,000-record requests all at once (one
+thread each) while another process times GET /healthz every 20 ms. Prints a table and,
+with --json PATH, writes the figures.
 
-    python ops/bench_intake.py [--singles 3000] [--batches 30] [--threads 8]
+    python ops/bench_intake.py [--singles 3000] [--batches 30] [--threads 8] [--burst 200]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -20,6 +23,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -33,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--singles", type=int, default=3000)
     parser.add_argument("--batches", type=int, default=30)
     parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--burst", type=int, default=200, help="concurrent batches; 0: skip")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="backfill-intake-bench-"))
@@ -56,13 +61,19 @@ def main(argv: list[str] | None = None) -> int:
         _wait_healthy(f"http://127.0.0.1:{port}/healthz")
         single = _run(url, args.singles, 1, args.threads)
         batch = _run(url, args.batches, 1000, args.threads)
+        burst = _burst(url, f"http://127.0.0.1:{port}/healthz", args.burst) if args.burst else {}
     finally:
         intake.terminate()
         intake.wait(10)
         server.stop()
-    figures = {"intake_single_rps": round(single), "intake_batch_rps": round(batch)}
+    figures = {"intake_single_rps": round(single), "intake_batch_rps": round(batch), **burst}
     print(f"intake, single-record requests   {single:10,.0f} records/s")
     print(f"intake, 1,000-record requests    {batch:10,.0f} records/s")
+    if burst:
+        print(f"burst of {args.burst} batches at once  {burst['burst_rps']:10,.0f} records/s")
+        print(f"  /healthz during it, max        {burst['healthz_max_ms']:10,.1f} ms")
+        print(f"  /healthz during it, median     {burst['healthz_p50_ms']:10,.1f} ms")
+        print(f"  /healthz answers (all 200)     {burst['healthz_count']:10,d}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0
@@ -110,6 +121,58 @@ def _run(url: str, requests_count: int, per_request: int, threads: int) -> float
     for session in sessions:
         session.close()
     return accepted / elapsed
+
+
+def _burst(url: str, health_url: str, count: int) -> dict[str, float]:
+    """Post ``count`` 1,000-record batches at once while another process times /healthz."""
+    base = time.time_ns()
+    bodies = [
+        json.dumps({"records": [
+            {"app_id": "burst", "msgid": f"{base}-{n}-{i}", "number": "8613512345678",
+             "time": "1681184764000"} for i in range(1000)]})
+        for n in range(count)
+    ]  # fmt: skip
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    start = threading.Barrier(count)
+
+    def post(body: str) -> int:
+        start.wait()  # every request leaves together
+        answer = requests.post(url, data=body, headers=headers, timeout=300)
+        answer.raise_for_status()
+        return 1000
+
+    stop = multiprocessing.Event()
+    results: multiprocessing.Queue[list[float]] = multiprocessing.Queue()
+    poller = multiprocessing.Process(target=_poll_health, args=(health_url, stop, results))
+    poller.start()
+    time.sleep(0.5)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(count) as pool:
+        accepted = sum(pool.map(post, bodies))
+    elapsed = time.perf_counter() - started
+    stop.set()
+    latencies = sorted(results.get(timeout=30))
+    poller.join(10)
+    return {
+        "burst_rps": round(accepted / elapsed),
+        "healthz_max_ms": round(latencies[-1] * 1000, 1),
+        "healthz_p50_ms": round(latencies[len(latencies) // 2] * 1000, 1),
+        "healthz_count": len(latencies),
+    }
+
+
+def _poll_health(url: str, stop: Any, results: Any) -> None:
+    """GET /healthz every 20 ms until ``stop``; every answer must be 200 (in its own process)."""
+    latencies = []
+    with requests.Session() as session:
+        while not stop.is_set():
+            began = time.perf_counter()
+            status = session.get(url, timeout=30).status_code
+            latencies.append(time.perf_counter() - began)
+            if status != 200:
+                raise SystemExit(f"/healthz answered {status}")
+            time.sleep(0.02)
+    results.put(latencies)
 
 
 if __name__ == "__main__":

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
 import redis
 
 from tests.conftest import unique, wait_for
 from tests.test_cli import backfill, snapshot
 from worker import keys
+from worker.bulk import UnreadableInput, count_lines, read_rows
+from worker.errors import InvalidRecord
 from worker.local import WorkerProcess
-from worker.record import BackfillRecord
+from worker.record import FIELDS, BackfillRecord
 from worker.tasks import get_store
 
 
@@ -95,3 +100,207 @@ def test_file_and_fields_together_is_a_usage_error(
     assert result.returncode == 2
     assert snapshot(r) == before
     assert backfill("enqueue", "--file", str(tmp_path / "missing.csv")).returncode == 2
+
+
+def test_binary_file_is_a_one_line_error_naming_the_line_and_enqueues_nothing(
+    tmp_path: Path, settings_env: dict[str, str], r: redis.Redis
+) -> None:
+    before = snapshot(r)
+    source = tmp_path / "in.jsonl"
+    good = (json.dumps(row()) + "\n").encode()
+    source.write_bytes(good + good.replace(b"bulk", b"bulk2") + b'{"app_id": "\xff\xfe"}\n' + good)
+    result = backfill("enqueue", "--file", str(source))
+    assert result.returncode == 2, result.stderr
+    assert "error: --file: line 3 is not valid UTF-8" in result.stderr
+    assert "nothing was enqueued" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "in.jsonl.rejects.jsonl").exists()
+    assert snapshot(r) == before
+
+
+def test_random_bytes_file_is_refused_without_a_traceback(
+    tmp_path: Path, settings_env: dict[str, str], r: redis.Redis
+) -> None:
+    source = tmp_path / "blob.bin"
+    source.write_bytes(bytes(range(256)) * 64)  # \x80 comes on line 2, after the first \n
+    result = backfill("enqueue", "--file", str(source))
+    assert result.returncode == 2
+    assert "error: --file: line 2 is not valid UTF-8" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("*.rejects.jsonl"))
+
+
+def test_bad_utf8_on_stdin_keeps_the_rows_before_it_and_says_so(
+    tmp_path: Path, settings_env: dict[str, str], r: redis.Redis
+) -> None:
+    first, after = row(), row()
+    body = (json.dumps(first) + "\n").encode() + b"\xc3\x28\n" + (json.dumps(after) + "\n").encode()
+    rejects = tmp_path / "stdin.rejects.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "worker", "enqueue", "--file", "-", "--rejects", str(rejects)],
+        input=body,
+        env=dict(os.environ),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    stderr = result.stderr.decode()
+    assert result.returncode == 2, stderr
+    assert "error: --file: line 2 is not valid UTF-8" in stderr
+    assert "idempotent" in stderr
+    assert "Traceback" not in stderr
+    assert b"accepted 1  duplicates 0  rejected 0" in result.stdout
+    assert r.get(keys.dedupe(BackfillRecord.parse(first).fingerprint()))
+    assert not r.get(keys.dedupe(BackfillRecord.parse(after).fingerprint()))
+    assert not rejects.exists()
+
+
+def test_byte_order_mark_is_not_part_of_the_first_column(
+    tmp_path: Path, settings_env: dict[str, str], r: redis.Redis
+) -> None:
+    csv_row, json_row = row(), row()
+    csv_file = tmp_path / "excel.csv"
+    csv_file.write_bytes(
+        b"\xef\xbb\xbfapp_id,msgid,number,time\r\n"
+        + (",".join(csv_row[f] for f in FIELDS) + "\r\n").encode()
+    )
+    json_file = tmp_path / "export.txt"  # no telling suffix: the format is sniffed
+    json_file.write_bytes(b"\xef\xbb\xbf" + json.dumps(json_row).encode() + b"\r\n")
+    for source, record in ((csv_file, csv_row), (json_file, json_row)):
+        result = backfill("enqueue", "--file", str(source))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "accepted 1  duplicates 0  rejected 0" in result.stdout
+        assert r.get(keys.dedupe(BackfillRecord.parse(record).fingerprint()))
+
+
+def test_directory_missing_file_and_device_are_named(
+    tmp_path: Path, settings_env: dict[str, str], r: redis.Redis
+) -> None:
+    cases = [
+        (str(tmp_path), f"error: --file: {tmp_path} is a directory"),
+        (str(tmp_path / "nope.csv"), f"error: --file: no such file: {tmp_path / 'nope.csv'}"),
+        ("/dev/zero", "error: --file: /dev/zero is not a regular file or a pipe"),
+    ]
+    for path, message in cases:
+        result = backfill("enqueue", "--file", path, "--rejects", str(tmp_path / "rej.jsonl"))
+        assert result.returncode == 2, path
+        assert message in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "rej.jsonl").exists()
+
+
+def test_over_long_rows_are_rejected_and_their_copies_capped(
+    tmp_path: Path, settings_env: dict[str, str], r: redis.Redis
+) -> None:
+    good = [row() for _ in range(3)]
+    nested = '{"app_id": ' + "[" * 30_000 + "]" * 30_000 + "}"  # under 64 KiB, too deep
+    lines = [
+        json.dumps(good[0]),
+        json.dumps(row(msgid="x" * (8 * 1024 * 1024))),  # line 2: 8 MiB
+        json.dumps(good[1]),
+        json.dumps(row(msgid="y" * 60_000)),  # line 4: fits, but a bad msgid
+        nested,  # line 5
+        '{"app_id": ' + "[" * 400 + "]" * 400 + "}",  # line 6: parses, not a string
+        json.dumps(good[2]),
+    ]
+    source = tmp_path / "big.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    result = backfill("enqueue", "--file", str(source))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "accepted 3  duplicates 0  rejected 4" in result.stdout
+    rejects_file = tmp_path / "big.jsonl.rejects.jsonl"
+    assert rejects_file.stat().st_size < 8 * 1024
+    rejects = [json.loads(x) for x in rejects_file.read_text().splitlines()]
+    assert [x["line"] for x in rejects] == [2, 4, 5, 6]
+    assert rejects[0]["errors"] == {"row": "row longer than 65536 bytes"}
+    assert "msgid" in rejects[1]["errors"]
+    assert rejects[1]["row"].endswith("...")
+    assert rejects[2]["errors"] == {"row": "JSON nested too deeply"}
+    assert "app_id" in rejects[3]["errors"]
+    for record in good:
+        assert r.get(keys.dedupe(BackfillRecord.parse(record).fingerprint()))
+
+
+def test_csv_row_over_the_cap_is_rejected_and_the_next_rows_read(
+    tmp_path: Path, settings_env: dict[str, str], r: redis.Redis
+) -> None:
+    good = [row(), row()]
+    fields = FIELDS
+    source = tmp_path / "in.csv"
+    source.write_text(
+        ",".join(fields) + "\n"
+        + ",".join(good[0][f] for f in fields) + "\n"
+        + "bulk," + "z" * 70_000 + ",8613512345678,1681184764000\n"  # line 3
+        + ",".join(good[1][f] for f in fields) + "\n"
+    )  # fmt: skip
+    result = backfill("enqueue", "--file", str(source))
+    assert result.returncode == 2, result.stderr
+    assert "accepted 2  duplicates 0  rejected 1" in result.stdout
+    rejects = json.loads((tmp_path / "in.csv.rejects.jsonl").read_text())
+    assert rejects["line"] == 3
+    assert rejects["errors"] == {"row": "row longer than 65536 bytes"}
+
+
+def test_rejects_file_of_an_earlier_run_never_looks_current(
+    tmp_path: Path, settings_env: dict[str, str], r: redis.Redis
+) -> None:
+    source = tmp_path / "in.jsonl"
+    rejects = tmp_path / "in.jsonl.rejects.jsonl"
+    rejects.write_text('{"line": 99, "errors": {"time": "old"}, "row": null}\n')
+    source.write_text(json.dumps(row()) + "\n" + json.dumps(row(number="1")) + "\n")
+    result = backfill("enqueue", "--file", str(source))
+    assert result.returncode == 2
+    assert [json.loads(x)["line"] for x in rejects.read_text().splitlines()] == [2]
+    source.write_text(json.dumps(row()) + "\n")
+    result = backfill("enqueue", "--file", str(source))
+    assert result.returncode == 0, result.stderr
+    assert f"removed the rejects file of an earlier run: {rejects}" in result.stderr
+    assert not rejects.exists()
+
+
+def test_rejects_path_that_cannot_be_written_or_is_the_input_is_refused_first(
+    tmp_path: Path, settings_env: dict[str, str], r: redis.Redis
+) -> None:
+    before = snapshot(r)
+    source = tmp_path / "in.jsonl"
+    text = json.dumps(row()) + "\n" + json.dumps(row(number="1")) + "\n"
+    source.write_text(text)
+    for rejects in (str(tmp_path), str(tmp_path / "no" / "dir.jsonl"), str(source)):
+        result = backfill("enqueue", "--file", str(source), "--rejects", rejects)
+        assert result.returncode == 2, rejects
+        assert "error: --rejects:" in result.stderr
+    assert source.read_text() == text
+    assert snapshot(r) == before
+
+
+def rows_of(data: bytes, fmt: str | None = None) -> list[tuple[int, Any]]:
+    return list(read_rows(io.BytesIO(data), fmt))
+
+
+def test_csv_line_numbers_count_physical_lines_and_blank_lines() -> None:
+    data = b'\napp_id,msgid,number,time\n\na,"two\nlines",8613512345678,1681184764000\nb,c\n'
+    found = rows_of(data)
+    assert [n for n, _ in found] == [5, 6]
+    assert found[0][1]["msgid"] == "two\nlines"
+    assert found[1][1] == {"app_id": "b", "msgid": "c", "number": None, "time": None}
+
+
+def test_unclosed_csv_quote_is_cut_off_at_the_cap() -> None:
+    header = b"app_id,msgid,number,time\n"
+    runaway = b'a,"never closed\n' + b"x" * 1000 + b"\n"
+    data = header + runaway + (b"y" * 1000 + b"\n") * 100 + b"b,m,8613512345678,1681184764000\n"
+    found = rows_of(data)
+    too_long = [n for n, x in found if isinstance(x, InvalidRecord)]
+    assert too_long
+    assert too_long[0] < 80  # cut off once past 64 KiB, not at the end of the file
+    assert found[-1][1]["app_id"] == "b"
+
+
+def test_count_lines_finds_bad_bytes_across_chunk_boundaries() -> None:
+    head = b"a" * ((1 << 20) - 1) + "\u00e9".encode()  # a two-byte character split by the chunk
+    assert count_lines(io.BytesIO(head + b"\nok\nlast")) == 3
+    with pytest.raises(UnreadableInput, match="line 3 is not valid UTF-8"):
+        count_lines(io.BytesIO(head + b"\nok\n" + b"x" * (1 << 20) + b"\xff\n"))
+    with pytest.raises(UnreadableInput, match="line 2 is not valid UTF-8"):
+        count_lines(io.BytesIO(b"ok\n\xe2\x82"))  # cut off in the middle of a character

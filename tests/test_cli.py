@@ -16,7 +16,7 @@ import redis
 import requests
 
 from tests.conftest import API_KEY, API_SECRET, unique, wait_for
-from worker import keys
+from worker import enqueue_backfill, keys
 from worker.local import free_port
 from worker.provider import build_headers
 
@@ -85,7 +85,44 @@ def test_enqueue_then_status(settings_env: dict[str, str], r: redis.Redis, worke
     status = wait_for(delivered, 30, 0.2)
     assert status["number"] == "*********5678"
     assert len(status["attempts_made"]) == 1  # type: ignore[arg-type]
-    assert backfill("status", "no-such-id").returncode == 1
+    assert backfill("status", "no-such-id").returncode == 3
+
+
+def test_status_tells_no_such_delivery_from_redis_unavailable(
+    settings_env: dict[str, str], r: redis.Redis
+) -> None:
+    msgid = unique()
+    delivery_id = enqueue_backfill(
+        app_id="cli", msgid=msgid, number="8613512345678", time="1681184764000"
+    )
+    found = backfill("status", delivery_id)
+    assert found.returncode == 0, found.stderr
+    assert json.loads(found.stdout)["msgid"] == msgid
+    missing = backfill("status", "0b5e3c1e-0000-4000-8000-000000000000")
+    assert missing.returncode == 3
+    assert "error: no delivery 0b5e3c1e-0000-4000-8000-000000000000" in missing.stderr
+    nobody = {"BACKFILL_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    down = backfill("status", delivery_id, env=nobody)
+    assert down.returncode == 1
+    assert "error: Redis unavailable" in down.stderr
+    assert "Traceback" not in down.stderr
+
+
+@pytest.mark.parametrize(
+    "delivery_id", ["x" * 129, "bell\x07id", "tab\tid", "has space", "", "caf\u00e9"]
+)
+def test_status_refuses_a_malformed_id_before_asking_redis(delivery_id: str) -> None:
+    nobody = {"BACKFILL_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}  # would exit 1
+    result = backfill("status", delivery_id, env=nobody)
+    assert result.returncode == 2
+    assert "error: DELIVERY_ID: expected 1 to 128 printable ASCII" in result.stderr
+    assert "Redis" not in result.stderr
+
+
+def test_status_help_documents_the_exit_codes() -> None:
+    words = " ".join(backfill("status", "--help").stdout.split())
+    assert "3 no such delivery" in words
+    assert "1 Redis unavailable" in words
 
 
 def test_worker_without_credentials_exits_2(settings_env: dict[str, str]) -> None:
@@ -156,11 +193,43 @@ def test_demo_runs_end_to_end_and_leaves_nothing_running(tmp_path: Path) -> None
     assert time.monotonic() - started < 200
     log_text = (tmp_path / "worker.log").read_text()
     assert '"event": "postback.attempt"' in log_text
-    for pattern in (str(tmp_path), "-m worker worker --concurrency=16"):
-        leftovers = subprocess.run(
-            ["pgrep", "-f", pattern], capture_output=True, text=True, check=False
-        )
-        assert leftovers.stdout.strip() == "", pattern
+    assert leftovers(tmp_path) == {"worker": (1, []), "workdir": (1, [])}
+
+
+def leftovers(workdir: Path) -> dict[str, tuple[int, list[int]]]:
+    """pgrep's exit code and the PIDs it found, for what a demo in ``workdir`` started.
+
+    ``worker``: the worker's process group (it is a session leader; the demo writes its
+    PID to worker.pid), children included. ``workdir``: anything naming the workdir on its
+    command line, such as redis-server's ``--dir``. Exit code 1 is "no match".
+    """
+    pid = (workdir / "worker.pid").read_text().strip()
+    assert pid.isdigit()
+    found = {}
+    for name, args in (("worker", ["-g", pid]), ("workdir", ["-f", "--", str(workdir)])):
+        done = subprocess.run(["pgrep", *args], capture_output=True, text=True, check=False)
+        assert done.returncode in {0, 1}, done.stderr  # 2 and 3: pgrep did not search
+        found[name] = (done.returncode, [int(p) for p in done.stdout.split()])
+    return found
+
+
+def test_leftover_check_finds_a_worker_and_a_redis_left_running(tmp_path: Path) -> None:
+    sleep = "import time; time.sleep(60)"
+    worker = subprocess.Popen(  # the demo worker's command line, as far as it goes
+        [sys.executable, "-c", sleep, "-m", "worker", "worker", "--concurrency=16"],
+        start_new_session=True,
+    )
+    server = subprocess.Popen(
+        [sys.executable, "-c", sleep, "--dir", str(tmp_path / "redis")], start_new_session=True
+    )
+    (tmp_path / "worker.pid").write_text(f"{worker.pid}\n")
+    try:
+        assert leftovers(tmp_path) == {"worker": (0, [worker.pid]), "workdir": (0, [server.pid])}
+    finally:
+        for process in (worker, server):
+            process.kill()
+            process.wait(10)
+    assert leftovers(tmp_path) == {"worker": (1, []), "workdir": (1, [])}
 
 
 def _listening(port: int) -> bool:

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +23,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import read_log, unique, wait_for
 from tests.test_cli import backfill, snapshot
-from worker.local import WorkerProcess, free_port
+from worker.local import LocalRedis, WorkerProcess, free_port
 
 TOKEN = "intake-token-php-shop-0123456789"
 OTHER = "intake-token-java-crm-9876543210"
@@ -43,16 +49,14 @@ class Intake:
         return self.session.get(f"{self.url}{path}", headers=headers, timeout=10)
 
 
-@pytest.fixture(scope="module")
-def intake(
-    settings_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Intake]:
+@contextmanager
+def running_intake(env: dict[str, str], log_path: Path, *args: str) -> Iterator[Intake]:
+    """A real ``backfill intake`` subprocess (uvicorn), stopped on exit."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("intake") / "intake.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "worker", "intake", "--port", str(port)],
-            env={**settings_env, **_env(), "BACKFILL_INTAKE_TOKENS": TOKENS},
+            [sys.executable, "-m", "worker", "intake", "--port", str(port), *args],
+            env={**os.environ, **env, "BACKFILL_INTAKE_TOKENS": TOKENS},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -66,10 +70,13 @@ def intake(
         process.wait(10)
 
 
-def _env() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
+@pytest.fixture(scope="module")
+def intake(
+    settings_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Intake]:
+    log_path = tmp_path_factory.mktemp("intake") / "intake.log"
+    with running_intake(settings_env, log_path) as client:
+        yield client
 
 
 def _healthy(client: Intake) -> bool:
@@ -219,3 +226,311 @@ def test_health_for_one_node(settings_env: dict[str, str], worker: WorkerProcess
     other = backfill("health", "--node", "celery@no-such-host", "--timeout", "0.5")
     assert other.returncode == 1  # another worker's reply does not count for this node
     assert "celery@no-such-host did not reply" in other.stdout
+
+
+# --- hostile callers: depth, content type, Redis down, scoping, slow clients, load ---
+
+
+def test_deep_nesting_is_400_before_parsing_and_brackets_in_strings_do_not_count(
+    intake: Intake, r: redis.Redis
+) -> None:
+    before = snapshot(r, "backfill")
+    for raw in (b"[" * 100_000, b'{"a":' * 100_000, json.dumps(_nested(33)).encode()):
+        answer = intake.post(raw=raw)
+        assert answer.status_code == 400, answer.text
+        assert "deeper than 32" in answer.json()["error"]
+    assert intake.post(raw=b"[" * 20).json()["error"].startswith("body is not valid JSON")
+    assert intake.post(raw=b'{"time": NaN}').status_code == 400
+    assert intake.post({"records": [_nested(30)]}).status_code == 422  # deep enough, not too
+    assert snapshot(r, "backfill") == before
+    brackets = intake.post(rec(app_id="{" * 64, msgid='"' + "[" * 63))  # escaped quote too
+    assert brackets.status_code == 202, brackets.text
+    log = intake.log_path.read_text()
+    assert "Traceback" not in log
+    assert "RecursionError" not in log
+
+
+def _nested(depth: int) -> Any:
+    value: Any = "x"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        ("text/plain", 415),
+        ("application/x-www-form-urlencoded", 415),
+        ("application/jsonx", 415),
+        ("application/json; charset=latin-1", 415),
+        ("", 415),
+        ("application/json; charset=utf-8", 202),
+        ('Application/JSON;charset="UTF-8"', 202),
+    ],
+)
+def test_only_application_json_is_accepted(
+    intake: Intake, r: redis.Redis, content_type: str, status: int
+) -> None:
+    before = snapshot(r, "backfill")
+    answer = intake.post(rec(), **{"Content-Type": content_type})
+    assert answer.status_code == status, answer.text
+    if status == 415:
+        assert answer.json()["error"].startswith("Content-Type")
+        assert snapshot(r, "backfill") == before
+
+
+def test_openapi_documents_every_answer(intake: Intake) -> None:
+    paths = intake.get("/openapi.json", token=None).json()["paths"]
+    assert {"202", "400", "401", "408", "413", "415", "422", "503"} <= set(
+        paths["/v1/backfills"]["post"]["responses"]
+    )
+    assert {"401", "404", "503"} <= set(paths["/v1/backfills/{delivery_id}"]["get"]["responses"])
+
+
+def test_a_caller_reads_only_its_own_deliveries(intake: Intake, r: redis.Redis) -> None:
+    from worker import enqueue_backfill
+
+    record = rec()
+    mine = intake.post(record).json()["delivery_id"]
+    unknown = intake.get("/v1/backfills/no-such-delivery", token=OTHER)
+    theirs = intake.get(f"/v1/backfills/{mine}", token=OTHER)
+    assert (theirs.status_code, theirs.json()) == (unknown.status_code, unknown.json())
+    assert theirs.status_code == 404
+    read = intake.get(f"/v1/backfills/{mine}")
+    assert read.status_code == 200
+    assert "callers" not in read.json()  # one caller never learns another's name
+
+    # the same record from the other caller: the same delivery, now readable by both
+    assert intake.post(record, token=OTHER).json()["delivery_id"] == mine
+    assert intake.get(f"/v1/backfills/{mine}", token=OTHER).status_code == 200
+    assert r.hget(f"backfill:delivery:{mine}", "callers") == "php-shop,java-crm"
+    assert intake.post(record, token=OTHER).status_code == 202
+    assert r.hget(f"backfill:delivery:{mine}", "callers") == "php-shop,java-crm"
+
+    batch = intake.post({"records": [rec(), rec()]}, token=OTHER).json()["delivery_ids"]
+    assert [intake.get(f"/v1/backfills/{d}").status_code for d in batch] == [404, 404]
+    assert [intake.get(f"/v1/backfills/{d}", token=OTHER).status_code for d in batch] == [200] * 2
+
+    from_python = enqueue_backfill(app_id="py", number="8613512345678", time=1681184764000)
+    assert intake.get(f"/v1/backfills/{from_python}").status_code == 404
+    assert intake.get(f"/v1/backfills/{from_python}", token=OTHER).status_code == 404
+    assert intake.get("/v1/backfills/" + "a" * 5000).status_code == 404
+
+
+def _two_record_call(store: Any) -> tuple[list[str], list[Any]]:
+    """The keys and arguments Store.enqueue_many passes for two fresh records."""
+    from worker import keys
+    from worker.record import BackfillRecord
+
+    key_list: list[str] = [keys.SCHEDULE]
+    args: list[Any] = [store.dedupe_ttl_s, 0, "test", "", keys.DELIVERY]
+    for _ in range(2):
+        record = BackfillRecord.parse(rec())
+        delivery_id = "lua-" + unique()
+        key_list += [keys.dedupe(record.fingerprint()), keys.delivery(delivery_id)]
+        args += [delivery_id, record.app_id, record.msgid, record.number, record.time]
+    return key_list, args
+
+
+def _with(items: list[Any], index: int, value: Any) -> list[Any]:
+    return [*items[:index], value, *items[index + 1 :]]
+
+
+# Each spoils one argument of a two-record call; the first record's writes would come first.
+SPOILERS = {
+    "ttl not a number": lambda k, a: (k, _with(a, 0, "ten")),
+    "ttl infinite": lambda k, a: (k, _with(a, 0, "1e999")),
+    "ttl fractional": lambda k, a: (k, _with(a, 0, 0.5)),
+    "grace not a number": lambda k, a: (k, _with(a, 1, "nan")),
+    "grace negative": lambda k, a: (k, _with(a, 1, -1)),
+    "caller with a comma": lambda k, a: (k, _with(a, 3, "a,b")),
+    "an argument short": lambda k, a: (k, a[:-1]),
+    "a key short": lambda k, a: (k[:-1], a),
+    "time fractional": lambda k, a: (k, _with(a, len(a) - 1, "1681184764000.5")),
+    "time infinite": lambda k, a: (k, _with(a, len(a) - 1, "1" * 400)),
+    "key of another id": lambda k, a: (_with(k, len(k) - 1, "backfill:delivery:other"), a),
+}
+
+
+@pytest.mark.parametrize("spoil", SPOILERS.values(), ids=SPOILERS.keys())
+def test_enqueue_script_checks_every_argument_before_writing(
+    settings_env: dict[str, str], r: redis.Redis, spoil: Any
+) -> None:
+    from worker.tasks import get_store
+
+    store = get_store()
+    before = sorted(r.scan_iter("backfill:*"))
+    with pytest.raises(redis.ResponseError, match="enqueue:"):
+        store._enqueue(*spoil(*_two_record_call(store)))
+    assert sorted(r.scan_iter("backfill:*")) == before
+    created = store._enqueue(*_two_record_call(store))  # the unspoilt call passes
+    assert created[0::2] == [1, 1]
+
+
+def test_redis_down_is_a_fast_503_with_retry_after_and_one_warning_line(
+    settings_env: dict[str, str], private_redis: LocalRedis, tmp_path: Path
+) -> None:
+    env = {**settings_env, "BACKFILL_REDIS_URL": private_redis.url}
+    with running_intake(env, tmp_path / "intake.log") as intake:
+        delivery_id = intake.post(rec()).json()["delivery_id"]
+        private_redis.stop()
+        for answer in (intake.post(rec()), intake.get(f"/v1/backfills/{delivery_id}")):
+            assert answer.status_code == 503, answer.text
+            assert answer.headers["Retry-After"] == "5"
+            assert answer.elapsed.total_seconds() < 1.0
+        health = intake.get("/healthz", token=None)
+        assert health.status_code == 503
+        assert health.elapsed.total_seconds() < 1.0
+        warnings = wait_for(
+            lambda: [
+                e for e in read_log(intake.log_path) if e["event"] == "intake.redis_unavailable"
+            ]
+        )
+    assert len(warnings) == 2
+    assert warnings[0]["level"] == "warning"
+    assert "ConnectionError" in warnings[0]["error"]
+    assert "Traceback" not in intake.log_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def strict_intake(
+    settings_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Intake]:
+    """An intake with one-second header and body deadlines and room for 8 connections."""
+    log_path = tmp_path_factory.mktemp("strict-intake") / "intake.log"
+    args = ("--header-timeout", "1", "--body-timeout", "1", "--max-connections", "8")
+    with running_intake(settings_env, log_path, *args) as client:
+        client.session.close()  # raw sockets only: a pooled connection would count
+        yield client
+
+
+def _connect(intake: Intake, data: bytes = b"") -> socket.socket:
+    host, port = intake.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    if data:
+        sock.sendall(data)
+    return sock
+
+
+def _until_closed(sock: socket.socket) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and how long that took."""
+    started, chunks = time.monotonic(), []
+    with sock:
+        try:
+            while chunk := sock.recv(65536):  # a 10 s socket timeout fails the test
+                chunks.append(chunk)
+        except ConnectionResetError:
+            pass
+    return b"".join(chunks), time.monotonic() - started
+
+
+def _request(body: bytes, length: int | None = None) -> bytes:
+    return (
+        f"POST /v1/backfills HTTP/1.1\r\nHost: intake\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length or len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def test_a_body_that_does_not_arrive_in_time_is_408_and_the_connection_closed(
+    strict_intake: Intake, r: redis.Redis
+) -> None:
+    before = snapshot(r, "backfill")
+    body = json.dumps(rec()).encode()
+    answer, took = _until_closed(_connect(strict_intake, _request(body[:10], len(body))))
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"body not received within 1 s" in answer
+    assert took < 5
+    # a trickle does not reset the deadline: it bounds the whole body
+    sock = _connect(strict_intake, _request(b"", len(body)))
+    started = time.monotonic()
+    for byte in body[:-1]:
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:
+            break
+        time.sleep(0.05)
+    answer, _ = _until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert time.monotonic() - started < 5
+    assert snapshot(r, "backfill") == before
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",  # connected, sent nothing
+        b"POST /v1/backfills HTTP/1.1\r\nHost: intake\r\n",  # headers never finished
+        b"GET /healthz HTTP/1.1\r\nHost: intake\r\n\r\nGET /heal",  # the second request stalls
+    ],
+    ids=["silent", "partial headers", "stalled next request"],
+)
+def test_headers_that_do_not_arrive_in_time_close_the_connection(
+    strict_intake: Intake, data: bytes
+) -> None:
+    answer, took = _until_closed(_connect(strict_intake, data))
+    assert took < 4  # the header deadline (1 s), not uvicorn's keep-alive (5 s)
+    assert answer.count(b"HTTP/1.1") == data.count(b"\r\n\r\n")  # only complete requests
+
+
+def test_a_keep_alive_connection_that_stalls_in_its_next_headers_is_closed(
+    strict_intake: Intake,
+) -> None:
+    sock = _connect(strict_intake, b"GET /healthz HTTP/1.1\r\nHost: intake\r\n\r\n")
+    assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+    answer, took = _until_closed(sock)
+    assert (answer, took < 4) == (b"", True)
+
+
+def test_oversized_headers_are_400_and_connections_are_capped(strict_intake: Intake) -> None:
+    sock = _connect(strict_intake, b"GET /healthz HTTP/1.1\r\nHost: intake\r\n")
+    try:  # headers arriving piece by piece are refused once they pass 16 KiB
+        for _ in range(10):
+            sock.sendall(b"X-Pad: " + b"x" * 4000 + b"\r\n")
+            time.sleep(0.02)
+    except OSError:
+        pass
+    answer, _ = _until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
+    idle = [_connect(strict_intake) for _ in range(8)]
+    try:
+        answer, _ = _until_closed(
+            _connect(
+                strict_intake, b"GET /healthz HTTP/1.1\r\nHost: i\r\nConnection: close\r\n\r\n"
+            )
+        )
+        assert answer.startswith(b"HTTP/1.1 503"), answer
+    finally:
+        for sock in idle:
+            sock.close()
+    # the idle ones gone, the intake answers again
+    assert wait_for(lambda: _healthy(strict_intake), 10, 0.2)
+
+
+def test_healthz_answers_during_a_burst_of_batches(intake: Intake, r: redis.Redis) -> None:
+    bodies = [json.dumps({"records": [rec() for _ in range(1000)]}) for _ in range(24)]
+    latencies: list[float] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        with requests.Session() as session:
+            while not done.is_set():
+                started = time.monotonic()
+                assert session.get(f"{intake.url}/healthz", timeout=10).status_code == 200
+                latencies.append(time.monotonic() - started)
+                time.sleep(0.02)
+
+    def post(body: str) -> int:
+        headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+        url = f"{intake.url}/v1/backfills"
+        return requests.post(url, data=body, headers=headers, timeout=60).status_code
+
+    with ThreadPoolExecutor(25) as pool:
+        poller = pool.submit(poll)
+        statuses = list(pool.map(post, bodies))
+        done.set()
+        poller.result()
+    assert statuses == [202] * len(bodies)
+    assert len(latencies) > 5
+    assert max(latencies) < 2.0, f"slowest /healthz took {max(latencies):.2f} s"

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
 from worker.errors import InvalidRecord
-from worker.record import BackfillRecord, mask_number
+from worker.record import (
+    EARLIEST_TIME_MS,
+    MAX_TIME_AHEAD_MS,
+    MAX_UNKNOWN_NAMED,
+    BackfillRecord,
+    mask_number,
+    time_out_of_range,
+)
 
 GOOD = {"app_id": "app-1", "msgid": "m-1", "number": "8613512345678", "time": "1681184764000"}
 
@@ -82,6 +91,91 @@ def test_time_rejects_other_forms_and_says_which_is_expected(value: object, hint
     message = errors_of(time=value)["time"]
     assert hint in message
     assert "13-digit" in message
+
+
+HOUR_MS = 3600 * 1000
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "0000000000000",  # 1970: a zero default
+        "1000000000000",  # 2001
+        str(EARLIEST_TIME_MS - 1),
+        EARLIEST_TIME_MS - 1,
+        datetime(2009, 12, 31, 23, 59, 59, tzinfo=UTC),
+        datetime(1, 1, 1, tzinfo=UTC),
+        datetime(2010, 1, 1, 7, 59, tzinfo=timezone(timedelta(hours=8))),  # 2009 in UTC
+    ],
+)
+def test_time_before_2010_is_rejected_by_name(value: object) -> None:
+    message = errors_of(time=value)["time"]
+    assert "before 2010-01-01T00:00:00Z" in message
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        lambda: "7258118400000",  # 2200-01-01
+        lambda: "9999999999999",
+        lambda: str(now_ms() + MAX_TIME_AHEAD_MS + HOUR_MS),
+        lambda: now_ms() + 25 * HOUR_MS,
+        lambda: datetime.now(UTC) + timedelta(hours=25),
+        lambda: datetime(2200, 1, 1, tzinfo=timezone(timedelta(hours=-5))),
+        lambda: datetime.max.replace(tzinfo=UTC),
+    ],
+)
+def test_time_more_than_a_day_ahead_is_rejected_by_name(value: Callable[[], object]) -> None:
+    message = errors_of(time=value())
+    assert "time" in message
+    assert "ahead of now" in message["time"] or "out of range" in message["time"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        str(EARLIEST_TIME_MS),
+        EARLIEST_TIME_MS,
+        datetime(2010, 1, 1, tzinfo=UTC),
+        datetime(2010, 1, 1, 8, tzinfo=timezone(timedelta(hours=8))),
+    ],
+)
+def test_time_at_the_earliest_bound_is_accepted(value: object) -> None:
+    assert parse(time=value).time == str(EARLIEST_TIME_MS)
+
+
+def test_time_up_to_a_day_ahead_is_accepted_for_clock_skew() -> None:
+    ahead = now_ms() + 23 * HOUR_MS
+    assert parse(time=str(ahead)).time == str(ahead)
+    assert parse(time=datetime.now(UTC) + timedelta(hours=23)).time.isdigit()
+
+
+def test_time_range_bounds_are_exact() -> None:
+    now = 1_700_000_000_000
+    assert time_out_of_range(EARLIEST_TIME_MS, now) is None
+    assert time_out_of_range(now + MAX_TIME_AHEAD_MS, now) is None
+    assert "before" in (time_out_of_range(EARLIEST_TIME_MS - 1, now) or "")
+    assert "2023-11-14T22:13:20Z" in (time_out_of_range(now + MAX_TIME_AHEAD_MS + 1, now) or "")
+
+
+def test_time_as_a_huge_int_is_a_form_error_not_a_crash() -> None:
+    assert "13-digit" in errors_of(time=10**5000)["time"]
+    assert "13-digit" in errors_of(time=-1681184764000)["time"]
+
+
+def test_unknown_field_names_are_capped_in_number_and_length() -> None:
+    extra = {f"x{i:03d}" + "y" * 200: "1" for i in range(50)}
+    with pytest.raises(InvalidRecord) as info:
+        BackfillRecord.parse({**GOOD, **extra})
+    errors = info.value.errors
+    assert len(errors) == MAX_UNKNOWN_NAMED + 1
+    assert all(len(name) <= 70 for name in errors)
+    assert errors["..."] == f"{50 - MAX_UNKNOWN_NAMED} more unknown fields"
+    assert len(str(info.value)) < 2000
 
 
 @pytest.mark.parametrize("value", ["", "has space", "x" * 65, "caf\u00e9", "tab\there"])

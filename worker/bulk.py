@@ -38,6 +38,7 @@ MAX_ROW_BYTES = 64 * 1024  # a row is four short fields; anything this long is n
 MAX_REJECT_ROW_CHARS = 1024  # what of a rejected row is copied into the rejects file
 _RETRIES = 3
 _TOO_LONG = f"row longer than {MAX_ROW_BYTES} bytes"
+_NOTHING = " (the file is checked before its first row: nothing was enqueued)"
 
 
 class UnreadableInput(BackfillError):
@@ -310,14 +311,14 @@ def count_lines(raw: IO[bytes]) -> int:
         except UnicodeDecodeError as exc:
             # exc.object is this chunk behind at most 3 held-back bytes, none of them \n
             line = lines + exc.object[: exc.start].count(b"\n") + 1
-            raise UnreadableInput(f"line {line} is not valid UTF-8") from None
+            raise UnreadableInput(f"line {line} is not valid UTF-8{_NOTHING}") from None
         lines += chunk.count(b"\n")
         last = chunk[-1:]
     ends_open = int(last != b"\n")  # a last line without a line ending still counts
     try:
         decoder.decode(b"", final=True)
     except UnicodeDecodeError:
-        raise UnreadableInput(f"line {lines + ends_open} is not valid UTF-8") from None
+        raise UnreadableInput(f"line {lines + ends_open} is not valid UTF-8{_NOTHING}") from None
     return lines + ends_open
 
 

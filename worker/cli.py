@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import wraps
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import click
 import redis
@@ -85,7 +85,7 @@ def worker(concurrency: int | None, hostname: str | None) -> None:
 @click.option("--msgid", help="The provider's message id (optional).")
 @click.option("--number", help="End user's number with country prefix.")
 @click.option("--time", "time_", help="Verification time, epoch milliseconds (13 digits).")
-@click.option("--file", "file_", help="JSON lines or CSV with a header; - for stdin.")
+@click.option("--file", "file_", help="UTF-8 JSON lines or CSV with a header; - for stdin.")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), help="Input format.")
 @click.option("--rejects", help="Where rejected rows go (default: beside the input).")
 @_exits
@@ -98,7 +98,15 @@ def enqueue(
     fmt: str | None,
     rejects: str | None,
 ) -> None:
-    """Enqueue one record and print its delivery_id, or every row of --file."""
+    """Enqueue one record and print its delivery_id, or every row of --file.
+
+    \b
+    Exit codes:
+      0  enqueued (with --file: every row accepted or a duplicate)
+      1  Redis unavailable (a runtime failure)
+      2  bad input: a bad field, a rejected row, a --file that is missing, a
+         directory or not UTF-8 (the error names the line)
+    """
     from worker.producer import enqueue_record
     from worker.record import BackfillRecord
 
@@ -115,34 +123,61 @@ def enqueue(
 
 
 def _enqueue_file(path: str, fmt: str | None, rejects: str | None) -> int:
-    import structlog
-
-    from worker.bulk import BulkResult, enqueue_rows, format_of, open_input, read_rows
-    from worker.bulk import rejects_path_for as rejects_for
+    """Enqueue every row of --file; returns the exit code (0 all accepted, 2 otherwise)."""
+    from worker import bulk
     from worker.tasks import get_store
 
-    if path != "-" and not os.path.isfile(path):
-        raise click.BadParameter(f"no such file: {path}", param_hint="--file")
-    total = None if path == "-" else _count_lines(path)
-    rejects_path = rejects_for(path, rejects)
+    fmt = fmt or bulk.format_of(path)
+    rejects_path = bulk.rejects_path_for(path, rejects)
+    if path != "-" and rejects_path.exists() and os.path.samefile(path, rejects_path):
+        click.echo(f"error: --rejects: {rejects_path} is the input file", err=True)
+        return 2
+    if rejects_path.is_dir() or not os.access(rejects_path.parent, os.W_OK):
+        click.echo(f"error: --rejects: cannot write {rejects_path}", err=True)
+        return 2
+    try:
+        raw, is_file = bulk.open_input(path)
+        with raw:
+            if rejects_path.exists():  # a rejects file is always the last run's
+                rejects_path.unlink()
+                click.echo(f"removed the rejects file of an earlier run: {rejects_path}", err=True)
+            # a file is checked whole first, so one that is not UTF-8 enqueues nothing
+            total = _count_lines(raw, fmt) if is_file else None
+            progress, done = _progress(total)
+            with bulk.Rejects(rejects_path) as out:
+                rows = bulk.read_rows(raw, fmt)
+                result = bulk.enqueue_rows(get_store(), rows, out, progress=progress)
+            done(result)
+    except bulk.UnreadableInput as exc:
+        click.echo(f"error: --file: {exc}", err=True)
+        return 2
+    return _bulk_summary(path, result, rejects_path)
+
+
+def _progress(total: int | None) -> tuple[Callable[[Any], None], Callable[[Any], None]]:
+    """A progress callback for enqueue_rows and what to call at the end."""
     bar = None
     if total is not None and sys.stderr.isatty():
         bar = click.progressbar(length=total, label="enqueue", file=sys.stderr)
 
-    def progress(result: BulkResult) -> None:
+    def progress(result: Any) -> None:
         if bar is not None:
             bar.update(result.rows - bar.pos)
         elif result.rows % 10_000 < 1000:
             click.echo(f"rows {result.rows}  rejected {result.rejected}", err=True)
 
-    with open_input(path) as stream, rejects_path.open("w", encoding="utf-8") as out:
-        rows = read_rows(stream, fmt or format_of(path))
-        result = enqueue_rows(get_store(), rows, out, progress=progress)
-    if bar is not None:
-        bar.update(result.rows - bar.pos)
-        bar.render_finish()
-    if not result.rejected:
-        rejects_path.unlink()
+    def done(result: Any) -> None:
+        if bar is not None:
+            bar.update(result.rows - bar.pos)
+            bar.render_finish()
+
+    return progress, done
+
+
+def _bulk_summary(path: str, result: Any, rejects_path: Any) -> int:
+    """Print and log what a bulk run came to; returns its exit code."""
+    import structlog
+
     rate = result.rows / result.seconds if result.seconds else 0.0
     click.echo(
         f"accepted {result.accepted}  duplicates {result.duplicates}  "
@@ -150,6 +185,12 @@ def _enqueue_file(path: str, fmt: str | None, rejects: str | None) -> int:
     )
     if result.rejected:
         click.echo(f"rejected rows with line numbers and reasons: {rejects_path}", err=True)
+    if result.stopped:
+        click.echo(
+            f"error: --file: {result.stopped}; the rows before it were read and the good ones "
+            "enqueued: they stay (enqueue is idempotent: fix the input and run it again)",
+            err=True,
+        )
     structlog.get_logger("worker.bulk").info(
         "postback.bulk_enqueued",
         source="bulk",
@@ -157,113 +198,101 @@ def _enqueue_file(path: str, fmt: str | None, rejects: str | None) -> int:
         accepted=result.accepted,
         duplicates=result.duplicates,
         rejected=result.rejected,
+        stopped=result.stopped,
     )
-    return 2 if result.rejected else 0
+    return 2 if result.rejected or result.stopped else 0
 
 
-def _count_lines(path: str) -> int:
-    with open(path, "rb") as raw:
-        return max(sum(1 for _ in raw) - (1 if path.lower().endswith(".csv") else 0), 0)
+def _count_lines(raw: IO[bytes], fmt: str | None) -> int:
+    """Rows in a file for the progress bar, then back to its start (UnreadableInput at a
+    line that is not UTF-8)."""
+    from worker.bulk import count_lines
+
+    lines = count_lines(raw)
+    raw.seek(0)
+    return max(lines - (1 if fmt == "csv" else 0), 0)
+
+
+NO_SUCH_DELIVERY = 3  # apart from 1 (Redis unavailable), so a script can tell them apart
 
 
 @main.command()
 @click.argument("delivery_id")
 @_exits
 def status(delivery_id: str) -> None:
-    """Print a delivery's state and every attempt (JSON); exit 1 if unknown."""
+    """Print a delivery's state and every attempt (JSON).
+
+    \b
+    Exit codes:
+      0  found
+      1  Redis unavailable (a runtime failure)
+      2  malformed DELIVERY_ID (1 to 128 printable ASCII characters, no spaces)
+      3  no such delivery
+    """
+    import re
+
     from worker.tasks import get_store
 
+    if not re.fullmatch(r"[\x21-\x7e]{1,128}", delivery_id):
+        click.echo(
+            "error: DELIVERY_ID: expected 1 to 128 printable ASCII characters without spaces",
+            err=True,
+        )
+        sys.exit(2)
     found = get_store().status(delivery_id)
     if found is None:
         click.echo(f"error: no delivery {delivery_id}", err=True)
-        sys.exit(1)
+        sys.exit(NO_SUCH_DELIVERY)
     found["number"] = _masked(found.get("number", ""))
     click.echo(json.dumps(found, indent=2))
 
 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8099, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--api-key", envvar="BACKFILL_API_KEY", required=True, help="Expected Api-Key.")
-@click.option("--api-secret", envvar="BACKFILL_API_SECRET", required=True, help="Signing secret.")
-@click.option("--fault-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1))
-@click.option("--faults", default="status,500,503,429,slow,drop,nonjson", show_default=True)
-@click.option("--slow-s", default=20.0, show_default=True, type=click.FloatRange(0))
-@click.option("--seed", type=int, help="Seed the fault dice for a repeatable run.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--header-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0.1, 300),
+    help="Seconds a client has to send a request's line and headers.",
+)
+@click.option(
+    "--body-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0.1, 300),
+    help="Seconds a client has to send the whole body (then 408).",
+)
+@click.option(
+    "--max-connections",
+    default=512,
+    show_default=True,
+    type=click.IntRange(1, 100_000),
+    help="Open connections beyond which new requests get 503.",
+)
+@click.option(
+    "--threads",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Threads that decode, validate and enqueue bodies.",
+)
 @_exits
-def stub(
+def intake(
     host: str,
     port: int,
-    api_key: str,
-    api_secret: str,
-    fault_rate: float,
-    faults: str,
-    slow_s: float,
-    seed: int | None,
+    header_timeout: float,
+    body_timeout: float,
+    max_connections: int,
+    threads: int,
 ) -> None:
-    """Run the local provider stand-in (never a stand-in for the real provider)."""
-    from worker.stub import FAULT_KINDS, ProviderStub
-
-    kinds = [f.strip() for f in faults.split(",") if f.strip()]
-    unknown = [k for k in kinds if k.split(":")[0] not in FAULT_KINDS]
-    if unknown:
-        raise click.BadParameter(f"unknown fault kinds {unknown}", param_hint="--faults")
-    server = ProviderStub(
-        api_key,
-        api_secret,
-        host=host,
-        port=port,
-        fault_rate=fault_rate,
-        faults=kinds,
-        slow_s=slow_s,
-        seed=seed,
-    )
-    click.echo(f"stub listening on {server.url} (fault rate {fault_rate:.0%})", err=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-
-
-@main.command()
-@click.option("--records", "-n", default=200, show_default=True, type=click.IntRange(1, 100_000))
-@click.option("--fault-rate", default=0.25, show_default=True, type=click.FloatRange(0, 1))
-@click.option("--workdir", type=click.Path(file_okay=False), help="Keep logs here.")
-@_exits
-def demo(records: int, fault_rate: float, workdir: str | None) -> None:
-    """Run the whole path here: private Redis, stub with faults, a worker, N records."""
-    from worker.demo import run_demo
-
-    sys.exit(run_demo(records=records, fault_rate=fault_rate, workdir=workdir))
-
-
-@main.command(
-    context_settings={"ignore_unknown_options": True, "help_option_names": []},
-    add_help_option=False,
-)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench(args: tuple[str, ...]) -> None:
-    """Benchmark the queue against the raw HTTP call (options: bench --help)."""
-    from worker.bench import main as bench_main
-
-    sys.exit(bench_main(list(args)))
-
-
-@main.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
-@_exits
-def intake(host: str, port: int) -> None:
     """Serve the HTTP intake (POST /v1/backfills) for non-Python producers."""
-    import uvicorn
-
     from worker.app import get_settings
     from worker.audit import configure_logging, redactor
-    from worker.intake import create_app
+    from worker.intake import Limits, create_app
+    from worker.intake_server import health_client, intake_store, serve
     from worker.settings import parse_tokens
-    from worker.tasks import get_store
 
     settings = get_settings()
     if settings.intake_tokens is None:
@@ -272,8 +301,14 @@ def intake(host: str, port: int) -> None:
     for token in tokens.values():
         redactor.add_secret(token)
     configure_logging(settings.log_format, settings.log_level)
-    application = create_app(get_store(), tokens)
-    uvicorn.run(application, host=host, port=port, log_config=None, server_header=False)
+    limits = Limits(
+        header_timeout_s=header_timeout,
+        body_timeout_s=body_timeout,
+        max_connections=max_connections,
+        threads=threads,
+    )
+    application = create_app(intake_store(settings), tokens, health_client(settings), limits)
+    serve(application, host, port, limits)
 
 
 @main.command()

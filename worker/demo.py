@@ -58,6 +58,8 @@ def run_demo(*, records: int, fault_rate: float, workdir: str | None) -> int:
         os.environ.update(env)
         click.echo(f"redis {server.url}  stub {stub.url}  logs {root}")
         worker = WorkerProcess(env, audit_log, concurrency=16).start()
+        assert worker.process is not None
+        (root / "worker.pid").write_text(f"{worker.process.pid}\n")  # for leftover checks
         worker.wait_ready()
         started = time.monotonic()
         ids = _enqueue_samples(records, stub)

@@ -2,72 +2,75 @@
 
 FastAPI on uvicorn: both well kept and widely deployed, FastAPI publishes the OpenAPI
 document, and uvicorn is a production ASGI server. Bodies are read and validated by
-hand (the project's own record rules, one place), so the error answers are exactly:
-401 bad or missing token, 413 body over 1 MiB, 400 malformed JSON, 422 invalid records
-(each bad field per record; nothing of that request is enqueued), 202 accepted.
+hand (the project's own record rules, one place), so the answers are exactly:
+202 accepted; 401 bad or missing token; 415 not ``application/json``; 413 body over
+1 MiB; 408 body not received in time; 400 not JSON or nested too deep; 422 invalid
+records (each bad field per record; nothing of that request is enqueued); 503 Redis
+unavailable (with Retry-After). A token reads only the deliveries it enqueued (404 for
+any other id, as for an unknown one).
+
+Every request is hostile until parsed: the event loop only checks the token and reads
+the body (bounded in size and time); decoding, validation and the enqueue run in a small
+thread pool of their own, so ``/healthz`` (an async PING on its own connection) answers
+from the event loop however busy the pool is. The HTTP server's own limits (header
+deadline, connections) are in ``worker.intake_server``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-import json
-from collections.abc import Mapping
+import re
+from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
+import anyio
+import redis
+import redis.asyncio as aioredis
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 
-from worker.errors import InvalidRecord
+from worker.intake_body import BODY_SCHEMA, MAX_BODY, Refused, decode, parse_body
 from worker.producer import enqueue_record, log_enqueued
-from worker.record import FIELDS, BackfillRecord, mask_number
+from worker.record import mask_number
 from worker.store import Store
 
-MAX_BODY = 1024 * 1024
-MAX_RECORDS = 1000
+RETRY_AFTER_S = 5
+HEALTH_TIMEOUT_S = 0.25
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,12}")
 log = structlog.get_logger("worker.intake")
 
-_STRING = {"type": "string"}
-RECORD_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["app_id", "number", "time"],
-    "additionalProperties": False,
-    "properties": {
-        "app_id": {**_STRING, "pattern": "^[!-~]{1,64}$"},
-        "msgid": {**_STRING, "pattern": "^[!-~]{1,64}$"},
-        "number": {**_STRING, "pattern": "^\\+?[0-9]{6,20}$"},
-        "time": {
-            "oneOf": [
-                {**_STRING, "pattern": "^[0-9]{13}$"},
-                {"type": "integer", "minimum": 10**12, "maximum": 10**13 - 1},
-            ]
-        },
-    },
-}
-BODY_SCHEMA: dict[str, Any] = {
-    "oneOf": [
-        RECORD_SCHEMA,
-        {
-            "type": "object",
-            "required": ["records"],
-            "additionalProperties": False,
-            "properties": {
-                "records": {
-                    "type": "array",
-                    "items": RECORD_SCHEMA,
-                    "minItems": 1,
-                    "maxItems": MAX_RECORDS,
-                }
-            },
-        },
-    ]
-}
+
+@dataclass(frozen=True)
+class Limits:
+    """How long a client may take and how much the intake takes on at once."""
+
+    header_timeout_s: float = 10.0  # request line and headers, from the first byte
+    body_timeout_s: float = 10.0  # the whole body, from the end of the headers
+    keep_alive_s: float = 5.0  # an idle connection between requests
+    max_connections: int = 512  # beyond: uvicorn answers 503 (bodies: 1 MiB each at most)
+    threads: int = 2  # decode + validate + enqueue; more only contend for the GIL
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
+
+
+def _unavailable(exc: redis.RedisError) -> JSONResponse:
+    log.warning("intake.redis_unavailable", error=f"{type(exc).__name__}: {exc}"[:200])
+    return JSONResponse(
+        {"error": "Redis is unavailable; retry later"},
+        status_code=503,
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
 
 
 def caller_of(request: Request, tokens: Mapping[str, str]) -> str | None:
@@ -82,57 +85,103 @@ def caller_of(request: Request, tokens: Mapping[str, str]) -> str | None:
     return found
 
 
-async def read_limited(request: Request) -> bytes | None:
-    """The body, or None once it passes MAX_BODY (declared or actually sent)."""
+def require_json(request: Request) -> None:
+    """Refuse (415) a body that is not ``application/json`` (a UTF-8 charset is allowed)."""
+    media, _, params = request.headers.get("content-type", "").partition(";")
+    if media.strip().lower() != "application/json":
+        raise Refused(415, "Content-Type must be application/json")
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip(' "').lower() not in (
+            "utf-8",
+            "utf8",
+        ):
+            raise Refused(415, "Content-Type charset must be utf-8")
+
+
+async def read_limited(request: Request, timeout_s: float) -> bytes:
+    """The body; Refused 413 past MAX_BODY (declared or sent), 408 past ``timeout_s``."""
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
-        return None
+    if declared is not None and (
+        not _CONTENT_LENGTH.fullmatch(declared) or int(declared) > MAX_BODY
+    ):
+        raise Refused(413, f"body over {MAX_BODY} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            return None
-        chunks.append(chunk)
+    try:
+        with anyio.fail_after(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_BODY:
+                    raise Refused(413, f"body over {MAX_BODY} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise Refused(408, f"body not received within {timeout_s:g} s", close=True) from None
+    except ClientDisconnect:
+        raise Refused(400, "client disconnected before the end of the body") from None
     return b"".join(chunks)
 
 
-def parse_body(payload: Any) -> tuple[list[BackfillRecord], bool]:
-    """Records of a body (one record, or {"records": [...]}); InvalidRecord lists by index."""
-    batch = isinstance(payload, dict) and "records" in payload
-    if batch:
-        extra = set(payload) - {"records"}
-        items = payload["records"]
-        if extra or not isinstance(items, list) or not 1 <= len(items) <= MAX_RECORDS:
-            raise InvalidRecord(
-                {"records": f"expected {{'records': [1 to {MAX_RECORDS} record objects]}}"}
-            )
-    else:
-        items = [payload]
-    records, errors = [], []
-    for index, item in enumerate(items):
+def accept(body: bytes, caller: str, store: Store) -> Response:
+    """Decode, validate and enqueue one request's body (in the pool); Redis errors propagate."""
+    try:
+        records, batch = parse_body(decode(body))
+    except Refused as exc:
+        return exc.response()
+    if not batch:
+        delivery_id = enqueue_record(records[0], source="intake", caller=caller, store=store)
+        return JSONResponse({"delivery_id": delivery_id}, status_code=202)
+    outcomes = store.enqueue_many(records, source="intake", caller=caller)
+    for record, (delivery_id, created) in zip(records, outcomes, strict=True):
+        log_enqueued(record, delivery_id, created, source="intake", caller=caller)
+    return JSONResponse(
+        {
+            "delivery_ids": [d for d, _ in outcomes],
+            "accepted": sum(1 for _, c in outcomes if c),
+            "duplicates": sum(1 for _, c in outcomes if not c),
+        },
+        status_code=202,
+    )
+
+
+class RedisCheck:
+    """PING on a client of its own, from the event loop; concurrent checks share one PING."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self._ping: asyncio.Future[str] | None = None
+
+    async def problem(self) -> str:
+        """ "" when Redis answered within HEALTH_TIMEOUT_S, else the kind of failure."""
+        if self._ping is None or self._ping.done():
+            self._ping = asyncio.ensure_future(self._check())
+        return await asyncio.shield(self._ping)  # one caller leaving does not cancel the rest
+
+    async def _check(self) -> str:
         try:
-            if not isinstance(item, dict):
-                raise InvalidRecord({"record": f"expected an object with {', '.join(FIELDS)}"})
-            records.append(BackfillRecord.parse(item))
-        except InvalidRecord as exc:
-            errors.append({"index": index, "fields": exc.errors})
-    if errors:
-        raise _Rejected(errors)
-    return records, batch
+            with anyio.fail_after(HEALTH_TIMEOUT_S):
+                await self.client.ping()
+        except (redis.RedisError, TimeoutError) as exc:
+            return type(exc).__name__
+        return ""
 
 
-class _Rejected(Exception):
-    def __init__(self, errors: list[dict[str, Any]]) -> None:
-        super().__init__("invalid records")
-        self.errors = errors
+def create_app(
+    store: Store, tokens: Mapping[str, str], health: aioredis.Redis, limits: Limits = Limits()
+) -> FastAPI:
+    """The intake over a fail-fast Store, the {name: token} map and a /healthz client."""
+    pool = ThreadPoolExecutor(limits.threads, thread_name_prefix="intake")
 
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        pool.shutdown(wait=False, cancel_futures=True)
+        await health.aclose()
 
-def create_app(store: Store, tokens: Mapping[str, str]) -> FastAPI:
-    """The intake application over a Store and the configured {name: token}."""
     app = FastAPI(
         title="postback backfill intake",
         version="1",
         description="Enqueue postback backfill records over HTTP. Bearer token required.",
+        lifespan=lifespan,
     )
 
     @app.post(
@@ -145,58 +194,46 @@ def create_app(store: Store, tokens: Mapping[str, str]) -> FastAPI:
             },
             "security": [{"bearer": []}],
         },
-        responses={400: {}, 401: {}, 413: {}, 422: {}},
+        responses={400: {}, 401: {}, 408: {}, 413: {}, 415: {}, 422: {}, 503: {}},
     )
-    async def create_backfills(request: Request) -> JSONResponse:
+    async def create_backfills(request: Request) -> Response:
         caller = caller_of(request, tokens)
         if caller is None:
             return _error(401, "missing or unknown bearer token")
-        body = await read_limited(request)
-        if body is None:
-            return _error(413, f"body over {MAX_BODY} bytes")
         try:
-            payload = json.loads(body)
-        except ValueError:
-            return _error(400, "body is not valid JSON")
-        try:
-            records, batch = parse_body(payload)
-        except InvalidRecord as exc:
-            return _error(422, "invalid request", errors=[{"index": None, "fields": exc.errors}])
-        except _Rejected as exc:
-            return _error(422, "invalid records; nothing was enqueued", errors=exc.errors)
-        if not batch:
-            delivery_id = await run_in_threadpool(
-                enqueue_record, records[0], source="intake", caller=caller
-            )
-            return JSONResponse({"delivery_id": delivery_id}, status_code=202)
-        outcomes = await run_in_threadpool(store.enqueue_many, records, source="intake")
-        for record, (delivery_id, created) in zip(records, outcomes, strict=True):
-            log_enqueued(record, delivery_id, created, source="intake", caller=caller)
-        return JSONResponse(
-            {
-                "delivery_ids": [d for d, _ in outcomes],
-                "accepted": sum(1 for _, c in outcomes if c),
-                "duplicates": sum(1 for _, c in outcomes if not c),
-            },
-            status_code=202,
-        )
+            require_json(request)
+            body = await read_limited(request, limits.body_timeout_s)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(pool, accept, body, caller, store)
+        except Refused as exc:
+            return exc.response()
+        except redis.RedisError as exc:
+            return _unavailable(exc)
 
-    @app.get("/v1/backfills/{delivery_id}", responses={401: {}, 404: {}})
-    async def get_backfill(delivery_id: str, request: Request) -> JSONResponse:
-        if caller_of(request, tokens) is None:
+    @app.get("/v1/backfills/{delivery_id}", responses={401: {}, 404: {}, 503: {}})
+    async def get_backfill(delivery_id: str, request: Request) -> Response:
+        caller = caller_of(request, tokens)
+        if caller is None:
             return _error(401, "missing or unknown bearer token")
-        status = await run_in_threadpool(store.status, delivery_id)
-        if status is None:
+        status = None
+        try:
+            if len(delivery_id) <= 64:  # a longer one is none of ours; spare Redis the key
+                status = await run_in_threadpool(store.status, delivery_id)
+        except redis.RedisError as exc:
+            return _unavailable(exc)
+        # another caller's delivery answers exactly like an unknown one: ids cannot be probed
+        if status is None or caller not in status.pop("callers", "").split(","):
             return _error(404, "no such delivery")
         status["number"] = mask_number(status.get("number", ""))
         return JSONResponse(status)
 
+    redis_check = RedisCheck(health)
+
     @app.get("/healthz", responses={503: {}})
-    async def healthz() -> JSONResponse:
-        try:
-            await run_in_threadpool(store.redis.ping)
-        except Exception as exc:
-            return _error(503, f"redis: {type(exc).__name__}")
+    async def healthz() -> Response:
+        problem = await redis_check.problem()
+        if problem:
+            return _error(503, f"redis: {problem}")
         return JSONResponse({"ok": True})
 
     return app

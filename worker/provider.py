@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import requests
+import urllib3
 
 from worker.deadline import DeadlineExceeded, Watchdog, WatchedAdapter
 from worker.policy import DEFAULT_CODE_CLASSES, AnswerClass, classify_code, classify_http
@@ -180,7 +181,11 @@ def classify_exception(exc: BaseException, deadline_s: float | None = None) -> A
         error = f"tls error: {cap(_tls_reason(exc), 120)}"
     elif isinstance(exc, requests.ConnectionError):
         error = f"connection error: {type(exc).__name__}"
-    elif isinstance(exc, requests.RequestException):
+    elif isinstance(exc, urllib3.exceptions.DecodeError):
+        error = "bad compressed body: DecodeError"
+    elif isinstance(exc, urllib3.exceptions.ReadTimeoutError):
+        error = f"timeout: {type(exc).__name__}"
+    elif isinstance(exc, requests.RequestException | urllib3.exceptions.HTTPError):
         error = f"transport error: {type(exc).__name__}"
     else:
         error = f"unexpected error: {type(exc).__name__}"

@@ -1,9 +1,17 @@
-"""Typed settings from the environment (prefix ``BACKFILL_``, SPEC section 5)."""
+"""Typed settings from the environment (prefix ``BACKFILL_``, SPEC section 5).
+
+Every setting is checked when it is read: numbers are finite and within the bounds the
+README's Configuration table lists, URLs are parsed (never echoed: they may carry a
+password). A bad value is a ConfigError naming the variable; the commands exit 2.
+"""
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from functools import cached_property
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -12,71 +20,102 @@ from worker.errors import ConfigError
 from worker.policy import DEFAULT_CODE_CLASSES, AnswerClass, parse_code_table, retry_window
 
 ENV_PREFIX = "BACKFILL_"
+HOUR = 3600
+DAY = 24 * HOUR
+# Redis's default ``databases 16``; kombu and redis-py both take the db from the URL path.
+MAX_REDIS_DB = 15
+# TLS options redis-py and kombu both read from a rediss:// query string.
+_REDIS_TLS_OPTIONS = frozenset(
+    {"ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname"}
+)
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 
 
 class Settings(BaseSettings):
     """Everything a producer or a worker can be told; defaults are production values."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, allow_inf_nan=False
+    )
 
     api_key: SecretStr | None = None
     api_secret: SecretStr | None = None
     base_url: str = "https://api.itniotech.com/sms"
     redis_url: str = "redis://localhost:6379/0"
     # With a sentinel:// URL: the name of the monitored primary.
-    redis_master_name: str = "mymaster"
+    redis_master_name: str = Field("mymaster", pattern=r"^[A-Za-z0-9_.:-]{1,128}$")
     max_attempts: int = Field(16, ge=1, le=100)
-    backoff_base_s: float = Field(2.0, gt=0)
-    backoff_cap_s: float = Field(1800.0, gt=0)
-    connect_timeout_s: float = Field(5.0, gt=0)
-    read_timeout_s: float = Field(15.0, gt=0)
-    pause_s: float = Field(60.0, gt=0)
+    backoff_base_s: float = Field(2.0, gt=0, le=HOUR)
+    backoff_cap_s: float = Field(1800.0, gt=0, le=7 * DAY)
+    connect_timeout_s: float = Field(5.0, gt=0, le=300)
+    read_timeout_s: float = Field(15.0, gt=0, le=300)
+    pause_s: float = Field(60.0, gt=0, le=DAY)
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Idempotent enqueue remembers a record this long (seconds); 7 days.
-    dedupe_ttl_s: int = Field(7 * 24 * 3600, ge=60)
+    dedupe_ttl_s: int = Field(7 * DAY, ge=60, le=90 * DAY)
     # Overrides of the provider code table, e.g. "-16:bad_record,-99:transient".
     codes: str = ""
     concurrency: int = Field(16, ge=1, le=512)
     queue: str = Field("backfill", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     # A dispatched delivery not started within this many seconds is dispatched again.
-    requeue_after_s: float = Field(60.0, ge=5)
+    requeue_after_s: float = Field(60.0, ge=5, le=DAY)
     # Deliveries due for an attempt are dispatched only while the queue is shorter.
-    dispatch_high_water: int = Field(2000, ge=1)
+    dispatch_high_water: int = Field(2000, ge=1, le=1_000_000)
     scheduler_tick_s: float = Field(0.25, gt=0, le=10)
     # Broker visibility timeout; must exceed the longest time a task holds a message.
-    visibility_timeout_s: float = Field(300.0, gt=0)
+    visibility_timeout_s: float = Field(300.0, gt=0, le=7 * DAY)
     # How long SIGTERM waits for in-flight attempts before the worker stops.
-    shutdown_timeout_s: float = Field(30.0, ge=0)
+    shutdown_timeout_s: float = Field(30.0, ge=0, le=HOUR)
     # Intake bearer tokens, "name:token,name2:token2" (the name goes in the audit).
     intake_tokens: SecretStr | None = None
     # Prometheus metrics port of each worker; unset = off.
     metrics_port: int | None = Field(None, ge=1, le=65535)
+    # Where the metrics server listens: all interfaces, so Prometheus can scrape a container.
+    metrics_host: str = "0.0.0.0"
     # Fleet-wide requests per second to the provider; 0 = off.
-    rate_limit: float = Field(0.0, ge=0)
+    rate_limit: float = Field(0.0, ge=0, le=1e6)
     # How many requests may go at once before the rate applies.
-    rate_burst: int = Field(1, ge=1)
+    rate_burst: int = Field(1, ge=1, le=10_000)
     # A "too frequent" answer (-15, -27, -28) holds every worker this long.
-    slowdown_s: float = Field(1.0, ge=0)
-    # `backfill health`: a worker with work waiting this long and no attempt finished in
-    # that time is stalled (unhealthy).
-    stall_after_s: float = Field(120.0, ge=5, le=86400)
+    slowdown_s: float = Field(1.0, ge=0, le=HOUR)
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _any_case(cls, value: Any, info: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        return value.strip().upper() if info.field_name == "log_level" else value.strip().lower()
+
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _blank_is_off(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("api_key", "api_secret")
+    @classmethod
+    def _header_safe(cls, value: SecretStr | None) -> SecretStr | None:
+        # A stray "\r" from a CRLF env file would sign every request wrong; say so instead.
+        text = "" if value is None else value.get_secret_value()
+        if text and (text != text.strip() or not text.isprintable()):
+            raise ValueError("has surrounding whitespace or control characters")
+        return value
 
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not value.startswith(("https://", "http://")):
-            raise ValueError("expected an http:// or https:// URL")
-        return value.rstrip("/")
+        return check_base_url(value)
 
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
-        if not value.startswith(("redis://", "rediss://", "unix://", "sentinel://")):
-            raise ValueError(
-                "expected a redis://, rediss://, unix:// or "
-                "sentinel://h1:26379;sentinel://h2:26379 URL"
-            )
+        return check_redis_url(value)
+
+    @field_validator("metrics_host")
+    @classmethod
+    def _metrics_host(cls, value: str) -> str:
+        if not valid_host(value):
+            raise ValueError("expected an IP address or a host name, e.g. 0.0.0.0 or 127.0.0.1")
         return value
 
     @field_validator("intake_tokens")
@@ -144,6 +183,113 @@ def parse_tokens(spec: str) -> dict[str, str]:
     return tokens
 
 
+def valid_host(host: str) -> bool:
+    """Whether ``host`` is an IP address or a syntactically valid host name."""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    return 0 < len(name) <= 253 and all(_HOST_LABEL.fullmatch(p) for p in name.split("."))
+
+
+def _port(parsed: Any) -> int | None:
+    try:
+        port: int | None = parsed.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError("the port must be an integer 1-65535")
+    return port
+
+
+def check_base_url(value: str) -> str:
+    """The provider base URL without a trailing slash, or ValueError (URL not echoed)."""
+    if value != value.strip() or not value.isprintable():
+        raise ValueError("has whitespace or control characters")
+    parsed = urlsplit(value)
+    if parsed.scheme not in ("https", "http"):
+        raise ValueError("expected an http:// or https:// URL")
+    if not parsed.hostname or not valid_host(parsed.hostname):
+        raise ValueError("expected a host name or IP address after the scheme")
+    _port(parsed)
+    if parsed.username is not None or parsed.password is not None:
+        raise ValueError("must not carry user:password (the API key and secret sign each call)")
+    if parsed.query or parsed.fragment or value.endswith(("?", "#")):
+        raise ValueError("must not have a query string or fragment")
+    return value.rstrip("/")
+
+
+def check_redis_url(value: str) -> str:
+    """Parse ``redis://``, ``rediss://`` or ``sentinel://h1:p;sentinel://h2:p/db``.
+
+    Returns the URL to use (a sentinel list gets the database on every entry, since kombu
+    reads it from the first and ``worker.store`` from any); raises ValueError naming the
+    part that is wrong, never echoing the URL (it may carry a password).
+    """
+    if value != value.strip() or not value.isprintable():
+        raise ValueError("has whitespace or control characters")
+    if value.startswith("sentinel://"):
+        return _sentinel_url(value)
+    parsed = urlsplit(value)
+    if parsed.scheme not in ("redis", "rediss"):
+        raise ValueError(
+            "expected redis://host:port/db, rediss://host:port/db or "
+            "sentinel://h1:26379;sentinel://h2:26379/db (unix:// sockets are not "
+            "supported by the Celery broker)"
+        )
+    _check_node(parsed, "")
+    _redis_db(parsed.path, "")
+    if parsed.fragment:
+        raise ValueError("must not have a fragment")
+    for key, _ in parse_qsl(parsed.query, keep_blank_values=True):
+        if parsed.scheme != "rediss" or key not in _REDIS_TLS_OPTIONS:
+            raise ValueError(
+                f"unsupported option {key[:40]!r}: only rediss:// takes "
+                f"{', '.join(sorted(_REDIS_TLS_OPTIONS))}"
+            )
+    return value
+
+
+def _sentinel_url(value: str) -> str:
+    parts = value.split(";")
+    parsed = [urlsplit(part) for part in parts]
+    dbs: set[int] = set()
+    for number, part in enumerate(parsed, 1):
+        where = f"sentinel entry {number}: " if len(parts) > 1 else ""
+        if part.scheme != "sentinel":
+            raise ValueError(f"{where}expected sentinel://host:port (entries separated by ';')")
+        _check_node(part, where)
+        if part.query or part.fragment:
+            raise ValueError(f"{where}must not have a query string or fragment")
+        db = _redis_db(part.path, where)
+        if db is not None:
+            dbs.add(db)
+    if len(dbs) > 1:
+        raise ValueError("the sentinel entries name different databases")
+    db = dbs.pop() if dbs else 0
+    return ";".join(urlunsplit(("sentinel", p.netloc, f"/{db}", "", "")) for p in parsed)
+
+
+def _check_node(parsed: Any, where: str) -> None:
+    if not parsed.hostname or not valid_host(parsed.hostname):
+        raise ValueError(f"{where}expected a host name or IP address after the scheme")
+    try:
+        _port(parsed)
+    except ValueError as exc:
+        raise ValueError(f"{where}{exc}") from None
+
+
+def _redis_db(path: str, where: str) -> int | None:
+    if path in ("", "/"):
+        return None
+    digits = path[1:]
+    if not digits.isdigit() or not digits.isascii() or int(digits) > MAX_REDIS_DB:
+        raise ValueError(f"{where}the database (the URL path) must be an integer 0-{MAX_REDIS_DB}")
+    return int(digits)
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read the environment; bad values raise ConfigError naming each variable."""
     try:
@@ -152,6 +298,7 @@ def load_settings(**overrides: object) -> Settings:
         problems = []
         for error in exc.errors(include_input=False, include_url=False):
             name = "".join(str(part) for part in error["loc"][:1])
-            where = f"{ENV_PREFIX}{name.upper()}" if name else "settings"
-            problems.append(f"{where}: {error['msg']}")
+            message = error["msg"].removeprefix("Value error, ")
+            # a check across settings names its variables itself
+            problems.append(f"{ENV_PREFIX}{name.upper()}: {message}" if name else message)
         raise ConfigError("; ".join(problems)) from None

@@ -1,0 +1,131 @@
+"""How ``backfill intake`` is served: uvicorn with bounded headers, and its Redis clients.
+
+uvicorn bounds a request's headers in size (h11's incomplete-event limit) but not in
+time: a client that sends half a request line keeps its connection forever. The
+protocol below closes a connection whose request headers are not complete within
+``header_timeout_s`` of their first byte (or of the connection opening). A reverse
+proxy in front (``ops/nginx-intake.conf``) remains the first line: TLS, per-client
+limits, and buffering whole bodies before the intake sees them.
+
+The intake's Redis clients fail fast: with Redis down a caller gets a 503 within
+milliseconds (connection refused) or ~0.6 s (no answer to the connect), not after the
+workers' 3.5 s of retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import h11
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from worker.intake import HEALTH_TIMEOUT_S, Limits
+from worker.settings import Settings
+from worker.store import Store, connect, sentinel_nodes
+
+MAX_HEADERS = 16 * 1024  # request line and headers together
+
+
+class HeaderDeadline(H11Protocol):
+    """uvicorn's h11 protocol, closing connections whose request headers come too slowly."""
+
+    header_timeout_s = 10.0
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        """Start the clock for the first request's headers."""
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        """Stop the clock once a request's headers are in; start it on a new request's bytes."""
+        super().data_received(data)
+        if self.conn.their_state is h11.IDLE:
+            self._arm()
+        else:
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        """A pipelined request's first bytes may already be waiting: start its clock."""
+        super().on_response_complete()
+        if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
+            self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Forget the clock."""
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._header_timer is None and not self.transport.is_closing():
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._expire)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _expire(self) -> None:
+        self._header_timer = None
+        if self.conn.their_state is h11.IDLE:
+            self.transport.close()
+
+
+def protocol(header_timeout_s: float) -> type[HeaderDeadline]:
+    """The HeaderDeadline protocol with this deadline (uvicorn takes a class)."""
+    return type("IntakeProtocol", (HeaderDeadline,), {"header_timeout_s": header_timeout_s})
+
+
+def intake_store(settings: Settings) -> Store:
+    """A Store whose client gives up fast: one quick retry (a stale pooled connection)."""
+    client = connect(
+        settings.redis_url,
+        settings.redis_master_name,
+        connect_timeout_s=0.25,
+        timeout_s=2.0,
+        retries=1,
+    )
+    return Store(
+        client, dedupe_ttl_s=settings.dedupe_ttl_s, requeue_after_s=settings.requeue_after_s
+    )
+
+
+def health_client(settings: Settings) -> aioredis.Redis:
+    """An asyncio client of /healthz's own: its PING never waits behind the enqueue pool."""
+    options: dict[str, Any] = {
+        "socket_connect_timeout": HEALTH_TIMEOUT_S,
+        "socket_timeout": HEALTH_TIMEOUT_S,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    url = settings.redis_url
+    if not url.startswith("sentinel://"):
+        return aioredis.Redis.from_url(url, **options)
+    nodes, password, db = sentinel_nodes(url)
+    sentinel = Sentinel(nodes, socket_timeout=HEALTH_TIMEOUT_S)  # type: ignore[no-untyped-call]
+    client: aioredis.Redis = sentinel.master_for(
+        settings.redis_master_name, password=password, db=db, **options
+    )
+    return client
+
+
+def serve(app: Any, host: str, port: int, limits: Limits) -> None:
+    """Run uvicorn with the intake's limits (h11 forced: its header size limit applies)."""
+    import uvicorn
+
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        server_header=False,
+        loop="asyncio",
+        http=protocol(limits.header_timeout_s),
+        h11_max_incomplete_event_size=MAX_HEADERS,
+        timeout_keep_alive=max(1, round(limits.keep_alive_s)),
+        limit_concurrency=limits.max_connections,
+    )
