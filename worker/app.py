@@ -1,7 +1,8 @@
 """The Celery app: broker settings for at-least-once delivery, and logging wired to structlog.
 
 Configuration is read lazily from the environment (``BACKFILL_*``), so importing the
-package in a web app costs nothing until the first enqueue.
+package in a web app costs nothing until the first enqueue. The broker transport is
+kombu's Redis transport behind the project's guard (``worker.transport``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,13 @@ import structlog
 from celery import Celery, signals
 from celery.apps import worker as celery_worker_module
 
+from worker import metrics
+from worker import transport as transport_module
 from worker.audit import configure_logging
+from worker.errors import ConfigError
 from worker.settings import Settings, load_settings
+
+log = structlog.get_logger("worker.app")
 
 
 @cache
@@ -30,11 +36,19 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "socket_connect_timeout": 5,
         "socket_timeout": 30,
         "health_check_interval": 30,
+        # held to the Celery task shape, ETA headers cleared (worker/transport.py)
+        transport_module.GUARDED_QUEUES: [settings.queue],
     }
-    if settings.redis_url.startswith("sentinel://"):
+    sentinel = settings.redis_url.startswith("sentinel://")
+    if sentinel:
         transport["master_name"] = settings.redis_master_name
     return {
         "broker_url": settings.redis_url,
+        # chosen here rather than by the URL's scheme, so a malformed message cannot stop
+        # a worker (worker/transport.py)
+        "broker_transport": (
+            transport_module.SENTINEL_TRANSPORT if sentinel else transport_module.TRANSPORT
+        ),
         "broker_transport_options": transport,
         # kombu reads this one too: the shortest among apps sharing the broker wins
         "visibility_timeout": settings.visibility_timeout_s,
@@ -49,8 +63,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        # Retries wait in backfill:schedule, never as ETA tasks; should one arrive anyway
-        # (a producer using countdown=), cap how many a worker keeps in memory.
+        # Retries wait in backfill:schedule, never as ETA tasks; the broker guard clears the
+        # ETA of any that arrives (a producer using countdown=). A second line only.
         "worker_eta_task_limit": 1000,
         "worker_pool": "threads",
         "worker_concurrency": settings.concurrency,
@@ -64,8 +78,38 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-app = Celery("backfill", include=["worker.tasks"])
+app = Celery("backfill", include=["worker.tasks"], amqp="worker.transport:AMQP")
 app.add_defaults(lambda: celery_config(get_settings()))
+# the worker this process runs, once Celery has built it (for its exit status)
+_workers: list[Any] = []
+
+
+def worker_exit_status() -> int:
+    """The status Celery's own ``celery worker`` command exits with for this process's worker.
+
+    ``app.worker_main`` drops it, so an "Unrecoverable error" would otherwise exit 0.
+    """
+    if not _workers:
+        return 1  # Celery returned before it built a worker: not a clean stop
+    code = _workers[-1].exitcode
+    return code if isinstance(code, int) else 0
+
+
+@signals.worker_init.connect
+def _worker_init(sender: Any = None, **_: Any) -> None:
+    _workers.append(sender)
+    settings = get_settings()
+    if settings.metrics_port is None:
+        return
+    # `backfill worker` has bound the port already (a no-op then); under
+    # `celery -A worker worker` this is the first chance, before the worker consumes.
+    from worker.tasks import get_store
+
+    try:
+        metrics.serve(settings.metrics_port, get_store(), settings.queue, settings.metrics_host)
+    except ConfigError as exc:
+        log.critical("worker.config_error", error=str(exc))
+        raise SystemExit(2) from None
 
 
 @signals.setup_logging.connect

@@ -57,14 +57,17 @@ def main() -> None:
 @_exits
 def worker(concurrency: int | None, hostname: str | None) -> None:
     """Run a worker (threads pool) with the project's defaults."""
-    from worker.app import app, get_settings
+    from worker import metrics
+    from worker.app import app, get_settings, worker_exit_status
     from worker.audit import configure_logging
     from worker.tasks import get_runtime
 
     settings = get_settings()
-    get_runtime()  # fails fast with exit 2 when the credentials are missing
+    runtime = get_runtime()  # fails fast with exit 2 when the credentials are missing
     # before Celery starts, so its start-up warnings are JSON lines too
     configure_logging(settings.log_format, settings.log_level)
+    if settings.metrics_port is not None:  # a taken port is exit 2, before Celery starts
+        metrics.serve(settings.metrics_port, runtime.store, settings.queue, settings.metrics_host)
     argv = [
         "--quiet",  # the banner is not JSON; worker.ready says the same in one line
         "worker",
@@ -78,6 +81,7 @@ def worker(concurrency: int | None, hostname: str | None) -> None:
     if hostname:
         argv.append(f"--hostname={hostname}")
     app.worker_main(argv)
+    sys.exit(worker_exit_status())
 
 
 @main.command()

@@ -136,10 +136,18 @@ class LocalRedis:
 class WorkerProcess:
     """A real ``backfill worker`` subprocess; its JSON log lines go to ``log_path``."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, *, concurrency: int = 8) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        *,
+        concurrency: int = 8,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         self.env = {**os.environ, **env}
         self.log_path = log_path
         self.concurrency = concurrency
+        self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
         self._ready_seen = 0
 
@@ -147,7 +155,14 @@ class WorkerProcess:
         """Start the worker; its log is appended to, so restarts keep one file."""
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "worker", "worker", f"--concurrency={self.concurrency}"],
+                [
+                    sys.executable,
+                    "-m",
+                    "worker",
+                    "worker",
+                    f"--concurrency={self.concurrency}",
+                    *self.extra_args,
+                ],
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,

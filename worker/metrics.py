@@ -1,5 +1,9 @@
 """Prometheus metrics of a worker, served on ``BACKFILL_METRICS_PORT`` (off when unset).
 
+The server binds before Celery starts (``backfill worker``, or ``worker_init`` under
+``celery -A worker worker``): a port that is taken is a ConfigError, exit 2, rather than
+a worker nobody can observe. Later calls of ``serve`` are no-ops.
+
 Counters and the latency histogram are this worker's own; the fleet-wide gauges (queue
 depth, pending, waiting retries, dead letters, paused) are read from Redis at scrape
 time, so every worker reports the same fleet figures.
@@ -7,6 +11,7 @@ time, so every worker reports the same fleet figures.
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Iterator
 
@@ -15,6 +20,7 @@ from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from worker.errors import ConfigError
 from worker.store import Store
 
 log = structlog.get_logger("worker.metrics")
@@ -32,6 +38,13 @@ RATE_LIMIT_WAITS = Counter(
 RATE_LIMIT_WAIT_SECONDS = Counter(
     "backfill_rate_limit_wait_seconds", "Seconds attempts spent waiting for the rate limit."
 )
+GUARDED_MESSAGES = Counter(
+    "backfill_guarded_messages",
+    "Broker messages the guard dropped as malformed or ran at once with their ETA cleared.",
+    ["action"],
+)
+# (host, port) once this process serves /metrics
+_serving: list[tuple[str, int]] = []
 
 
 class FleetCollector(Collector):
@@ -57,8 +70,26 @@ class FleetCollector(Collector):
             yield GaugeMetricFamily(f"backfill_{name}", help_text, value=figures[name])
 
 
-def serve(port: int, store: Store, queue: str) -> None:
-    """Start the /metrics HTTP server in a daemon thread."""
+def serve(port: int, store: Store, queue: str, host: str = "0.0.0.0") -> None:
+    """Serve /metrics on ``host:port`` in a daemon thread, once per process.
+
+    Raises ConfigError naming ``BACKFILL_METRICS_PORT`` (or ``BACKFILL_METRICS_HOST``)
+    when the address cannot be bound; a second call is a no-op.
+    """
+    if _serving:
+        return
+    try:
+        start_http_server(port, addr=host)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"BACKFILL_METRICS_PORT: port {port} on {host} is in use "
+                "(another worker on this host needs its own port)"
+            ) from None
+        raise ConfigError(
+            f"BACKFILL_METRICS_HOST, BACKFILL_METRICS_PORT: cannot listen on {host}:{port}: "
+            f"{exc.strerror or exc}"
+        ) from None
     REGISTRY.register(FleetCollector(store, queue))
-    start_http_server(port)
-    log.info("metrics.serving", port=port)
+    _serving.append((host, port))
+    log.info("metrics.serving", host=host, port=port)

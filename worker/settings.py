@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     rate_burst: int = Field(1, ge=1, le=10_000)
     # A "too frequent" answer (-15, -27, -28) holds every worker this long.
     slowdown_s: float = Field(1.0, ge=0, le=HOUR)
+    # `backfill health`: a worker with work waiting this long and no attempt finished in
+    # that time is stalled (unhealthy).
+    stall_after_s: float = Field(120.0, ge=5, le=DAY)
 
     @field_validator("log_format", "log_level", mode="before")
     @classmethod

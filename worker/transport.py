@@ -40,8 +40,9 @@ from typing import Any
 
 import structlog
 from celery.app.amqp import AMQP as CeleryAMQP
-from kombu import Connection as KombuConnection
+from kombu.connection import Connection as KombuConnection
 from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
 from worker import metrics
@@ -74,7 +75,9 @@ def envelope_problem(message: Any, decode_body: DecodeBody) -> str | None:
         return "no delivery_info with exchange and routing_key"
     if not isinstance(message.get("headers"), dict | None):
         return "headers is not an object"
-    if not all(isinstance(message.get(k), _OPTIONAL_STR) for k in ("content-type", "content-encoding")):
+    if not all(
+        isinstance(message.get(k), _OPTIONAL_STR) for k in ("content-type", "content-encoding")
+    ):
         return "content-type or content-encoding is not a string"
     encoding = properties.get("body_encoding")
     if not isinstance(encoding, _OPTIONAL_STR):
@@ -133,7 +136,6 @@ class _Guard:
     connection: Any
     sep: str
     global_keyprefix: str
-    decode_body: DecodeBody
     _guarded: frozenset[str] = frozenset()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -164,14 +166,16 @@ class _Guard:
 
     def screen(self, raw: bytes | str, queue: str | None) -> bytes | str | None:
         """The message to hand to kombu (ETA cleared), or None when it is dropped (logged)."""
+        problem: str | None
+        decode_body: DecodeBody = self.decode_body  # type: ignore[attr-defined]  # kombu's
         try:
-            message = loads(raw.decode() if isinstance(raw, bytes) else raw)
+            message = loads(bytes_to_str(raw))  # type: ignore[no-untyped-call]  # as kombu does
         except Exception:
             message, problem = None, "not JSON"
         else:
-            problem = envelope_problem(message, self.decode_body)
+            problem = envelope_problem(message, decode_body)
             if problem is None and queue in self._guarded:
-                problem = task_problem(message, self.decode_body)
+                problem = task_problem(message, decode_body)
         if problem is not None:
             metrics.GUARDED_MESSAGES.labels("dropped").inc()
             log.warning(
@@ -193,31 +197,31 @@ class _Guard:
                 eta=str(headers["eta"])[:40],
             )
             headers["eta"] = None
-            return str(dumps(message))
+            return str(dumps(message))  # type: ignore[no-untyped-call]
         return raw
 
 
-class Channel(_Guard, kombu_redis.Channel):  # type: ignore[misc]
+class Channel(_Guard, kombu_redis.Channel):
     """kombu's Redis channel with the guard."""
 
 
-class SentinelChannel(_Guard, kombu_redis.SentinelChannel):  # type: ignore[misc]
+class SentinelChannel(_Guard, kombu_redis.SentinelChannel):
     """kombu's Sentinel channel with the guard."""
 
 
-class Transport(kombu_redis.Transport):  # type: ignore[misc]
+class Transport(kombu_redis.Transport):
     """``redis://`` and ``rediss://`` with the guard."""
 
     Channel = Channel
 
 
-class SentinelTransport(kombu_redis.SentinelTransport):  # type: ignore[misc]
+class SentinelTransport(kombu_redis.SentinelTransport):
     """``sentinel://`` with the guard."""
 
     Channel = SentinelChannel
 
 
-class Connection(KombuConnection):  # type: ignore[misc]
+class Connection(KombuConnection):
     """A kombu Connection that keeps a guarded transport when it fails over.
 
     ``Connection.switch`` (called on each failed connect when the URL lists alternates)
@@ -227,7 +231,7 @@ class Connection(KombuConnection):  # type: ignore[misc]
     def switch(self, conn_str: str) -> None:
         """Move to the next URL of the list, keeping the configured transport."""
         transport = self.transport_cls
-        super().switch(conn_str)
+        super().switch(conn_str)  # type: ignore[no-untyped-call]
         if transport in (TRANSPORT, SENTINEL_TRANSPORT):
             self.transport_cls = transport
 
