@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=30)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--burst", type=int, default=200, help="concurrent batches; 0: skip")
+    parser.add_argument("--intake-threads", type=int, default=2, help="backfill intake --threads")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="backfill-intake-bench-"))
@@ -51,7 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     with (root / "intake.log").open("wb") as log:
         intake = subprocess.Popen(
-            [sys.executable, "-m", "worker", "intake", "--port", str(port)],
+            [
+                sys.executable,
+                "-m",
+                "worker",
+                "intake",
+                "--port",
+                str(port),
+                "--threads",
+                str(args.intake_threads),
+            ],  # fmt: skip
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

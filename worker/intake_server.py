@@ -116,6 +116,9 @@ def health_client(settings: Settings) -> aioredis.Redis:
 def serve(app: Any, host: str, port: int, limits: Limits) -> None:
     """Run uvicorn with the intake's limits (h11 forced: its header size limit applies)."""
     import uvicorn
+    import os, sys
+    if os.environ.get("XSWITCH"):
+        sys.setswitchinterval(float(os.environ["XSWITCH"]))
 
     uvicorn.run(
         app,
