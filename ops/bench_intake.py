@@ -30,6 +30,7 @@ import requests
 from worker.local import LocalRedis, free_port
 
 TOKEN = "bench-token-0123456789abcdef"  # noqa: S105 - a throwaway token for this run
+INTAKE = [sys.executable, "-m", "worker", "intake"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,16 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     with (root / "intake.log").open("wb") as log:
         intake = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "worker",
-                "intake",
-                "--port",
-                str(port),
-                "--threads",
-                str(args.intake_threads),
-            ],  # fmt: skip
+            [*INTAKE, "--port", str(port), "--threads", str(args.intake_threads)],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -202,22 +202,24 @@ def test_over_long_rows_are_rejected_and_their_copies_capped(
         nested,  # line 5
         '{"app_id": ' + "[" * 400 + "]" * 400 + "}",  # line 6: parses, not a string
         json.dumps(good[2]),
+        json.dumps(row(app_id="\ud800")),  # line 8: a lone surrogate, as JSON may escape it
     ]
     source = tmp_path / "big.jsonl"
     source.write_text("\n".join(lines) + "\n")
     result = backfill("enqueue", "--file", str(source))
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
-    assert "accepted 3  duplicates 0  rejected 4" in result.stdout
+    assert "accepted 3  duplicates 0  rejected 5" in result.stdout
     rejects_file = tmp_path / "big.jsonl.rejects.jsonl"
     assert rejects_file.stat().st_size < 8 * 1024
     rejects = [json.loads(x) for x in rejects_file.read_text().splitlines()]
-    assert [x["line"] for x in rejects] == [2, 4, 5, 6]
+    assert [x["line"] for x in rejects] == [2, 4, 5, 6, 8]
     assert rejects[0]["errors"] == {"row": "row longer than 65536 bytes"}
     assert "msgid" in rejects[1]["errors"]
     assert rejects[1]["row"].endswith("...")
     assert rejects[2]["errors"] == {"row": "JSON nested too deeply"}
     assert "app_id" in rejects[3]["errors"]
+    assert rejects[4]["row"]["app_id"] == "\ud800"
     for record in good:
         assert r.get(keys.dedupe(BackfillRecord.parse(record).fingerprint()))
 

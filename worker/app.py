@@ -108,6 +108,8 @@ def _worker_init(sender: Any = None, **_: Any) -> None:
     try:
         metrics.serve(settings.metrics_port, get_store(), settings.queue, settings.metrics_host)
     except ConfigError as exc:
+        # Celery sets logging up after worker_init: make this line JSON too
+        configure_logging(settings.log_format, settings.log_level)
         log.critical("worker.config_error", error=str(exc))
         raise SystemExit(2) from None
 

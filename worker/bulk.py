@@ -71,7 +71,7 @@ class Rejects:
         if self._out is None:
             self._out = self.path.open("w", encoding="utf-8")
         entry = {"line": line, "errors": dict(errors), "row": row_text(row)}
-        self._out.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self._out.write(json.dumps(entry) + "\n")  # ASCII: a lone surrogate cannot break it
         self.count += 1
 
     def close(self) -> None:
@@ -91,7 +91,7 @@ def row_text(row: Any) -> Any:
     if isinstance(row, InvalidRecord):
         return None
     try:
-        text = json.dumps(row, ensure_ascii=False)
+        text = json.dumps(row)
     except (RecursionError, TypeError, ValueError):
         return None
     return row if len(text) <= MAX_REJECT_ROW_CHARS else text[:MAX_REJECT_ROW_CHARS] + "..."

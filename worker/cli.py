@@ -253,6 +253,76 @@ def status(delivery_id: str) -> None:
 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8099, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", envvar="BACKFILL_API_KEY", required=True, help="Expected Api-Key.")
+@click.option("--api-secret", envvar="BACKFILL_API_SECRET", required=True, help="Signing secret.")
+@click.option("--fault-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--faults", default="status,500,503,429,slow,drop,nonjson", show_default=True)
+@click.option("--slow-s", default=20.0, show_default=True, type=click.FloatRange(0))
+@click.option("--seed", type=int, help="Seed the fault dice for a repeatable run.")
+@_exits
+def stub(
+    host: str,
+    port: int,
+    api_key: str,
+    api_secret: str,
+    fault_rate: float,
+    faults: str,
+    slow_s: float,
+    seed: int | None,
+) -> None:
+    """Run the local provider stand-in (never a stand-in for the real provider)."""
+    from worker.stub import FAULT_KINDS, ProviderStub
+
+    kinds = [f.strip() for f in faults.split(",") if f.strip()]
+    unknown = [k for k in kinds if k.split(":")[0] not in FAULT_KINDS]
+    if unknown:
+        raise click.BadParameter(f"unknown fault kinds {unknown}", param_hint="--faults")
+    server = ProviderStub(
+        api_key,
+        api_secret,
+        host=host,
+        port=port,
+        fault_rate=fault_rate,
+        faults=kinds,
+        slow_s=slow_s,
+        seed=seed,
+    )
+    click.echo(f"stub listening on {server.url} (fault rate {fault_rate:.0%})", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+@main.command()
+@click.option("--records", "-n", default=200, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--fault-rate", default=0.25, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--workdir", type=click.Path(file_okay=False), help="Keep logs here.")
+@_exits
+def demo(records: int, fault_rate: float, workdir: str | None) -> None:
+    """Run the whole path here: private Redis, stub with faults, a worker, N records."""
+    from worker.demo import run_demo
+
+    sys.exit(run_demo(records=records, fault_rate=fault_rate, workdir=workdir))
+
+
+@main.command(
+    context_settings={"ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> None:
+    """Benchmark the queue against the raw HTTP call (options: bench --help)."""
+    from worker.bench import main as bench_main
+
+    sys.exit(bench_main(list(args)))
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
 @click.option(
     "--header-timeout",

@@ -45,6 +45,7 @@ from worker.store import Store
 RETRY_AFTER_S = 5
 HEALTH_TIMEOUT_S = 0.25
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,12}")
+_UTF8 = ("utf-8", "utf8")
 log = structlog.get_logger("worker.intake")
 
 
@@ -60,8 +61,14 @@ class Limits:
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    # a refused POST's body is never read: closing spares draining it
+    headers = {"WWW-Authenticate": "Bearer", "Connection": "close"} if status == 401 else None
     return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
+
+
+def _refused(exc: Refused, caller: str | None) -> Response:
+    log.info("intake.refused", status=exc.status, error=exc.reason, caller=caller)
+    return exc.response()
 
 
 def _unavailable(exc: redis.RedisError) -> JSONResponse:
@@ -89,14 +96,11 @@ def require_json(request: Request) -> None:
     """Refuse (415) a body that is not ``application/json`` (a UTF-8 charset is allowed)."""
     media, _, params = request.headers.get("content-type", "").partition(";")
     if media.strip().lower() != "application/json":
-        raise Refused(415, "Content-Type must be application/json")
+        raise Refused(415, "Content-Type must be application/json", close=True)
     for param in params.split(";"):
         name, _, value = param.partition("=")
-        if name.strip().lower() == "charset" and value.strip(' "').lower() not in (
-            "utf-8",
-            "utf8",
-        ):
-            raise Refused(415, "Content-Type charset must be utf-8")
+        if name.strip().lower() == "charset" and value.strip(' "').lower() not in _UTF8:
+            raise Refused(415, "Content-Type charset must be utf-8", close=True)
 
 
 async def read_limited(request: Request, timeout_s: float) -> bytes:
@@ -105,14 +109,14 @@ async def read_limited(request: Request, timeout_s: float) -> bytes:
     if declared is not None and (
         not _CONTENT_LENGTH.fullmatch(declared) or int(declared) > MAX_BODY
     ):
-        raise Refused(413, f"body over {MAX_BODY} bytes")
+        raise Refused(413, f"body over {MAX_BODY} bytes", close=True)
     chunks, size = [], 0
     try:
         with anyio.fail_after(timeout_s):
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > MAX_BODY:
-                    raise Refused(413, f"body over {MAX_BODY} bytes")
+                    raise Refused(413, f"body over {MAX_BODY} bytes", close=True)
                 chunks.append(chunk)
     except TimeoutError:
         raise Refused(408, f"body not received within {timeout_s:g} s", close=True) from None
@@ -126,7 +130,7 @@ def accept(body: bytes, caller: str, store: Store) -> Response:
     try:
         records, batch = parse_body(decode(body))
     except Refused as exc:
-        return exc.response()
+        return _refused(exc, caller)
     if not batch:
         delivery_id = enqueue_record(records[0], source="intake", caller=caller, store=store)
         return JSONResponse({"delivery_id": delivery_id}, status_code=202)
@@ -151,7 +155,7 @@ class RedisCheck:
         self._ping: asyncio.Future[str] | None = None
 
     async def problem(self) -> str:
-        """ "" when Redis answered within HEALTH_TIMEOUT_S, else the kind of failure."""
+        """Why Redis did not answer within HEALTH_TIMEOUT_S; empty when it did."""
         if self._ping is None or self._ping.done():
             self._ping = asyncio.ensure_future(self._check())
         return await asyncio.shield(self._ping)  # one caller leaving does not cancel the rest
@@ -199,6 +203,7 @@ def create_app(
     async def create_backfills(request: Request) -> Response:
         caller = caller_of(request, tokens)
         if caller is None:
+            log.info("intake.refused", status=401, error="missing or unknown bearer token")
             return _error(401, "missing or unknown bearer token")
         try:
             require_json(request)
@@ -206,7 +211,7 @@ def create_app(
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(pool, accept, body, caller, store)
         except Refused as exc:
-            return exc.response()
+            return _refused(exc, caller)
         except redis.RedisError as exc:
             return _unavailable(exc)
 

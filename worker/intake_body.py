@@ -69,7 +69,7 @@ class Refused(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
-        self.close = close  # the connection is in an unknown state: do not reuse it
+        self.close = close  # the body was not (all) read: close rather than drain it
         self.extra = extra
 
     def response(self) -> JSONResponse:

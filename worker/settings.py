@@ -209,7 +209,7 @@ def _port(parsed: Any) -> int | None:
 
 def check_base_url(value: str) -> str:
     """The provider base URL without a trailing slash, or ValueError (URL not echoed)."""
-    if value != value.strip() or not value.isprintable():
+    if not value.isprintable() or any(ch.isspace() for ch in value):
         raise ValueError("has whitespace or control characters")
     parsed = urlsplit(value)
     if parsed.scheme not in ("https", "http"):
@@ -231,7 +231,7 @@ def check_redis_url(value: str) -> str:
     reads it from the first and ``worker.store`` from any); raises ValueError naming the
     part that is wrong, never echoing the URL (it may carry a password).
     """
-    if value != value.strip() or not value.isprintable():
+    if not value.isprintable() or any(ch.isspace() for ch in value):
         raise ValueError("has whitespace or control characters")
     if value.startswith("sentinel://"):
         return _sentinel_url(value)

@@ -192,8 +192,8 @@ class _Guard:
             log.warning(
                 "broker.eta_ignored",
                 queue=queue,
-                task=headers.get("task"),
-                task_id=headers.get("id"),
+                task=str(headers.get("task"))[:100],
+                task_id=str(headers.get("id"))[:100],
                 eta=str(headers["eta"])[:40],
             )
             headers["eta"] = None
