@@ -92,7 +92,9 @@ def worker_exit_status() -> int:
     if not _workers:
         return 1  # Celery returned before it built a worker: not a clean stop
     code = _workers[-1].exitcode
-    return code if isinstance(code, int) else 0
+    if code is None or isinstance(code, int):
+        return code or 0
+    return 1  # SystemExit with a message
 
 
 @signals.worker_init.connect
