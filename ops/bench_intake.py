@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=30)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--burst", type=int, default=200, help="concurrent batches; 0: skip")
-    parser.add_argument("--intake-threads", type=int, default=2, help="backfill intake --threads")
+    parser.add_argument("--intake-threads", type=int, default=1, help="backfill intake --threads")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="backfill-intake-bench-"))

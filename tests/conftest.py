@@ -63,7 +63,7 @@ def worker_settings(redis_url: str, stub_url: str) -> dict[str, str]:
         connect_timeout_s=1,
         read_timeout_s=1,
         pause_s=1.5,
-        requeue_after_s=5,
+        keep_delivered_s=3600,
         scheduler_tick_s=0.05,
         log_level="INFO",
     )
@@ -71,12 +71,9 @@ def worker_settings(redis_url: str, stub_url: str) -> dict[str, str]:
 
 def reset_caches() -> None:
     """Forget settings and clients built from an earlier environment."""
-    from worker.app import get_settings
-    from worker.tasks import get_runtime, get_store
+    from worker.runtime import reset
 
-    get_settings.cache_clear()
-    get_store.cache_clear()
-    get_runtime.cache_clear()
+    reset()
 
 
 @pytest.fixture(scope="session")

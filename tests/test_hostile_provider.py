@@ -120,7 +120,7 @@ def test_a_redirect_is_not_followed_and_pauses_the_fleet_without_counting(
     assert first["error"].startswith(f"HTTP {code} redirect to http://127.0.0.1:")
     assert "not followed" in first["error"]
     assert API_KEY not in first["error"]
-    assert status["attempts"] == "1"  # the paused attempt did not count
+    assert status["attempts"] == 1  # the paused attempt did not count
     paused = wait_for(lambda: events(hworker, delivery_id, "postback.paused"), 10)
     assert "redirect" in paused[0]["error"]
 

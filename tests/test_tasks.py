@@ -67,7 +67,7 @@ def test_each_transient_fault_is_retried_then_delivered(
     delivery_id = send(stub, [fault, "ok"])
     status = final(delivery_id)
     assert status["state"] == "delivered"
-    assert status["attempts"] == "2"
+    assert status["attempts"] == 2
     first, second = status["attempts_made"]
     assert first["outcome"] == "retry"
     if first_error:
@@ -93,7 +93,7 @@ def test_bad_record_codes_are_dead_lettered_at_once(
     delivery_id = send(stub, [f"status:{code}", "ok"])
     status = final(delivery_id)
     assert status["state"] == "dead"
-    assert status["attempts"] == "1"
+    assert status["attempts"] == 1
     assert status["attempts_made"][0]["api_status"] == code
     assert r.zscore(keys.DEAD, delivery_id) is not None
     assert r.zscore(keys.SCHEDULE, delivery_id) is None
@@ -142,7 +142,7 @@ def test_account_blocked_pauses_the_fleet_and_resumes_without_losing_the_deliver
     assert waited >= 1.0  # pause is 1.5 s; enqueue and polling eat a little of it
     assert outcomes(audit, blocked, 2) == ["paused", "delivered"]
     # the paused attempt did not count against the delivery
-    assert get_store().status(blocked)["attempts"] == "1"  # type: ignore[index]
+    assert get_store().status(blocked)["attempts"] == 1  # type: ignore[index]
     assert audit(other)[0]["attempt"] == 1
     pauses = [e for e in read_log(worker_log) if e.get("event") == "postback.paused"]
     assert [e["delivery_id"] for e in pauses].count(blocked) == 1

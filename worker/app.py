@@ -7,7 +7,6 @@ kombu's Redis transport behind the project's guard (``worker.transport``).
 
 from __future__ import annotations
 
-from functools import cache
 from typing import Any
 
 import structlog
@@ -18,15 +17,10 @@ from worker import metrics
 from worker import transport as transport_module
 from worker.audit import configure_logging
 from worker.errors import ConfigError
-from worker.settings import Settings, load_settings
+from worker.runtime import get_settings
+from worker.settings import Settings
 
 log = structlog.get_logger("worker.app")
-
-
-@cache
-def get_settings() -> Settings:
-    """The process's settings, read once from the environment."""
-    return load_settings()
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -105,7 +99,7 @@ def _worker_init(sender: Any = None, **_: Any) -> None:
         return
     # `backfill worker` has bound the port already (a no-op then); under
     # `celery -A worker worker` this is the first chance, before the worker consumes.
-    from worker.tasks import get_store
+    from worker.runtime import get_store
 
     try:
         metrics.serve(settings.metrics_port, get_store(), settings.queue, settings.metrics_host)

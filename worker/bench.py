@@ -162,7 +162,7 @@ def _sigterm_exits() -> Iterator[None]:
 
 def run(fleet: Fleet, sizes: Sizes) -> Figures:
     """Every measurement, in an order where none disturbs the next."""
-    from worker.tasks import get_store
+    from worker.runtime import get_store
 
     figures: Figures = {"records": sizes.records, "waiting_retries": sizes.waiting}
     figures |= {"workers": fleet.worker_count, "concurrency": fleet.concurrency}
@@ -388,7 +388,7 @@ def park_retries(store: Store, count: int) -> None:
     )  # fmt: skip
     for start in range(0, count, BATCH):
         rows = [_record(f"wait-{i}") for i in range(start, min(start + BATCH, count))]
-        created = store.enqueue_many(rows, source="bench", dispatch_grace_s=RETRY_IN_S)
+        created = store.enqueue_many(rows, source="bench", due_in_s=RETRY_IN_S)
         due = time.time() + RETRY_IN_S
         fields = [*RETRY_FIELDS, "due_at", str(due)]
         pipe = store.redis.pipeline(transaction=False)
@@ -533,12 +533,9 @@ def _used_memory(store: Store) -> int:
 
 def _forget_settings() -> None:
     """Drop settings and clients cached from an earlier environment."""
-    from worker.app import get_settings
-    from worker.tasks import get_runtime, get_store
+    from worker.runtime import reset
 
-    get_settings.cache_clear()
-    get_store.cache_clear()
-    get_runtime.cache_clear()
+    reset()
 
 
 def _say(message: str) -> None:

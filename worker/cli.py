@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from functools import wraps
 from typing import IO, Any, TypeVar
@@ -39,8 +39,8 @@ def _exits(func: F) -> F:
 
 
 def _cli_logging() -> None:
-    from worker.app import get_settings
     from worker.audit import configure_logging
+    from worker.runtime import get_settings
 
     settings = get_settings()
     configure_logging(settings.log_format, settings.log_level, stream=sys.stderr)
@@ -58,16 +58,16 @@ def main() -> None:
 def worker(concurrency: int | None, hostname: str | None) -> None:
     """Run a worker (threads pool) with the project's defaults."""
     from worker import metrics
-    from worker.app import app, get_settings, worker_exit_status
+    from worker.app import app, worker_exit_status
     from worker.audit import configure_logging
-    from worker.tasks import get_runtime
+    from worker.runtime import get_client, get_settings, get_store
 
     settings = get_settings()
-    runtime = get_runtime()  # fails fast with exit 2 when the credentials are missing
+    get_client()  # fails fast with exit 2 when the credentials are missing
     # before Celery starts, so its start-up warnings are JSON lines too
     configure_logging(settings.log_format, settings.log_level)
     if settings.metrics_port is not None:  # a taken port is exit 2, before Celery starts
-        metrics.serve(settings.metrics_port, runtime.store, settings.queue, settings.metrics_host)
+        metrics.serve(settings.metrics_port, get_store(), settings.queue, settings.metrics_host)
     argv = [
         "--quiet",  # the banner is not JSON; worker.ready says the same in one line
         "worker",
@@ -129,7 +129,7 @@ def enqueue(
 def _enqueue_file(path: str, fmt: str | None, rejects: str | None) -> int:
     """Enqueue every row of --file; returns the exit code (0 all accepted, 2 otherwise)."""
     from worker import bulk
-    from worker.tasks import get_store
+    from worker.runtime import get_store
 
     fmt = fmt or bulk.format_of(path)
     rejects_path = bulk.rejects_path_for(path, rejects)
@@ -235,7 +235,7 @@ def status(delivery_id: str) -> None:
     """
     import re
 
-    from worker.tasks import get_store
+    from worker.runtime import get_store
 
     if not re.fullmatch(r"[\x21-\x7e]{1,128}", delivery_id):
         click.echo(
@@ -247,7 +247,9 @@ def status(delivery_id: str) -> None:
     if found is None:
         click.echo(f"error: no delivery {delivery_id}", err=True)
         sys.exit(NO_SUCH_DELIVERY)
-    found["number"] = _masked(found.get("number", ""))
+    from worker.redact import mask_number
+
+    found["number"] = mask_number(found.get("number", ""))
     click.echo(json.dumps(found, indent=2))
 
 
@@ -347,10 +349,10 @@ def bench(args: tuple[str, ...]) -> None:
 )
 @click.option(
     "--threads",
-    default=2,
+    default=1,
     show_default=True,
     type=click.IntRange(1, 64),
-    help="Threads that decode, validate and enqueue bodies.",
+    help="Threads that decode, validate and enqueue bodies (Python code: one is fastest).",
 )
 @_exits
 def intake(
@@ -362,10 +364,10 @@ def intake(
     threads: int,
 ) -> None:
     """Serve the HTTP intake (POST /v1/backfills) for non-Python producers."""
-    from worker.app import get_settings
     from worker.audit import configure_logging, redactor
     from worker.intake import Limits, create_app
     from worker.intake_server import health_client, intake_store, serve
+    from worker.runtime import get_settings
     from worker.settings import parse_tokens
 
     settings = get_settings()
@@ -398,7 +400,7 @@ def health(timeout: float, node: str | None) -> None:
     from celery.utils.nodenames import host_format
 
     from worker.app import app
-    from worker.tasks import get_store
+    from worker.runtime import get_store
 
     try:
         get_store().redis.ping()
@@ -423,9 +425,8 @@ def _stalled_workers(node: str | None) -> list[tuple[str, str]]:
     """The workers (just ``node`` when given) whose heartbeat says they are stalled."""
     import time
 
-    from worker.app import get_settings
     from worker.heartbeat import BEAT_TTL_S, stalled
-    from worker.tasks import get_store
+    from worker.runtime import get_settings, get_store
 
     beats = get_store().beats(node)
     if node and node not in beats:
@@ -442,23 +443,28 @@ def dead() -> None:
 
 @dead.command("list")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--before", "cursor", type=float, help="Cursor: only letters older than this "
+              "(the 'next page' value printed by the previous page).")  # fmt: skip
+@click.option("--since", help="Only letters that died at or after this (ISO date or epoch s).")
+@click.option("--app-id", help="Only this app's letters (read from its own index).")
 @_exits
-def dead_list(limit: int) -> None:
-    """Table of dead letters, newest first: id, app, masked number, last error, attempts."""
+def dead_list(limit: int, cursor: float | None, since: str | None, app_id: str | None) -> None:
+    """Dead letters, newest first, a page at a time: id, app, masked number, attempts, error."""
     from worker.record import mask_number
-    from worker.tasks import get_store
+    from worker.runtime import get_store
 
     store = get_store()
-    rows = store.dead_ids(limit=limit)
-    click.echo(f"{'delivery_id':36}  {'app_id':16}  {'number':20}  att  {'when':20}  last_error")
+    rows = store.dead_page(limit=limit, before=cursor, since=_epoch(since), app_id=app_id)
+    click.echo(f"{'delivery_id':16}  {'app_id':16}  {'number':20}  att  {'when':20}  last_error")
     for delivery_id, died in rows:
         info = store.status(delivery_id) or {}
         click.echo(
-            f"{delivery_id:36}  {info.get('app_id', '')[:16]:16}  "
+            f"{delivery_id:16}  {info.get('app_id', '')[:16]:16}  "
             f"{mask_number(info.get('number', ''))[:20]:20}  {info.get('attempts', '?'):>3}  "
             f"{_when(died):20}  {info.get('last_error', '')}"
         )
-    click.echo(f"{len(rows)} shown, {store.counts()['dead']} dead in all", err=True)
+    more = f"; next page: --before {rows[-1][1]!r}" if len(rows) == limit else ""
+    click.echo(f"{len(rows)} shown, {store.counts()['dead']} dead in all{more}", err=True)
 
 
 @dead.command("show")
@@ -475,18 +481,19 @@ def dead_show(ctx: click.Context, delivery_id: str) -> None:
 @click.option("--app-id", help="With --all: only this app's dead letters.")
 @_exits
 def dead_replay(delivery_id: str | None, everything: bool, app_id: str | None) -> None:
-    """Re-enqueue dead letters with a fresh attempt budget and the same delivery_id."""
-    from worker.tasks import get_store, publish
+    """Re-enqueue dead letters (bulk lane, fresh attempt budget, same delivery_id).
+
+    --all works through the letters 1,000 at a time, in constant memory; the workers'
+    wakers pick the replays up at the pace of the fleet, behind live records.
+    """
+    from worker.runtime import get_store
 
     store = get_store()
-    ids = _chosen(store, delivery_id, everything, app_id)
-    replayed = [i for i in ids if store.replay(i)]
-    if replayed:
-        try:
-            publish(replayed)
-        except Exception as exc:
-            click.echo(f"warning: publish deferred to the scheduler: {exc}", err=True)
-    click.echo(f"replayed {len(replayed)} of {len(ids)}")
+    replayed = seen = 0
+    for ids in _chosen(store, delivery_id, everything, app_id):
+        seen += len(ids)
+        replayed += len(store.replay(ids))
+    click.echo(f"replayed {replayed} of {seen}")
     if delivery_id and not replayed:
         sys.exit(1)
 
@@ -494,37 +501,49 @@ def dead_replay(delivery_id: str | None, everything: bool, app_id: str | None) -
 @dead.command("purge")
 @click.argument("delivery_id", required=False)
 @click.option("--all", "everything", is_flag=True, help="Purge every dead letter.")
+@click.option("--app-id", help="With --all: only this app's dead letters.")
 @click.option("--yes", is_flag=True, help="Confirm --all.")
 @_exits
-def dead_purge(delivery_id: str | None, everything: bool, yes: bool) -> None:
-    """Delete dead letters for good (--all needs --yes)."""
-    from worker.tasks import get_store
+def dead_purge(delivery_id: str | None, everything: bool, app_id: str | None, yes: bool) -> None:
+    """Delete dead letters for good (--all needs --yes; 1,000 per script run)."""
+    from worker.runtime import get_store
 
     if everything and not yes:
         raise click.UsageError("--all deletes every dead letter: add --yes to confirm")
     store = get_store()
-    ids = _chosen(store, delivery_id, everything, None)
-    purged = sum(store.purge(i) for i in ids)
-    click.echo(f"purged {purged} of {len(ids)}")
+    purged = seen = 0
+    for ids in _chosen(store, delivery_id, everything, app_id):
+        seen += len(ids)
+        purged += store.purge(ids)
+    click.echo(f"purged {purged} of {seen}")
     if delivery_id and not purged:
         sys.exit(1)
 
 
-def _chosen(store: Any, delivery_id: str | None, everything: bool, app_id: str | None) -> list[str]:
+def _chosen(
+    store: Any, delivery_id: str | None, everything: bool, app_id: str | None
+) -> Iterator[list[str]]:
     if bool(delivery_id) == everything:
         raise click.UsageError("give one DELIVERY_ID or --all")
     if delivery_id:
-        return [delivery_id]
-    ids = [i for i, _ in store.dead_ids(limit=10_000_000)]
-    if app_id:
-        ids = [i for i in ids if (store.status(i) or {}).get("app_id") == app_id]
-    return ids
+        return iter([[delivery_id]])
+    return store.dead_batches(app_id)  # type: ignore[no-any-return]
 
 
-def _masked(number: str) -> str:
-    from worker.record import mask_number
-
-    return mask_number(number)
+def _epoch(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(
+            "expected an ISO date or epoch seconds", param_hint="--since"
+        ) from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
 def _when(epoch: float) -> str:

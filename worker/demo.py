@@ -96,7 +96,7 @@ def _enqueue_samples(count: int, stub: object) -> list[str]:
 
 
 def _wait(ids: list[str], *, timeout_s: float) -> bool:
-    from worker.tasks import get_store
+    from worker.runtime import get_store
 
     store = get_store()
     deadline = time.monotonic() + timeout_s
@@ -116,7 +116,7 @@ def _wait(ids: list[str], *, timeout_s: float) -> bool:
 
 
 def _summary(ids: list[str], elapsed: float, stub_stats: dict[str, object], audit: Path) -> None:
-    from worker.tasks import get_store
+    from worker.runtime import get_store
 
     store = get_store()
     attempts = [len((store.status(i) or {}).get("attempts_made", [])) for i in ids]

@@ -57,7 +57,7 @@ class Limits:
     body_timeout_s: float = 10.0  # the whole body, from the end of the headers
     keep_alive_s: float = 5.0  # an idle connection between requests
     max_connections: int = 512  # beyond: uvicorn answers 503 (bodies: 1 MiB each at most)
-    threads: int = 2  # decode + validate + enqueue; more only contend for the GIL
+    threads: int = 1  # decode + validate + enqueue: a second one fights it for the GIL
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:

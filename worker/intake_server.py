@@ -24,9 +24,10 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from worker.connection import connect, sentinel_nodes
 from worker.intake import HEALTH_TIMEOUT_S, Limits
 from worker.settings import Settings
-from worker.store import Store, connect, sentinel_nodes
+from worker.store import Store
 
 MAX_HEADERS = 16 * 1024  # request line and headers together
 
@@ -91,7 +92,10 @@ def intake_store(settings: Settings) -> Store:
         retries=1,
     )
     return Store(
-        client, dedupe_ttl_s=settings.dedupe_ttl_s, requeue_after_s=settings.requeue_after_s
+        client,
+        dedupe_ttl_s=settings.dedupe_ttl_s,
+        keep_delivered_s=settings.keep_delivered_s,
+        pause_s=settings.pause_s,
     )
 
 
@@ -115,7 +119,13 @@ def health_client(settings: Settings) -> aioredis.Redis:
 
 def serve(app: Any, host: str, port: int, limits: Limits) -> None:
     """Run uvicorn with the intake's limits (h11 forced: its header size limit applies)."""
+    import os
+    import sys
+
     import uvicorn
+
+    if os.environ.get("XSWITCH"):
+        sys.setswitchinterval(float(os.environ["XSWITCH"]))
 
     uvicorn.run(
         app,

@@ -1,45 +1,56 @@
 """Every Redis key the project uses, in one screen (the broker's own keys are kombu's).
 
-- ``backfill:delivery:<id>``  hash: the record, state, attempt count, due time, lease
-- ``backfill:attempts:<id>``  list: one JSON object per attempt, oldest first
-- ``backfill:dedupe:<sha256>`` string: delivery_id of a pending or delivered record (expires)
-- ``backfill:schedule``       sorted set: every pending delivery, scored by when to look at it
-- ``backfill:dead``           sorted set: dead-lettered deliveries, scored by when they died
-- ``backfill:paused``         string with a TTL: the fleet-wide pause after an account block
-- ``backfill:pause:probe``    flag: the pause ended but no answer has proven the account yet
-- ``backfill:pause:probe-lock`` string with a TTL: one probe attempt in flight
-- ``backfill:ratelimit``      string: the fleet's rate-limit clock (GCRA arrival time)
-- ``backfill:worker:<node>``  hash with a TTL: one worker's heartbeat (see heartbeat.py)
+Short names: there is one delivery key per record, millions of them in a backfill.
+``lua/lib.lua`` builds the same names from ``PREFIX`` (every script gets it last).
+
+- ``bf:d:<id>``        hash: a pending or dead delivery (fields: see ``lua/lib.lua``)
+- ``bf:a:<id>``        list: its last attempt documents (compact JSON), oldest first
+- ``bf:k:<id>``        string with the dedupe TTL: "<delivered ms>|<callers>" once delivered
+- ``bf:q:live``        sorted set: pending live deliveries by due time (ms)
+- ``bf:q:bulk``        sorted set: pending bulk deliveries (files, batches, replays)
+- ``bf:dead``          sorted set: dead letters by when they died (ms)
+- ``bf:dead:app:<a>``  sorted set: the same, one app's (for listing and replaying by app)
+- ``bf:paused``        string with a TTL: the fleet-wide pause after an account block
+- ``bf:probe``         flag: the pause ended but no answer has proven the account yet
+- ``bf:probe:lock``    string with a TTL: one probe attempt in flight
+- ``bf:rate``          string: the fleet's rate-limit clock (GCRA arrival time, ms)
+- ``bf:worker:<node>`` hash with a TTL: one worker's heartbeat (see heartbeat.py)
+
+A delivery_id is derived from the record (``delivery.delivery_id``), so the delivery key
+is its own idempotency key.
 """
 
 from __future__ import annotations
 
-PREFIX = "backfill:"
-DELIVERY = PREFIX + "delivery:"
-ATTEMPTS = PREFIX + "attempts:"
-DEDUPE = PREFIX + "dedupe:"
-SCHEDULE = PREFIX + "schedule"
+PREFIX = "bf:"
+LIVE = PREFIX + "q:live"
+BULK = PREFIX + "q:bulk"
 DEAD = PREFIX + "dead"
 PAUSED = PREFIX + "paused"
-PROBE = PREFIX + "pause:probe"
-PROBE_LOCK = PREFIX + "pause:probe-lock"
-RATE = PREFIX + "ratelimit"
+PROBE = PREFIX + "probe"
+PROBE_LOCK = PREFIX + "probe:lock"
+RATE = PREFIX + "rate"
 WORKER = PREFIX + "worker:"
 
 
 def delivery(delivery_id: str) -> str:
-    """The hash of one delivery."""
-    return DELIVERY + delivery_id
+    """The hash of one pending or dead delivery."""
+    return f"{PREFIX}d:{delivery_id}"
 
 
 def attempts(delivery_id: str) -> str:
-    """The attempt list of one delivery."""
-    return ATTEMPTS + delivery_id
+    """The attempt history of one delivery."""
+    return f"{PREFIX}a:{delivery_id}"
 
 
-def dedupe(fingerprint: str) -> str:
-    """The idempotency key of one record's four fields."""
-    return DEDUPE + fingerprint
+def marker(delivery_id: str) -> str:
+    """What a delivered record keeps for the dedupe window."""
+    return f"{PREFIX}k:{delivery_id}"
+
+
+def dead_app(app_id: str) -> str:
+    """One app's dead letters."""
+    return f"{PREFIX}dead:app:{app_id}"
 
 
 def worker(node: str) -> str:

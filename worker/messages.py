@@ -1,9 +1,9 @@
-"""The Celery message that wakes a worker for one delivery, built without Celery's publisher.
+"""The Celery message that wakes a worker, built without Celery's publisher.
 
 ``deliver.apply_async`` costs ~0.45 ms of CPU per message (argument repr, a fresh kombu
-Redis client, a round trip); the dispatcher sends one per delivery. These are the same
-messages (Celery protocol 2 in kombu's Redis envelope, as ``apply_async`` writes them for
-the ``backfill.deliver`` task); ``tests/test_tasks.py`` compares the two field by field.
+Redis client, a round trip). These are the same messages (Celery protocol 2 in kombu's
+Redis envelope, as ``deliver.apply_async((), queue=queue)`` writes them); a test compares
+the two field by field. A wake-up carries no delivery: the woken task drains the lanes.
 No I/O here.
 """
 
@@ -14,19 +14,20 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Sequence
 
 DELIVER_TASK = "backfill.deliver"
 _HOSTNAME = socket.gethostname()
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
 
-def wake_message(delivery_id: str, queue: str, origin: str) -> str:
-    """The message ``deliver.apply_async((delivery_id,), queue=queue)`` would write."""
+_BODY = base64.b64encode(json.dumps([[], {}, _EMBED]).encode()).decode()
+
+
+def wake_message(queue: str, origin: str) -> str:
+    """The message ``deliver.apply_async((), queue=queue)`` would write."""
     task_id = str(uuid.uuid4())
-    body = json.dumps([[delivery_id], {}, _EMBED]).encode()
     envelope = {
-        "body": base64.b64encode(body).decode(),
+        "body": _BODY,
         "content-encoding": "utf-8",
         "content-type": "application/json",
         "headers": {
@@ -42,7 +43,7 @@ def wake_message(delivery_id: str, queue: str, origin: str) -> str:
             "timelimit": [None, None],
             "root_id": task_id,
             "parent_id": None,
-            "argsrepr": repr((delivery_id,)),
+            "argsrepr": "()",
             "kwargsrepr": "{}",
             "origin": origin,
             "ignore_result": True,
@@ -63,7 +64,7 @@ def wake_message(delivery_id: str, queue: str, origin: str) -> str:
     return json.dumps(envelope)
 
 
-def wake_messages(delivery_ids: Sequence[str], queue: str) -> list[str]:
-    """One message per delivery, in order, from this process."""
+def wake_messages(count: int, queue: str) -> list[str]:
+    """``count`` wake-ups from this process."""
     origin = f"gen{os.getpid()}@{_HOSTNAME}"
-    return [wake_message(delivery_id, queue, origin) for delivery_id in delivery_ids]
+    return [wake_message(queue, origin) for _ in range(count)]

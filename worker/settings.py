@@ -20,6 +20,8 @@ from worker.errors import ConfigError
 from worker.policy import DEFAULT_CODE_CLASSES, AnswerClass, parse_code_table, retry_window
 
 ENV_PREFIX = "BACKFILL_"
+# How long one wake-up drains before its task returns (worker.drain.BUDGET_S).
+DRAIN_BUDGET_S = 5.0
 HOUR = 3600
 DAY = 24 * HOUR
 # Redis's default ``databases 16``; kombu and redis-py both take the db from the URL path.
@@ -54,14 +56,13 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Idempotent enqueue remembers a record this long (seconds); 7 days.
     dedupe_ttl_s: int = Field(7 * DAY, ge=60, le=90 * DAY)
+    # A delivered record keeps its attempts this long (for `status` and operators), then
+    # only the marker idempotent enqueue needs is kept, for the dedupe window.
+    keep_delivered_s: int = Field(900, ge=0, le=DAY)
     # Overrides of the provider code table, e.g. "-16:bad_record,-99:transient".
     codes: str = ""
     concurrency: int = Field(16, ge=1, le=512)
     queue: str = Field("backfill", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    # A dispatched delivery not started within this many seconds is dispatched again.
-    requeue_after_s: float = Field(60.0, ge=5, le=DAY)
-    # Deliveries due for an attempt are dispatched only while the queue is shorter.
-    dispatch_high_water: int = Field(2000, ge=1, le=1_000_000)
     scheduler_tick_s: float = Field(0.25, gt=0, le=10)
     # Broker visibility timeout; must exceed the longest time a task holds a message.
     visibility_timeout_s: float = Field(300.0, gt=0, le=7 * DAY)
@@ -138,10 +139,11 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.backoff_cap_s < self.backoff_base_s:
             raise ValueError("BACKFILL_BACKOFF_CAP_S must be >= BACKFILL_BACKOFF_BASE_S")
-        if self.visibility_timeout_s <= self.attempt_lease_s + self.requeue_after_s:
+        if self.visibility_timeout_s <= self.attempt_lease_s + DRAIN_BUDGET_S:
             raise ValueError(
-                "BACKFILL_VISIBILITY_TIMEOUT_S must exceed the attempt lease "
-                f"({self.attempt_lease_s:g} s) plus BACKFILL_REQUEUE_AFTER_S"
+                "BACKFILL_VISIBILITY_TIMEOUT_S must exceed what a wake-up may hold its "
+                f"message: the attempt lease ({self.attempt_lease_s:g} s) plus a drain's "
+                f"budget ({DRAIN_BUDGET_S:g} s)"
             )
         return self
 

@@ -1,107 +1,86 @@
-"""Everything the project keeps in Redis: deliveries, their schedule, dead letters, the pause.
+"""Everything the project keeps in Redis: deliveries, their lanes, dead letters, the pause.
 
-The schedule (a sorted set of every pending delivery) is the source of truth; Celery
-messages only wake a worker up. Each state change is one Lua script, so a delivery is
-never half-written, and every script reads Redis's own clock, so worker clocks may drift.
+The two lanes (sorted sets of pending deliveries by due time) are the source of truth;
+Celery messages only wake a worker up, and a woken worker drains the lanes itself. Each
+state change is one Lua script (``lua/``, with ``lib.lua`` prepended), so a delivery is
+never half-written, and the scripts read Redis's own clock, so worker clocks may drift.
 """
 
 from __future__ import annotations
 
-import json
 import time
-import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from typing import Any
 
 import redis
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
-from redis.sentinel import Sentinel
 
-from worker import keys
+from worker import delivery, keys
+from worker.connection import TRANSIENT_REDIS, persist
 from worker.errors import InvalidRecord
+from worker.policy import Outcome
+from worker.provider import Answer
 from worker.record import BackfillRecord
 
-T = TypeVar("T")
 # How many attempt documents a delivery keeps (the audit log has every one).
 HISTORY = 50
-_TRANSIENT_REDIS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
-
-
-def connect(
-    url: str,
-    master_name: str = "mymaster",
-    *,
-    connect_timeout_s: float = 5.0,
-    timeout_s: float = 10.0,
-    retries: int = 6,
-) -> redis.Redis:
-    """A client for the project's state, retrying briefly through connection blips.
-
-    ``sentinel://h1:26379;sentinel://h2:26379/0`` (kombu's form) asks the sentinels for
-    the current primary of ``master_name`` and follows it through a failover. The
-    defaults ride out a blip of ~3.5 s; the intake asks for less (it answers 503 instead).
-    """
-    options: dict[str, Any] = {
-        "decode_responses": True,
-        "socket_connect_timeout": connect_timeout_s,
-        "socket_timeout": timeout_s,
-        "health_check_interval": 30,
-        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
-        "retry_on_error": list(_TRANSIENT_REDIS),
-    }
-    if not url.startswith("sentinel://"):
-        return redis.Redis.from_url(url, **options)
-    nodes, password, db = sentinel_nodes(url)
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
-        nodes, socket_timeout=2, sentinel_kwargs={"socket_timeout": 2}
-    )
-    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-        master_name, password=password, db=db, **options
-    )
-    return client
-
-
-def sentinel_nodes(url: str) -> tuple[list[tuple[str, int]], str | None, int]:
-    """The (host, port) of each sentinel in a kombu-style URL, the password and the db."""
-    nodes, password, db = [], None, 0
-    for part in filter(None, url.split(";")):
-        parsed = urlsplit(part.strip())
-        if parsed.scheme != "sentinel" or not parsed.hostname:
-            raise ValueError(f"expected sentinel://host:port, got {part!r}")
-        nodes.append((parsed.hostname, parsed.port or 26379))
-        password = password or parsed.password
-        if parsed.path.strip("/").isdigit():
-            db = int(parsed.path.strip("/"))
-    return nodes, password, db
-
-
-def new_delivery_id() -> str:
-    """A fresh delivery id (a UUID4 string)."""
-    return str(uuid.uuid4())
+LIVE, BULK = "l", "b"
 
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """The answer to "may I attempt this delivery now?"."""
+    """The answer to "which delivery may I attempt now?": one claimed, or why none."""
 
-    # claimed, delivered, dead, missing, orphan, corrupt, poison, busy, early, paused, throttled
-    verdict: str
+    verdict: str  # claimed, idle, paused, probing, throttled, again, none
+    delivery_id: str = ""
     token: str = ""
-    attempts: int = 0
+    attempts: int = 0  # this attempt's number: counted at the claim
     record: BackfillRecord | None = None
-    dedupe_key: str = ""
     replay: bool = False
-    resume_at: float | None = None
     wait_s: float = 0.0  # a rate-limit slot was reserved this far ahead
-    detail: str = ""  # why a claimed record cannot be sent, or which field is corrupt
+    resume_in_s: float = 0.0  # paused or throttled: for this long
+    detail: str = ""  # why a claimed record cannot be sent
 
 
-def _stored_record(
-    app_id: str, msgid: str | None, number: str, time_: str
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """An attempt made, to be recorded: the claim it used, the answer, what follows."""
+
+    claim: Claim
+    answer: Answer
+    outcome: Outcome
+    retry_in_s: float | None
+    hold_s: float = 0.0
+
+    @property
+    def last_error(self) -> str:
+        """The error the delivery shows after this attempt (empty after a success)."""
+        if self.answer.error:
+            return self.answer.error
+        if self.answer.api_status not in (None, "0"):
+            return f"status {self.answer.api_status}: {self.answer.api_reason or ''}".strip()
+        return ""
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """What one step did: the finish's verdict, whether it began a pause, the next claim."""
+
+    finished: str
+    first_pause: bool
+    claim: Claim
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _script(*names: str) -> str:
+    return "\n".join(
+        resources.files("worker").joinpath(f"lua/{name}.lua").read_text() for name in names
+    )
+
+
+def stored_record(
+    app_id: str, msgid: str, number: str, time_: str
 ) -> tuple[BackfillRecord | None, str]:
     """The stored record, validated again: a hand-edited one may no longer be sendable."""
     try:
@@ -113,177 +92,161 @@ def _stored_record(
     return record, ""
 
 
-def _script(name: str) -> str:
-    return resources.files("worker").joinpath(f"lua/{name}.lua").read_text()
-
-
 class Store:
     """Typed access to the project's Redis state; one instance per process."""
 
-    def __init__(self, client: redis.Redis, *, dedupe_ttl_s: int, requeue_after_s: float) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        dedupe_ttl_s: int,
+        keep_delivered_s: int = 0,
+        pause_s: float = 60.0,
+    ) -> None:
         self.redis = client
         self.dedupe_ttl_s = dedupe_ttl_s
-        self.requeue_after_s = requeue_after_s
-        self._enqueue = client.register_script(_script("enqueue"))
-        self._claim = client.register_script(_script("gcra") + _script("claim"))
-        self._finish = client.register_script(_script("finish"))
-        self._promote = client.register_script(_script("promote"))
-        self._replay = client.register_script(_script("replay"))
+        self.keep_delivered_s = keep_delivered_s
+        self.pause_s = pause_s
+        self._enqueue = client.register_script(_script("lib", "enqueue"))
+        self._step = client.register_script(_script("lib", "step"))
+        self._replay = client.register_script(_script("lib", "replay"))
+        self._purge = client.register_script(_script("lib", "purge"))
+
+    # -- producers --------------------------------------------------------------------
 
     def enqueue(
-        self,
-        record: BackfillRecord,
-        *,
-        source: str = "api",
-        dispatch_grace_s: float | None = None,
-        caller: str | None = None,
-    ) -> tuple[str, bool]:
-        """Store a new delivery (or find the same record's); returns (delivery_id, created)."""
+        self, record: BackfillRecord, *, caller: str | None = None, wake_queue: str = "",
+        wake: str = "", due_in_s: float = 0.0, source: str = "api",
+    ) -> tuple[str, bool]:  # fmt: skip
+        """Store one live delivery (or find the same record's) and wake a worker if new.
+
+        ``source`` is for the caller's audit line only: a single record is always live.
+        """
         return self.enqueue_many(
-            [record], source=source, dispatch_grace_s=dispatch_grace_s, caller=caller
-        )[0]
+            [record], lane=LIVE, caller=caller, wake_queue=wake_queue, wake=wake,
+            due_in_s=due_in_s,
+        )[0]  # fmt: skip
 
     def enqueue_many(
         self,
         records: Sequence[BackfillRecord],
         *,
-        source: str = "bulk",
-        dispatch_grace_s: float | None = 0.0,
+        lane: str = BULK,
         caller: str | None = None,
+        due_in_s: float = 0.0,
+        wake_queue: str = "",
+        wake: str = "",
+        source: str = "bulk",
     ) -> list[tuple[str, bool]]:
         """Store deliveries in one script run; (delivery_id, created) per record, in order.
 
-        ``dispatch_grace_s`` is how long the dispatchers leave a new delivery alone:
-        0 for bulk (they publish it), ``requeue_after_s`` (None) when the caller publishes.
-        ``caller`` (an intake token's name) is added to the delivery's ``callers``, new or
-        not: the intake lets a caller read only the deliveries listed for it.
+        A batch goes to the bulk lane unless ``lane`` says otherwise (``source`` is for
+        the caller's audit line only).
+
+        ``caller`` (an intake token's name) joins each delivery's callers, new or not: the
+        intake lets a caller read only the deliveries listed for it. ``wake`` is a wake-up
+        message pushed onto ``wake_queue`` when anything was created.
         """
         if not records:
             return []
-        grace = self.requeue_after_s if dispatch_grace_s is None else dispatch_grace_s
-        key_list = [keys.SCHEDULE]
-        args: list[Any] = [self.dedupe_ttl_s, grace, source, caller or "", keys.DELIVERY]
+        args: list[Any] = [lane, caller or "", int(due_in_s * 1000), wake_queue, wake]
         for record in records:
-            delivery_id = new_delivery_id()
-            key_list += [keys.dedupe(record.fingerprint()), keys.delivery(delivery_id)]
-            args += [delivery_id, record.app_id, record.msgid or "", record.number, record.time]
-        flat = self._enqueue(key_list, args)
+            args += [
+                delivery.delivery_id(record), record.app_id, record.msgid or "",
+                record.number, record.time,
+            ]  # fmt: skip
+        flat = self._enqueue([], [*args, keys.PREFIX])
         return [(str(flat[i + 1]), bool(int(flat[i]))) for i in range(0, len(flat), 2)]
 
-    def claim(
+    # -- workers ----------------------------------------------------------------------
+
+    def step(
         self,
-        delivery_id: str,
-        lease_s: float,
+        done: Finish | None,
         *,
+        claim: bool,
+        prefer_bulk: bool,
+        lease_s: float,
         max_attempts: int,
-        pause_s: float,
         rate_per_s: float = 0.0,
         burst: int = 1,
         max_wait_s: float = 5.0,
-    ) -> Claim:
-        """Lease a pending, due delivery for one attempt (counted now) and a rate-limit slot.
-
-        A claimed delivery whose stored record no longer validates comes back with
-        ``record=None`` and the reason in ``detail``: the caller dead-letters it.
-        """
-        reply = self._claim(
-            [keys.delivery(delivery_id), keys.SCHEDULE, keys.PAUSED, keys.RATE, keys.DEAD],
-            [
-                delivery_id,
-                lease_s,
-                rate_per_s,
-                burst,
-                max_wait_s,
-                max_attempts,
-                max(int(pause_s * 1000), 1),
-            ],
-        )
-        verdict = str(reply[0])
-        if verdict == "claimed":
-            _, token, attempts, app_id, msgid, number, time_, dedupe_key, replay, wait = reply
-            record, problem = _stored_record(app_id, msgid, number, time_)
-            return Claim(
-                verdict,
-                str(token),
-                int(attempts),
-                record,
-                str(dedupe_key),
-                replay == "1",
-                wait_s=float(wait),
-                detail=problem,
-            )
-        if verdict in ("delivered", "poison"):
-            _, attempts, app_id, msgid, number, time_ = reply
-            record = BackfillRecord.from_fields(
-                {"app_id": app_id, "msgid": msgid or "", "number": number, "time": time_}
-            )
-            return Claim(verdict, attempts=int(attempts), record=record)
-        if verdict in ("paused", "throttled"):
-            return Claim(verdict, resume_at=float(reply[1]))
-        if verdict == "corrupt":
-            return Claim(verdict, detail=f"corrupt state: {reply[1]}")
-        return Claim(verdict)
-
-    def finish(
-        self,
-        delivery_id: str,
-        claim: Claim,
-        *,
-        outcome: str,
-        attempt: dict[str, Any],
-        counted: bool,
-        retry_in_s: float,
-        pause_s: float,
-        last_error: str,
-        pause_reason: str = "",
-        hold_s: float = 0.0,
         deadline_s: float = 120.0,
-    ) -> tuple[str, bool]:
-        """Record an attempt and its consequence atomically; rides out a Redis restart."""
-        key_list = [
-            keys.delivery(delivery_id),
-            keys.attempts(delivery_id),
-            keys.SCHEDULE,
-            keys.DEAD,
-            claim.dedupe_key or keys.dedupe("unknown"),
-            keys.PAUSED,
-            keys.PROBE,
-            keys.PROBE_LOCK,
-            keys.RATE,
-        ]
-        args = [
-            delivery_id,
-            claim.token,
-            outcome,
-            json.dumps(attempt, separators=(",", ":")),
-            "1" if counted else "0",
-            retry_in_s,
-            self.dedupe_ttl_s,
-            pause_s,
-            last_error,
-            pause_reason,
-            hold_s,
-            HISTORY,
-        ]
-        verdict, first_pause = persist(lambda: self._finish(key_list, args), deadline_s)
-        return str(verdict), bool(int(first_pause))
+    ) -> StepResult:
+        """Record ``done`` (if any) and claim the next due delivery (if ``claim``): one trip.
 
-    def promote(
-        self, queue: str, *, limit: int, high_water: int, probe_lease_s: float, pause_s: float
-    ) -> tuple[int, list[str]]:
-        """The queue's length and the due deliveries to dispatch now (each pushed out by
-        requeue_after meanwhile)."""
-        depth, ids = self._promote(
-            [keys.SCHEDULE, keys.PAUSED, keys.PROBE, keys.PROBE_LOCK, queue],
-            [
-                limit,
-                self.requeue_after_s,
-                high_water,
-                max(int(probe_lease_s * 1000), 1),
-                max(int(pause_s * 1000), 1),
-            ],
+        Recording an attempt rides out a Redis restart (``deadline_s``); when Redis fails
+        during a step, the attempt is recorded alone and the claim is asked again.
+        """
+        finish_args = self._finish_args(done)
+        claim_args: list[Any] = [
+            int(lease_s * 1000), rate_per_s, burst, int(max_wait_s * 1000), max_attempts,
+            BULK if prefer_bulk else LIVE, int(lease_s * 1000),
+        ]  # fmt: skip
+        args: list[Any] = ["1" if done else "0", "1" if claim else "0"]
+        args += [*finish_args, *claim_args, keys.PREFIX]
+        try:
+            reply = self._step([], args)
+        except TRANSIENT_REDIS:
+            if done is None:
+                raise
+            args[1] = "0"  # record the attempt alone; the drain asks for a claim again
+            reply = persist(lambda: self._step([], args), deadline_s)
+            reply[2] = ["again"]
+        verdict, first_pause, raw_claim, raw_events = reply
+        return StepResult(
+            str(verdict), bool(int(first_pause)), _claim(raw_claim), _events(raw_events)
         )
-        return int(depth), [str(i) for i in ids]
+
+    def _finish_args(self, done: Finish | None) -> list[Any]:
+        if done is None:
+            return [
+                "",
+                "",
+                "retry",
+                "",
+                "1",
+                0,
+                self.dedupe_ttl_s,
+                0,
+                self._pause_ms,
+                "",
+                0,
+                HISTORY,
+            ]
+        answer = done.answer
+        doc = delivery.attempt_doc(
+            done.claim.attempts, int(time.time() * 1000), done.outcome.value,
+            http_status=answer.http_status, api_status=answer.api_status,
+            api_reason=answer.api_reason, error=answer.error, latency_ms=answer.latency_ms,
+            retry_in_s=done.retry_in_s,
+        )  # fmt: skip
+        return [
+            done.claim.delivery_id, done.claim.token, done.outcome.value, doc,
+            "0" if done.outcome is Outcome.PAUSED else "1",
+            int((done.retry_in_s or 0.0) * 1000), self.dedupe_ttl_s, self.keep_delivered_s,
+            self._pause_ms, done.last_error, int(done.hold_s * 1000), HISTORY,
+        ]  # fmt: skip
+
+    @property
+    def _pause_ms(self) -> int:
+        return max(int(self.pause_s * 1000), 1)
+
+    def wake_figures(self, queue: str) -> tuple[int, int, bool, bool]:
+        """The queue's length, how many deliveries are due now, whether sends may go (no
+        pause), and whether a probe must go first (a pause just ended)."""
+        now = int(time.time() * 1000)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.llen(queue)
+        pipe.zcount(keys.LIVE, "-inf", now)
+        pipe.zcount(keys.BULK, "-inf", now)
+        pipe.pttl(keys.PAUSED)
+        pipe.exists(keys.PROBE)
+        depth, live, bulk, pause_ms, probe = pipe.execute()
+        if pause_ms == -1:
+            # a pause always has a TTL; one without (a manual SET) is given the configured one
+            self.redis.pexpire(keys.PAUSED, self._pause_ms)
+        return int(depth), int(live) + int(bulk), int(pause_ms) == -2, bool(probe)
 
     def beat(self, node: str, fields: Mapping[str, str], ttl_s: int) -> None:
         """Write one worker's heartbeat hash (see ``worker.heartbeat``)."""
@@ -305,58 +268,35 @@ class Store:
         found = zip(names, pipe.execute(), strict=True)
         return {name[len(keys.WORKER) :]: beat for name, beat in found if beat}
 
+    # -- reading ----------------------------------------------------------------------
+
     def status(self, delivery_id: str) -> dict[str, Any] | None:
-        """The delivery's stored fields and every attempt, or None if unknown."""
+        """The delivery's readable document with its attempts (delivery.status), or None."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(keys.delivery(delivery_id))
         pipe.lrange(keys.attempts(delivery_id), 0, -1)
-        fields, attempts = pipe.execute()
-        if not fields:
+        pipe.get(keys.marker(delivery_id))
+        try:
+            fields, history, marker = pipe.execute()
+        except redis.ResponseError:  # a key of the wrong type, left for the claim to bury
             return None
-        return {
-            "delivery_id": delivery_id,
-            **{k: v for k, v in fields.items() if k not in ("dedupe", "claims")},
-            "attempts_made": [json.loads(a) for a in attempts],
-        }
+        if fields:
+            return delivery.status(delivery_id, fields, history)
+        if marker:
+            return delivery.compacted_status(delivery_id, marker)
+        return None
 
-    def states(self, delivery_ids: Iterable[str]) -> list[str | None]:
-        """The state of each delivery (pending, delivered, dead) in one round trip."""
+    def states(self, delivery_ids: Sequence[str]) -> list[str | None]:
+        """The state of each delivery (pending, delivered, dead, None) in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         for delivery_id in delivery_ids:
-            pipe.hget(keys.delivery(delivery_id), "state")
-        return list(pipe.execute())
-
-    def dead_ids(self, *, limit: int = 100, offset: int = 0) -> list[tuple[str, float]]:
-        """Dead-lettered deliveries, newest first, with when they died."""
-        rows = self.redis.zrevrange(keys.DEAD, offset, offset + limit - 1, withscores=True)
-        return [(str(row[0]), float(row[1])) for row in rows]
-
-    def replay(self, delivery_id: str) -> bool:
-        """Make a dead delivery pending again with a fresh attempt budget."""
-        return bool(
-            self._replay(
-                [keys.delivery(delivery_id), keys.SCHEDULE, keys.DEAD],
-                [delivery_id, self.dedupe_ttl_s, self.requeue_after_s],
-            )
-        )
-
-    def purge(self, delivery_id: str) -> bool:
-        """Delete a dead delivery for good; refuses deliveries that are not dead."""
-        key = keys.delivery(delivery_id)
-        with self.redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    pipe.watch(key)  # type: ignore[no-untyped-call]
-                    if pipe.hget(key, "state") != "dead":
-                        pipe.unwatch()
-                        return False
-                    pipe.multi()
-                    pipe.delete(key, keys.attempts(delivery_id))
-                    pipe.zrem(keys.DEAD, delivery_id)
-                    pipe.execute()
-                    return True
-                except redis.WatchError:
-                    continue
+            pipe.exists(keys.marker(delivery_id))
+            pipe.hget(keys.delivery(delivery_id), "s")
+        flat = pipe.execute()
+        return [
+            "delivered" if flat[i] else delivery.STATES.get(flat[i + 1] or "")
+            for i in range(0, len(flat), 2)
+        ]
 
     def pause_state(self) -> tuple[str, float] | None:
         """The reason and remaining seconds of a fleet-wide pause, or None."""
@@ -370,39 +310,104 @@ class Store:
 
     def gauges(self, queue: str, now: float) -> dict[str, float]:
         """Fleet figures for metrics: queue depth, pending, waiting, dead, paused."""
+        now_ms = int(now * 1000)
         pipe = self.redis.pipeline(transaction=False)
         pipe.llen(queue)
-        pipe.zcard(keys.SCHEDULE)
-        pipe.zcount(keys.SCHEDULE, f"({now}", "+inf")
+        for lane in (keys.LIVE, keys.BULK):
+            pipe.zcard(lane)
+            pipe.zcount(lane, f"({now_ms}", "+inf")
         pipe.zcard(keys.DEAD)
         pipe.exists(keys.PAUSED)
-        depth, pending, waiting, dead, paused = pipe.execute()
+        depth, live, live_later, bulk, bulk_later, dead, paused = pipe.execute()
         return {
             "queue_depth": depth,
-            "pending": pending,
-            "waiting_retries": waiting,
+            "pending": live + bulk,
+            "waiting_retries": live_later + bulk_later,
             "dead_letters": dead,
             "paused": 1 if paused else 0,
         }
 
     def counts(self) -> dict[str, int]:
-        """How many deliveries are scheduled (pending) and dead-lettered."""
+        """How many deliveries are pending (both lanes) and dead-lettered."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.zcard(keys.SCHEDULE)
+        pipe.zcard(keys.LIVE)
+        pipe.zcard(keys.BULK)
         pipe.zcard(keys.DEAD)
-        pending, dead = pipe.execute()
-        return {"pending": int(pending), "dead": int(dead)}
+        live, bulk, dead = pipe.execute()
+        return {"pending": int(live) + int(bulk), "dead": int(dead)}
+
+    # -- dead letters -----------------------------------------------------------------
+
+    def dead_page(
+        self, *, limit: int = 50, before: float | None = None, since: float | None = None,
+        app_id: str | None = None,
+    ) -> list[tuple[str, float]]:  # fmt: skip
+        """Dead letters newest first, with when they died (epoch s): a page of ``limit``
+        older than ``before`` (a cursor: the last row's time) and not older than ``since``;
+        ``app_id`` reads that app's own index, never every letter."""
+        index = keys.dead_app(app_id) if app_id else keys.DEAD
+        top = f"({round(before * 1000)}" if before is not None else "+inf"
+        bottom = round(since * 1000) if since is not None else "-inf"
+        rows: list[Any] = self.redis.zrevrangebyscore(
+            index, top, bottom, start=0, num=limit, withscores=True
+        )
+        return [(str(member), float(score) / 1000) for member, score in rows]
+
+    def dead_batches(self, app_id: str | None = None, batch: int = 1000) -> Iterator[list[str]]:
+        """The dead letters' ids, a batch at a time, oldest first, in constant memory; safe
+        to replay or purge each batch before asking for the next."""
+        index = keys.dead_app(app_id) if app_id else keys.DEAD
+        low: float | str = "-inf"
+        seen: set[str] = set()  # the ids already given at score ``low``
+        while True:
+            rows: list[Any] = self.redis.zrangebyscore(
+                index, low, "+inf", start=0, num=batch + len(seen), withscores=True
+            )
+            fresh = [(str(m), float(s)) for m, s in rows if not (s == low and str(m) in seen)]
+            if not fresh:
+                return
+            fresh = fresh[:batch]
+            yield [member for member, _ in fresh]
+            top = fresh[-1][1]
+            seen = {m for m, s in fresh if s == top} | (seen if top == low else set())
+            low = top
+
+    def replay(self, delivery_ids: Sequence[str]) -> list[str]:
+        """Make dead deliveries pending again (bulk lane, fresh budget); the ids replayed."""
+        if not delivery_ids:
+            return []
+        return [str(i) for i in self._replay([], [*delivery_ids, keys.PREFIX])]
+
+    def purge(self, delivery_ids: Sequence[str]) -> int:
+        """Delete dead deliveries for good (others are left alone); how many went."""
+        if not delivery_ids:
+            return 0
+        return int(self._purge([], [*delivery_ids, keys.PREFIX]))
 
 
-def persist(write: Callable[[], T], deadline_s: float) -> T:
-    """Run a Redis write, retrying connection failures until ``deadline_s`` has passed."""
-    give_up = time.monotonic() + deadline_s
-    delay = 0.1
-    while True:
-        try:
-            return write()
-        except _TRANSIENT_REDIS:
-            if time.monotonic() >= give_up:
-                raise
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
+def _claim(raw: Sequence[Any]) -> Claim:
+    verdict = str(raw[0])
+    if verdict == "claimed":
+        _, delivery_id, token, attempts, app_id, msgid, number, time_, replay, wait, _ = list(raw)
+        record, problem = stored_record(app_id, msgid, number, time_)
+        return Claim(
+            verdict, str(delivery_id), str(token), int(attempts), record, replay == "1",
+            wait_s=float(wait) / 1000, detail=problem,
+        )  # fmt: skip
+    if verdict in ("paused", "throttled"):
+        return Claim(verdict, resume_in_s=float(raw[1]) / 1000)
+    return Claim(verdict)
+
+
+def _events(raw: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
+    events = []
+    for row in raw:
+        kind, delivery_id, detail, app_id, msgid, number, time_, attempts = list(row)
+        record = None
+        if app_id and number and time_:
+            record = BackfillRecord(str(app_id), str(number), str(time_), msgid=msgid or None)
+        events.append(
+            {"kind": str(kind), "delivery_id": str(delivery_id), "detail": str(detail),
+             "record": record, "attempts": int(attempts or 0)}
+        )  # fmt: skip
+    return events

@@ -1,73 +1,94 @@
--- Create deliveries unless the same record is pending or delivered (idempotent enqueue).
--- One call takes one record or a whole batch (one round trip, one script run).
--- KEYS: schedule, then per record: dedupe, delivery
--- ARGV: dedupe_ttl_s, dispatch_grace_s, source, caller ('' for none), delivery key prefix,
---       then per record: id, app_id, msgid, number, time
--- Returns per record {created (1/0), delivery_id}, flattened.
--- A caller (an intake token's name) joins the delivery's comma-separated 'callers', also
--- when the record was already there: it may then read the delivery_id it was given.
--- Every argument is checked before the first write: a bad call writes nothing.
-local function finite(x)
-  return x ~= nil and x == x and x ~= math.huge and x ~= -math.huge
+-- Store deliveries unless the same record is pending or delivered (idempotent enqueue).
+-- A delivery_id is derived from the record's four fields, so the delivery itself (or,
+-- once delivered, its marker) is the idempotency key: nothing is stored twice. One call
+-- takes one record or a whole batch. lib.lua is prepended.
+-- ARGV: 1 lane (l/b)  2 caller ('' for none)  3 due in ms  4 queue ('' for no wake-up)
+--       5 wake-up message, then per record: id, app_id, msgid ('' for none), number, time;
+--       last: the key prefix
+-- Returns per record {created (1/0), delivery_id}, flattened. A record that is dead is
+-- brought back (same delivery_id, a fresh attempt budget). A caller (an intake token's
+-- name) joins the delivery's callers, also when it was there already.
+-- Every argument and every key's type is checked before the first write.
+local n = (#ARGV - 6) / 5
+local lane, caller, due_in = ARGV[1], ARGV[2], num(ARGV[3], 0, 1e11)
+if n < 1 or n ~= math.floor(n) or (lane ~= 'l' and lane ~= 'b') or not due_in
+    or string.find(caller, '[,|]') or (ARGV[4] ~= '' and ARGV[5] == '') then
+  return redis.error_reply('enqueue: bad argument')
 end
-
-local records = (#KEYS - 1) / 2
-if #KEYS < 3 or records ~= math.floor(records) or #ARGV ~= 5 + 5 * records then
-  return redis.error_reply('enqueue: expected 1 + 2n keys and 5 + 5n arguments, got '
-    .. #KEYS .. ' keys and ' .. #ARGV .. ' arguments')
-end
-local ttl, grace, source = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local caller, prefix = ARGV[4], ARGV[5]
-if not finite(ttl) or ttl < 1 or ttl ~= math.floor(ttl) then
-  return redis.error_reply('enqueue: dedupe_ttl_s must be a whole number of seconds >= 1')
-end
-if not finite(grace) or grace < 0 then
-  return redis.error_reply('enqueue: dispatch_grace_s must be a finite number >= 0')
-end
-if source == '' or prefix == '' or string.find(caller, ',', 1, true) then
-  return redis.error_reply('enqueue: source and key prefix must be set, caller without commas')
-end
-for i = 0, records - 1 do
+for i = 0, n - 1 do
   local a = 6 + 5 * i
-  if ARGV[a] == '' or KEYS[3 + 2 * i] ~= prefix .. ARGV[a] then
-    return redis.error_reply('enqueue: record ' .. i .. ': delivery key does not match its id')
+  if not string.match(ARGV[a], '^[%w_-]+$') or ARGV[a + 1] == '' or ARGV[a + 3] == ''
+      or not string.match(ARGV[a + 4], '^%d+$') then
+    return redis.error_reply('enqueue: bad argument: record ' .. i)
   end
-  if ARGV[a + 1] == '' or ARGV[a + 3] == '' then
-    return redis.error_reply('enqueue: record ' .. i .. ': app_id and number must be set')
-  end
-  if not string.match(ARGV[a + 4], '^%d+$') or not finite(tonumber(ARGV[a + 4])) then
-    return redis.error_reply('enqueue: record ' .. i .. ': time must be epoch milliseconds')
+  local kind = redis.call('TYPE', delivery_key(ARGV[a]))['ok']
+  if kind ~= 'none' and kind ~= 'hash' then
+    return redis.error_reply('enqueue: corrupt state: ' .. delivery_key(ARGV[a]) .. ' is a '
+      .. kind)
   end
 end
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local out = {}
-for i = 0, records - 1 do
-  local dedupe, delivery, a = KEYS[2 + 2 * i], KEYS[3 + 2 * i], 6 + 5 * i
-  local existing = redis.call('GET', dedupe)
-  if existing then
-    local held = prefix .. existing
-    if caller ~= '' and redis.call('EXISTS', held) == 1 then
-      local callers = redis.call('HGET', held, 'callers') or ''
-      if not string.find(',' .. callers .. ',', ',' .. caller .. ',', 1, true) then
-        redis.call('HSET', held, 'callers', callers == '' and caller or callers .. ',' .. caller)
-      end
-    end
-    out[#out + 1] = 0
-    out[#out + 1] = existing
-  else
-    local id = ARGV[a]
-    redis.call('HSET', delivery,
-      'app_id', ARGV[a + 1], 'msgid', ARGV[a + 2], 'number', ARGV[a + 3], 'time', ARGV[a + 4],
-      'state', 'pending', 'created_at', now, 'due_at', now, 'dedupe', dedupe, 'source', source)
-    if caller ~= '' then
-      redis.call('HSET', delivery, 'callers', caller)
-    end
-    redis.call('SET', dedupe, id, 'EX', ttl)
-    redis.call('ZADD', KEYS[1], now + grace, id)
-    out[#out + 1] = 1
-    out[#out + 1] = id
+local function with_caller(callers)
+  if caller == '' then
+    return callers
   end
+  if not callers or callers == '' then
+    return caller
+  end
+  if string.find(',' .. callers .. ',', ',' .. caller .. ',', 1, true) then
+    return callers
+  end
+  return callers .. ',' .. caller
+end
+
+local now = now_ms()
+local due = now + due_in
+local out, created = {}, 0
+for i = 0, n - 1 do
+  local a = 6 + 5 * i
+  local id = ARGV[a]
+  local key, marker_key = delivery_key(id), P .. 'k:' .. id
+  local marker = redis.call('GET', marker_key)
+  local state = redis.call('HGET', key, 's')
+  local new = 0
+  if marker then
+    -- delivered within the dedupe window: "<delivered ms>|<callers>"
+    local at, callers = string.match(marker, '^([^|]*)|?(.*)$')
+    local joined = with_caller(callers)
+    if joined ~= callers then
+      redis.call('SET', marker_key, at .. '|' .. joined, 'KEEPTTL')
+    end
+  elseif state == 'x' then
+    local app = redis.call('HGET', key, 'a') or ''
+    redis.call('HSET', key, 's', 'p', 'c', 0, 'u', due, 'l', 0, 'r', 1, 'q', lane)
+    redis.call('HDEL', key, 'z')
+    redis.call('ZREM', DEAD, id)
+    redis.call('ZREM', dead_app_key(app), id)
+    redis.call('ZADD', lane_key(lane), due, id)
+    new = 1
+  elseif state then
+    -- pending (or delivered, kept for a while with its attempts)
+  else
+    redis.call('HSET', key, 'a', ARGV[a + 1], 'n', ARGV[a + 3], 't', ARGV[a + 4], 's', 'p',
+      'u', due, 'w', now, 'q', lane)
+    if ARGV[a + 2] ~= '' then
+      redis.call('HSET', key, 'm', ARGV[a + 2])
+    end
+    redis.call('ZADD', lane_key(lane), due, id)
+    new = 1
+  end
+  if caller ~= '' and not marker then
+    local callers = redis.call('HGET', key, 'i')
+    local joined = with_caller(callers)
+    if joined ~= callers then
+      redis.call('HSET', key, 'i', joined)
+    end
+  end
+  created = created + new
+  out[#out + 1] = new
+  out[#out + 1] = id
+end
+if created > 0 and ARGV[4] ~= '' then
+  redis.call('LPUSH', ARGV[4], ARGV[5])  -- wake a worker: the record goes out at once
 end
 return out

@@ -1,24 +1,25 @@
--- Bring a dead delivery back with a fresh attempt budget, same delivery_id.
--- KEYS: delivery, schedule, dead
--- ARGV: delivery_id, dedupe_ttl_s, dispatch_grace_s
--- Returns 1 when replayed, 0 when the delivery is not dead. Arguments are checked first.
-local ttl, grace = tonumber(ARGV[2]), tonumber(ARGV[3])
-if ttl == nil or ttl ~= ttl or ttl < 1 or ttl > 1e9
-    or grace == nil or grace ~= grace or grace < 0 or grace > 864e3 then
-  return redis.error_reply('replay: bad argument')
+-- Bring dead deliveries back with a fresh attempt budget, same delivery_id, in the bulk
+-- lane (a replay never delays live records). lib.lua is prepended.
+-- ARGV: delivery ids..., then the key prefix. Returns the ids replayed (the others were
+-- not dead). Every id is checked before the first write.
+for i = 1, #ARGV - 1 do
+  if not string.match(ARGV[i], '^[%w_-]+$') then
+    return redis.error_reply('replay: bad argument')
+  end
 end
-if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' or redis.call('HGET', KEYS[1], 'state') ~= 'dead' then
-  return 0
+local now = now_ms()
+local done = {}
+for i = 1, #ARGV - 1 do
+  local id = ARGV[i]
+  local key = delivery_key(id)
+  if redis.call('TYPE', key)['ok'] == 'hash' and redis.call('HGET', key, 's') == 'x' then
+    local app = redis.call('HGET', key, 'a') or ''
+    redis.call('HSET', key, 's', 'p', 'c', 0, 'u', now, 'l', 0, 'r', 1, 'q', 'b')
+    redis.call('HDEL', key, 'z')
+    redis.call('ZADD', lane_key('b'), now, id)
+    redis.call('ZREM', DEAD, id)
+    redis.call('ZREM', dead_app_key(app), id)
+    done[#done + 1] = id
+  end
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local dedupe = redis.call('HGET', KEYS[1], 'dedupe')
-redis.call('HSET', KEYS[1], 'state', 'pending', 'attempts', 0, 'due_at', now,
-  'lease_until', 0, 'replay', 1, 'replayed_at', now)
-redis.call('HDEL', KEYS[1], 'dead_at')
-redis.call('ZADD', KEYS[2], now + grace, ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
-if dedupe then
-  redis.call('SET', dedupe, ARGV[1], 'NX', 'EX', math.floor(ttl))
-end
-return 1
+return done

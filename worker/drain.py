@@ -1,0 +1,208 @@
+"""A drain: what one woken ``backfill.deliver`` task does.
+
+It claims due deliveries from the schedule itself and attempts them one after the other,
+live lane first, until none is due, a budget is spent, or the worker is stopping. Each
+step is one Redis round trip: record the outcome of the attempt just made and claim the
+next (``worker/lua/step.lua``). So Celery's per-message cost (fetch, unacked bookkeeping,
+ack, tracer) is paid once per wake-up, not once per delivery.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from worker import metrics
+from worker.audit import log_attempt
+from worker.heartbeat import progress
+from worker.policy import SLOWDOWN_CODES, AnswerClass, Outcome, decide
+from worker.provider import Answer, ProviderClient
+from worker.record import BackfillRecord
+from worker.settings import DRAIN_BUDGET_S, Settings
+from worker.store import Claim, Finish, StepResult, Store
+
+log = structlog.get_logger("worker.drain")
+# A drain returns after this many attempts or seconds, so the task's message is acked
+# and the thread takes its turn in Celery's queue again.
+BUDGET_ATTEMPTS = 500
+BUDGET_S = DRAIN_BUDGET_S
+# Every tenth claim of a drain looks at the bulk lane first: live cannot starve bulk.
+BULK_EVERY = 10
+# An attempt waits at most this long for a rate-limit slot; beyond, the drain ends.
+MAX_RATE_WAIT_S = 5.0
+
+
+class Fleet:
+    """This process's drains: how many run, whether to stop, and until when to hold off."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.active = 0
+        self.stopping = threading.Event()
+        self.hold_until = 0.0  # monotonic: a drain met the rate limit; no wake-ups until then
+
+    def enter(self) -> None:
+        """A drain starts."""
+        with self._lock:
+            self.active += 1
+
+    def leave(self) -> None:
+        """A drain ends."""
+        with self._lock:
+            self.active -= 1
+
+
+fleet = Fleet()
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What a drain needs: settings, the store, the provider client, the Celery task id."""
+
+    settings: Settings
+    store: Store
+    client: ProviderClient
+    task_id: str | None
+
+
+def drain(ctx: Context) -> int:
+    """Claim and attempt due deliveries until none is due or the budget is spent."""
+    fleet.enter()
+    try:
+        return _drain(ctx)
+    finally:
+        fleet.leave()
+
+
+def _drain(ctx: Context) -> int:
+    settings = ctx.settings
+    until = time.monotonic() + BUDGET_S
+    pending: Finish | None = None
+    attempts = 0
+    while True:
+        stop = fleet.stopping.is_set() or attempts >= BUDGET_ATTEMPTS or time.monotonic() > until
+        step = ctx.store.step(
+            pending,
+            claim=not stop,
+            prefer_bulk=attempts % BULK_EVERY == BULK_EVERY - 1,
+            lease_s=settings.attempt_lease_s,
+            max_attempts=settings.max_attempts,
+            rate_per_s=settings.rate_limit,
+            burst=settings.rate_burst,
+            max_wait_s=MAX_RATE_WAIT_S,
+        )
+        _after(step, pending, settings)
+        pending = None
+        claim = step.claim
+        if claim.verdict == "throttled" and claim.resume_in_s:
+            fleet.hold_until = time.monotonic() + claim.resume_in_s
+        if claim.verdict == "again":
+            continue
+        if claim.verdict != "claimed":
+            return attempts
+        pending = attempt(ctx, claim)
+        attempts += 1
+
+
+def attempt(ctx: Context, claim: Claim) -> Finish:
+    """Send one claimed delivery (counted at its claim), audit it; what to record."""
+    settings = ctx.settings
+    if claim.record is None:  # the stored record no longer validates: never sent
+        answer = Answer(AnswerClass.BAD_RECORD, error=claim.detail)
+        outcome: Outcome = Outcome.DEAD
+        retry_in_s: float | None = None
+    else:
+        try:
+            if claim.wait_s > 0:
+                metrics.RATE_LIMIT_WAITS.inc()
+                metrics.RATE_LIMIT_WAIT_SECONDS.inc(claim.wait_s)
+                time.sleep(claim.wait_s)
+            answer = ctx.client.send(claim.record)
+            outcome, retry_in_s = decide(
+                answer.kind, claim.attempts, settings.max_attempts,
+                settings.backoff_base_s, settings.backoff_cap_s, answer.retry_after_s,
+            )  # fmt: skip
+        except Exception as exc:  # whatever fails, the attempt is audited and counted
+            answer = Answer(AnswerClass.TRANSIENT, error=f"unexpected error: {type(exc).__name__}")
+            outcome, retry_in_s = decide(
+                answer.kind, claim.attempts, settings.max_attempts,
+                settings.backoff_base_s, settings.backoff_cap_s,
+            )  # fmt: skip
+        metrics.ATTEMPT_SECONDS.observe(answer.latency_ms / 1000.0)
+    if outcome is Outcome.PAUSED:
+        retry_in_s = settings.pause_s
+    log_attempt(
+        delivery_id=claim.delivery_id,
+        attempt=claim.attempts,
+        max_attempts=settings.max_attempts,
+        record=claim.record,
+        answer=answer,
+        outcome=outcome,
+        retry_in_s=retry_in_s,
+        replay=claim.replay,
+    )
+    return Finish(
+        claim=claim,
+        answer=answer,
+        outcome=outcome,
+        retry_in_s=retry_in_s,
+        hold_s=settings.slowdown_s if answer.api_status in SLOWDOWN_CODES else 0.0,
+    )
+
+
+def _after(step: StepResult, done: Finish | None, settings: Settings) -> None:
+    """Log what the step did beyond the claim: the outcome's consequences and the events."""
+    if done is not None:
+        progress.finished()
+        metrics.ATTEMPTS.labels(done.outcome.value).inc()
+        if step.first_pause:
+            log.error(
+                "postback.paused",
+                delivery_id=done.claim.delivery_id,
+                api_status=done.answer.api_status,
+                api_reason=done.answer.api_reason,
+                error=done.answer.error,
+                pause_s=settings.pause_s,
+            )
+        if step.finished == "dead":
+            dead(done.claim.delivery_id, done.claim.attempts, done.claim.record, done.last_error)
+    for event in step.events:
+        _event(event, settings)
+
+
+def _event(event: dict[str, Any], settings: Settings) -> None:
+    kind, delivery_id, detail = event["kind"], event["delivery_id"], event["detail"]
+    record: BackfillRecord | None = event["record"]
+    if kind == "orphan":
+        log.warning("postback.orphan", delivery_id=delivery_id, action=detail)
+        return
+    if kind == "poison":
+        log_attempt(
+            delivery_id=delivery_id,
+            attempt=event["attempts"],
+            max_attempts=settings.max_attempts,
+            record=record,
+            answer=None,
+            outcome=Outcome.DEAD,
+            retry_in_s=None,
+            error=detail,
+        )
+    else:
+        log.error("postback.corrupt", delivery_id=delivery_id, error=detail)
+    dead(delivery_id, event["attempts"], record, detail)
+
+
+def dead(delivery_id: str, attempts: int, record: BackfillRecord | None, last_error: str) -> None:
+    """The ``postback.dead`` line (once per dead letter) and its counter."""
+    metrics.DEAD_LETTERED.inc()
+    log.error(
+        "postback.dead",
+        delivery_id=delivery_id,
+        attempts=attempts,
+        app_id=record.app_id if record else None,
+        last_error=last_error,
+    )
