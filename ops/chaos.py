@@ -97,7 +97,7 @@ def _worker_env(redis_url: str, stub_url: str) -> dict[str, str]:
 
 
 def _enqueue(count: int, seed: int) -> list[str]:
-    from worker.tasks import get_store
+    from worker.runtime import get_store
 
     store = get_store()
     base_ms = 1_700_000_000_000 + seed * 10**7
@@ -119,7 +119,7 @@ def _torment(
     ids: list[str],
     started: float,
 ) -> dict[str, Any]:
-    from worker.tasks import get_store
+    from worker.runtime import get_store
 
     store = get_store()
     kills = redis_kills = 0
@@ -156,7 +156,7 @@ def _finished(store: Any, ids: list[str]) -> int:
 
 
 def _count(ids: list[str], stub: ProviderStub, seed: int) -> dict[str, Any]:
-    from worker.tasks import get_store
+    from worker.runtime import get_store
 
     store = get_store()
     states: list[str | None] = []

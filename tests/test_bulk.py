@@ -20,7 +20,7 @@ from worker.bulk import UnreadableInput, count_lines, read_rows
 from worker.errors import InvalidRecord
 from worker.local import WorkerProcess
 from worker.record import FIELDS, BackfillRecord
-from worker.tasks import get_store
+from worker.runtime import get_store
 
 
 def row(**changes: str) -> dict[str, str]:

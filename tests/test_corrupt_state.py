@@ -14,11 +14,12 @@ import redis
 
 from tests.conftest import read_log, unique, wait_for
 from worker import keys
+from worker.connection import connect
 from worker.local import LocalRedis
 from worker.record import BackfillRecord
-from worker.store import HISTORY, Store, connect
+from worker.runtime import get_store
+from worker.store import HISTORY, Store
 from worker.stub import ProviderStub
-from worker.tasks import get_store
 
 pytestmark = pytest.mark.usefixtures("worker")
 

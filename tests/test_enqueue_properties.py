@@ -23,9 +23,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker import InvalidRecord, enqueue_backfill, enqueue_record, producer
+from worker.connection import connect
 from worker.local import LocalRedis
 from worker.record import EARLIEST_TIME_MS, FIELDS, BackfillRecord
-from worker.store import Store, connect
+from worker.store import Store
 
 NOW_MS = int(time.time() * 1000)
 DAY_MS = 24 * 3600 * 1000

@@ -19,12 +19,13 @@ import pytest
 from tests import hostile
 from tests.certs import CA
 from tests.conftest import API_KEY, API_SECRET, read_log, unique, wait_for
+from worker.connection import connect
 from worker.local import LocalRedis, WorkerProcess, local_env
 from worker.policy import AnswerClass
 from worker.provider import ProviderClient
 from worker.record import BackfillRecord
 from worker.settings import load_settings
-from worker.store import Store, connect
+from worker.store import Store
 
 NUMBER = "8613512345678"
 MAX_ATTEMPTS = 3

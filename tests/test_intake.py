@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import read_log, unique, wait_for
-from tests.test_cli import backfill, snapshot
+from tests.test_cli import backfill
+from worker import keys
 from worker.local import LocalRedis, WorkerProcess, free_port
 
 TOKEN = "intake-token-php-shop-0123456789"
@@ -86,6 +87,17 @@ def _healthy(client: Intake) -> bool:
         return False
 
 
+def snapshot(r: redis.Redis) -> set[str]:
+    """The id of every delivery and delivered marker: only an enqueue adds one.
+
+    A worker turns a delivered record's hash into a marker; the id stays in the set.
+    """
+    found: set[str] = set()
+    for pattern in (keys.delivery("*"), keys.marker("*")):
+        found |= {key.rsplit(":", 1)[1] for key in r.scan_iter(pattern, count=1000)}
+    return found
+
+
 def rec(**changes: Any) -> dict[str, Any]:
     return {"app_id": "php-app", "msgid": unique(), "number": "+8613512345678",
             "time": "1681184764000", **changes}  # fmt: skip
@@ -95,32 +107,32 @@ def rec(**changes: Any) -> dict[str, Any]:
 def test_missing_or_wrong_token_is_401_and_nothing_is_enqueued(
     intake: Intake, r: redis.Redis, token: str | None
 ) -> None:
-    before = snapshot(r, "backfill")
+    before = snapshot(r)
     answer = intake.post(rec(), token=token)
     assert answer.status_code == 401
     assert answer.headers["WWW-Authenticate"] == "Bearer"
-    assert snapshot(r, "backfill") == before
+    assert snapshot(r) == before
     assert intake.get("/v1/backfills/x", token=token).status_code == 401
 
 
 def test_malformed_json_is_400(intake: Intake, r: redis.Redis) -> None:
-    before = snapshot(r, "backfill")
+    before = snapshot(r)
     assert intake.post(raw=b'{"app_id": ').status_code == 400
-    assert snapshot(r, "backfill") == before
+    assert snapshot(r) == before
 
 
 def test_body_over_one_mib_is_413(intake: Intake, r: redis.Redis) -> None:
-    before = snapshot(r, "backfill")
+    before = snapshot(r)
     big = json.dumps({"records": [rec(msgid="x" * 60) for _ in range(20_000)]}).encode()
     assert len(big) > 1024 * 1024
     assert intake.post(raw=big).status_code == 413
-    assert snapshot(r, "backfill") == before
+    assert snapshot(r) == before
 
 
 def test_invalid_records_are_422_listing_each_field_and_nothing_is_enqueued(
     intake: Intake, r: redis.Redis
 ) -> None:
-    before = snapshot(r, "backfill")
+    before = snapshot(r)
     body = {"records": [rec(), rec(number="12"), rec(), rec(time="1681184764", colour="red")]}
     answer = intake.post(body)
     assert answer.status_code == 422
@@ -128,11 +140,11 @@ def test_invalid_records_are_422_listing_each_field_and_nothing_is_enqueued(
     assert [e["index"] for e in errors] == [1, 3]
     assert set(errors[0]["fields"]) == {"number"}
     assert set(errors[1]["fields"]) == {"time", "colour"}
-    assert snapshot(r, "backfill") == before
+    assert snapshot(r) == before
     assert intake.post({"records": []}).status_code == 422
     assert intake.post({"records": [rec()] * 1001}).status_code == 422
     assert intake.post([rec()]).status_code == 422
-    assert snapshot(r, "backfill") == before
+    assert snapshot(r) == before
 
 
 def test_one_record_is_accepted_delivered_and_audited_with_the_token_name(
@@ -199,11 +211,11 @@ bodies = st.one_of(
 def test_fuzzed_bodies_never_500_and_rejections_write_nothing(
     intake: Intake, r: redis.Redis, body: Any
 ) -> None:
-    before = snapshot(r, "backfill")
+    before = snapshot(r)
     answer = intake.post(body)
     assert answer.status_code in (202, 400, 422), answer.text
     if answer.status_code != 202:
-        assert snapshot(r, "backfill") == before
+        assert snapshot(r) == before
 
 
 def test_health_command(settings_env: dict[str, str], worker: WorkerProcess) -> None:
@@ -234,7 +246,7 @@ def test_health_for_one_node(settings_env: dict[str, str], worker: WorkerProcess
 def test_deep_nesting_is_400_before_parsing_and_brackets_in_strings_do_not_count(
     intake: Intake, r: redis.Redis
 ) -> None:
-    before = snapshot(r, "backfill")
+    before = snapshot(r)
     for raw in (b"[" * 100_000, b'{"a":' * 100_000, json.dumps(_nested(33)).encode()):
         answer = intake.post(raw=raw)
         assert answer.status_code == 400, answer.text
@@ -242,7 +254,7 @@ def test_deep_nesting_is_400_before_parsing_and_brackets_in_strings_do_not_count
     assert intake.post(raw=b"[" * 20).json()["error"].startswith("body is not valid JSON")
     assert intake.post(raw=b'{"time": NaN}').status_code == 400
     assert intake.post({"records": [_nested(30)]}).status_code == 422  # deep enough, not too
-    assert snapshot(r, "backfill") == before
+    assert snapshot(r) == before
     brackets = intake.post(rec(app_id="{" * 64, msgid='"' + "[" * 63))  # escaped quote too
     assert brackets.status_code == 202, brackets.text
     log = intake.log_path.read_text()
@@ -272,12 +284,12 @@ def _nested(depth: int) -> Any:
 def test_only_application_json_is_accepted(
     intake: Intake, r: redis.Redis, content_type: str, status: int
 ) -> None:
-    before = snapshot(r, "backfill")
+    before = snapshot(r)
     answer = intake.post(rec(), **{"Content-Type": content_type})
     assert answer.status_code == status, answer.text
     if status == 415:
         assert answer.json()["error"].startswith("Content-Type")
-        assert snapshot(r, "backfill") == before
+        assert snapshot(r) == before
 
 
 def test_openapi_documents_every_answer(intake: Intake) -> None:
@@ -304,9 +316,9 @@ def test_a_caller_reads_only_its_own_deliveries(intake: Intake, r: redis.Redis) 
     # the same record from the other caller: the same delivery, now readable by both
     assert intake.post(record, token=OTHER).json()["delivery_id"] == mine
     assert intake.get(f"/v1/backfills/{mine}", token=OTHER).status_code == 200
-    assert r.hget(f"backfill:delivery:{mine}", "callers") == "php-shop,java-crm"
+    assert _callers(mine) == "php-shop,java-crm"
     assert intake.post(record, token=OTHER).status_code == 202
-    assert r.hget(f"backfill:delivery:{mine}", "callers") == "php-shop,java-crm"
+    assert _callers(mine) == "php-shop,java-crm"  # listed once
 
     batch = intake.post({"records": [rec(), rec()]}, token=OTHER).json()["delivery_ids"]
     assert [intake.get(f"/v1/backfills/{d}").status_code for d in batch] == [404, 404]
@@ -318,19 +330,24 @@ def test_a_caller_reads_only_its_own_deliveries(intake: Intake, r: redis.Redis) 
     assert intake.get("/v1/backfills/" + "a" * 5000).status_code == 404
 
 
-def _two_record_call(store: Any) -> tuple[list[str], list[Any]]:
-    """The keys and arguments Store.enqueue_many passes for two fresh records."""
-    from worker import keys
+def _callers(delivery_id: str) -> str:
+    from worker.runtime import get_store
+
+    status = get_store().status(delivery_id)
+    assert status is not None
+    return str(status["callers"])
+
+
+def _two_record_call() -> list[Any]:
+    """The arguments Store.enqueue_many passes for two fresh records (the key prefix last)."""
+    from worker.delivery import delivery_id
     from worker.record import BackfillRecord
 
-    key_list: list[str] = [keys.SCHEDULE]
-    args: list[Any] = [store.dedupe_ttl_s, 0, "test", "", keys.DELIVERY]
+    args: list[Any] = ["b", "", 0, "", ""]
     for _ in range(2):
         record = BackfillRecord.parse(rec())
-        delivery_id = "lua-" + unique()
-        key_list += [keys.dedupe(record.fingerprint()), keys.delivery(delivery_id)]
-        args += [delivery_id, record.app_id, record.msgid, record.number, record.time]
-    return key_list, args
+        args += [delivery_id(record), record.app_id, record.msgid, record.number, record.time]
+    return [*args, keys.PREFIX]
 
 
 def _with(items: list[Any], index: int, value: Any) -> list[Any]:
@@ -339,17 +356,16 @@ def _with(items: list[Any], index: int, value: Any) -> list[Any]:
 
 # Each spoils one argument of a two-record call; the first record's writes would come first.
 SPOILERS = {
-    "ttl not a number": lambda k, a: (k, _with(a, 0, "ten")),
-    "ttl infinite": lambda k, a: (k, _with(a, 0, "1e999")),
-    "ttl fractional": lambda k, a: (k, _with(a, 0, 0.5)),
-    "grace not a number": lambda k, a: (k, _with(a, 1, "nan")),
-    "grace negative": lambda k, a: (k, _with(a, 1, -1)),
-    "caller with a comma": lambda k, a: (k, _with(a, 3, "a,b")),
-    "an argument short": lambda k, a: (k, a[:-1]),
-    "a key short": lambda k, a: (k[:-1], a),
-    "time fractional": lambda k, a: (k, _with(a, len(a) - 1, "1681184764000.5")),
-    "time infinite": lambda k, a: (k, _with(a, len(a) - 1, "1" * 400)),
-    "key of another id": lambda k, a: (_with(k, len(k) - 1, "backfill:delivery:other"), a),
+    "lane unknown": lambda a: _with(a, 0, "x"),
+    "caller with a comma": lambda a: _with(a, 1, "a,b"),
+    "due not a number": lambda a: _with(a, 2, "soon"),
+    "due infinite": lambda a: _with(a, 2, "1e999"),
+    "due negative": lambda a: _with(a, 2, -1),
+    "wake queue without a message": lambda a: _with(a, 3, "backfill"),
+    "an argument short": lambda a: [*a[:-2], a[-1]],
+    "id with a space": lambda a: _with(a, 10, "bad id"),
+    "app_id empty": lambda a: _with(a, 11, ""),
+    "time fractional": lambda a: _with(a, 14, "1681184764000.5"),
 }
 
 
@@ -357,14 +373,14 @@ SPOILERS = {
 def test_enqueue_script_checks_every_argument_before_writing(
     settings_env: dict[str, str], r: redis.Redis, spoil: Any
 ) -> None:
-    from worker.tasks import get_store
+    from worker.runtime import get_store
 
     store = get_store()
-    before = sorted(r.scan_iter("backfill:*"))
-    with pytest.raises(redis.ResponseError, match="enqueue:"):
-        store._enqueue(*spoil(*_two_record_call(store)))
-    assert sorted(r.scan_iter("backfill:*")) == before
-    created = store._enqueue(*_two_record_call(store))  # the unspoilt call passes
+    before = sorted(r.scan_iter(f"{keys.PREFIX}*"))
+    with pytest.raises(redis.ResponseError, match="enqueue: bad argument"):
+        store._enqueue([], spoil(_two_record_call()))
+    assert sorted(r.scan_iter(f"{keys.PREFIX}*")) == before
+    created = store._enqueue([], _two_record_call())  # the unspoilt call passes
     assert created[0::2] == [1, 1]
 
 
@@ -435,7 +451,7 @@ def _request(body: bytes, length: int | None = None) -> bytes:
 def test_a_body_that_does_not_arrive_in_time_is_408_and_the_connection_closed(
     strict_intake: Intake, r: redis.Redis
 ) -> None:
-    before = snapshot(r, "backfill")
+    before = snapshot(r)
     body = json.dumps(rec()).encode()
     answer, took = _until_closed(_connect(strict_intake, _request(body[:10], len(body))))
     assert answer.startswith(b"HTTP/1.1 408"), answer
@@ -453,7 +469,7 @@ def test_a_body_that_does_not_arrive_in_time_is_408_and_the_connection_closed(
     answer, _ = _until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert time.monotonic() - started < 5
-    assert snapshot(r, "backfill") == before
+    assert snapshot(r) == before
 
 
 @pytest.mark.parametrize(
@@ -537,6 +553,6 @@ def test_healthz_answers_during_a_burst_of_batches(intake: Intake, r: redis.Redi
     assert statuses == [202] * len(bodies)
     assert len(latencies) > 5
     assert max(latencies) < 2.0, f"slowest /healthz took {max(latencies):.2f} s"
-    keys = list(r.scan_iter("backfill:*", count=5000))
-    for start in range(0, len(keys), 5000):  # faster than the fixture's key-by-key cleanup
-        r.delete(*keys[start : start + 5000])
+    written = list(r.scan_iter(f"{keys.PREFIX}*", count=5000))
+    for start in range(0, len(written), 5000):  # faster than the fixture's key-by-key cleanup
+        r.delete(*written[start : start + 5000])

@@ -12,11 +12,12 @@ import pytest
 import redis
 
 from tests.conftest import read_log, unique, wait_for
+from worker.connection import connect
 from worker.heartbeat import stalled
 from worker.local import LocalRedis, WorkerProcess
 from worker.messages import wake_message
 from worker.record import BackfillRecord
-from worker.store import Store, connect
+from worker.store import Store
 from worker.stub import ProviderStub
 
 
@@ -83,7 +84,7 @@ def test_a_huge_message_argument_is_capped_in_the_log(
     r: redis.Redis, worker: WorkerProcess, worker_log: Path, settings_env: dict[str, str]
 ) -> None:
     huge = "x" * 1_000_000
-    r.lpush(settings_env.get("BACKFILL_QUEUE", "backfill"), wake_message(huge, "backfill", "t"))
+    r.lpush(settings_env.get("BACKFILL_QUEUE", "backfill"), wake_message("backfill", "t", [huge]))
     wait_for(lambda: [e for e in read_log(worker_log) if e.get("event") == "postback.bad_message"])
     longest = max(len(line) for line in worker_log.read_text().splitlines())
     assert longest < 8_000

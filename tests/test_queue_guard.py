@@ -24,10 +24,11 @@ from kombu import Connection as KombuConnection
 
 from tests.conftest import read_log, unique, wait_for
 from worker.app import app as celery_app
+from worker.connection import connect
 from worker.local import LocalRedis, WorkerProcess
 from worker.messages import wake_message
 from worker.record import BackfillRecord
-from worker.store import Store, connect
+from worker.store import Store
 from worker.stub import ProviderStub
 from worker.transport import (
     EXCERPT_CHARS,
@@ -46,7 +47,7 @@ Spawn = Callable[..., WorkerProcess]
 
 def envelope(**changes: Any) -> dict[str, Any]:
     """A wake-up message as the project sends it, with top-level fields changed."""
-    message: dict[str, Any] = json.loads(wake_message(str(uuid.uuid4()), QUEUE, "test"))
+    message: dict[str, Any] = json.loads(wake_message(QUEUE, "test", [str(uuid.uuid4())]))
     message.update(changes)
     return message
 
@@ -139,7 +140,7 @@ def test_eta_messages_run_at_once_instead_of_stalling_the_worker(
     # more than worker_eta_task_limit (1,000): Celery alone would hold them all and stop
     held = []
     for _ in range(1100):
-        message = json.loads(wake_message(str(uuid.uuid4()), QUEUE, "test"))
+        message = json.loads(wake_message(QUEUE, "test", [str(uuid.uuid4())]))
         message["headers"]["eta"] = "2100-01-01T00:00:00+00:00"
         held.append(json.dumps(message))
     client.lpush(QUEUE, *held)

@@ -17,11 +17,12 @@ import redis
 from tests.conftest import read_log, unique, wait_for
 from tests.test_cli import backfill
 from worker import enqueue_backfill
+from worker.connection import connect
 from worker.local import LocalRedis, WorkerProcess
 from worker.record import BackfillRecord
-from worker.store import Store, connect
+from worker.runtime import get_store
+from worker.store import Store
 from worker.stub import ProviderStub
-from worker.tasks import get_store, publish
 
 ROOT = Path(__file__).resolve().parent.parent
 Spawn = Callable[..., WorkerProcess]

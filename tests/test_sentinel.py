@@ -11,9 +11,10 @@ import pytest
 import redis
 
 from tests.conftest import unique, wait_for
+from worker.connection import connect
 from worker.local import LocalRedis, WorkerProcess, free_port
 from worker.record import BackfillRecord
-from worker.store import Store, connect
+from worker.store import Store
 from worker.stub import ProviderStub
 
 Spawn = Callable[..., WorkerProcess]

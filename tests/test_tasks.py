@@ -15,9 +15,10 @@ import redis
 
 from tests.conftest import API_KEY, API_SECRET, read_log, unique, wait_for
 from worker import enqueue_backfill, keys
+from worker.delivery import delivery_id as delivery_id_of
 from worker.record import BackfillRecord
+from worker.runtime import get_store
 from worker.stub import ProviderStub
-from worker.tasks import get_store
 
 Audit = Callable[[str], list[dict[str, Any]]]
 pytestmark = pytest.mark.usefixtures("worker")
@@ -96,7 +97,7 @@ def test_bad_record_codes_are_dead_lettered_at_once(
     assert status["attempts"] == 1
     assert status["attempts_made"][0]["api_status"] == code
     assert r.zscore(keys.DEAD, delivery_id) is not None
-    assert r.zscore(keys.SCHEDULE, delivery_id) is None
+    assert r.zscore(keys.LIVE, delivery_id) is None
     assert outcomes(audit, delivery_id, 1) == ["dead"]
     dead_events = wait_for(
         lambda: [
@@ -195,7 +196,7 @@ def test_enqueue_is_idempotent(stub: ProviderStub, r: redis.Redis) -> None:
     assert send(stub, msgid=msgid) == first  # still the same once delivered
     assert [q["msgid"] for q in stub.requests()].count(msgid) == 1
     record = BackfillRecord("app-t", "8613512345678", "1681184764000", msgid=msgid)
-    ttl = r.ttl(keys.dedupe(record.fingerprint()))
+    ttl = r.ttl(keys.marker(delivery_id_of(record)))
     assert 0 < ttl <= 7 * 24 * 3600
 
 
@@ -220,17 +221,17 @@ def test_every_worker_line_is_json_and_task_lines_carry_the_task_id(
 
 
 def test_published_messages_are_the_ones_celery_itself_writes(r: redis.Redis) -> None:
-    """publish() builds protocol-2 messages by hand; they must match apply_async's."""
+    """Wake-ups are protocol-2 messages built by hand; they must match apply_async's."""
     from worker.messages import wake_message
     from worker.tasks import deliver
 
     queue = f"compare-{unique()}"
     try:
-        deliver.apply_async(("delivery-1",), queue=queue)
+        deliver.apply_async((), queue=queue)
         raw = r.rpop(queue)
         assert isinstance(raw, str)
         theirs = json.loads(raw)
-        ours = json.loads(wake_message("delivery-1", queue, theirs["headers"]["origin"]))
+        ours = json.loads(wake_message(queue, theirs["headers"]["origin"]))
         for doc in (theirs, ours):
             # per-message identifiers: fresh on every publish, checked for shape only
             task_id = doc["headers"].pop("id")

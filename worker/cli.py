@@ -311,18 +311,6 @@ def demo(records: int, fault_rate: float, workdir: str | None) -> None:
     sys.exit(run_demo(records=records, fault_rate=fault_rate, workdir=workdir))
 
 
-@main.command(
-    context_settings={"ignore_unknown_options": True, "help_option_names": []},
-    add_help_option=False,
-)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench(args: tuple[str, ...]) -> None:
-    """Benchmark the queue against the raw HTTP call (options: bench --help)."""
-    from worker.bench import main as bench_main
-
-    sys.exit(bench_main(list(args)))
-
-
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))

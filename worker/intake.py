@@ -39,7 +39,7 @@ from starlette.responses import Response
 
 from worker.intake_body import BODY_SCHEMA, MAX_BODY, Refused, decode, parse_body
 from worker.producer import enqueue_record, log_enqueued
-from worker.record import mask_number
+from worker.redact import mask_number
 from worker.store import Store
 
 RETRY_AFTER_S = 5

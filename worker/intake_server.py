@@ -119,13 +119,7 @@ def health_client(settings: Settings) -> aioredis.Redis:
 
 def serve(app: Any, host: str, port: int, limits: Limits) -> None:
     """Run uvicorn with the intake's limits (h11 forced: its header size limit applies)."""
-    import os
-    import sys
-
     import uvicorn
-
-    if os.environ.get("XSWITCH"):
-        sys.setswitchinterval(float(os.environ["XSWITCH"]))
 
     uvicorn.run(
         app,

@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import uuid
+from collections.abc import Sequence
 
 DELIVER_TASK = "backfill.deliver"
 _HOSTNAME = socket.gethostname()
@@ -23,11 +24,13 @@ _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _BODY = base64.b64encode(json.dumps([[], {}, _EMBED]).encode()).decode()
 
 
-def wake_message(queue: str, origin: str) -> str:
-    """The message ``deliver.apply_async((), queue=queue)`` would write."""
+def wake_message(queue: str, origin: str, args: Sequence[object] = ()) -> str:
+    """The message ``deliver.apply_async(args, queue=queue)`` would write (a wake-up takes
+    no arguments; tests give some to play an older or a hostile producer)."""
     task_id = str(uuid.uuid4())
+    body = base64.b64encode(json.dumps([list(args), {}, _EMBED]).encode()).decode()
     envelope = {
-        "body": _BODY,
+        "body": body if args else _BODY,
         "content-encoding": "utf-8",
         "content-type": "application/json",
         "headers": {
@@ -43,7 +46,7 @@ def wake_message(queue: str, origin: str) -> str:
             "timelimit": [None, None],
             "root_id": task_id,
             "parent_id": None,
-            "argsrepr": "()",
+            "argsrepr": repr(tuple(args)),
             "kwargsrepr": "{}",
             "origin": origin,
             "ignore_result": True,

@@ -274,7 +274,17 @@ class ProviderStub:
     def _note(self, payload: object, stamp: str, step: str) -> None:
         msgid = payload.get("msgid") if isinstance(payload, dict) else None
         with self._lock:
-            self._log.append({"msgid": msgid, "timestamp": stamp, "step": step})
+            self._log.append({"msgid": msgid, "timestamp": stamp, "step": step, "at": time.time()})
+
+    def seen_at(self) -> dict[str, float]:
+        """When each msgid first reached the backfill path (epoch seconds)."""
+        with self._lock:
+            first: dict[str, float] = {}
+            for entry in self._log:
+                msgid = entry["msgid"]
+                if isinstance(msgid, str) and msgid not in first:
+                    first[msgid] = cast(float, entry["at"])
+            return first
 
     def _count_code(self, code: str) -> None:
         with self._lock:
@@ -293,6 +303,7 @@ _VIEWS: dict[str, Callable[[ProviderStub], object]] = {
     "/_stub/stats": ProviderStub.stats,
     "/_stub/requests": ProviderStub.requests,
     "/_stub/seen": ProviderStub.seen,
+    "/_stub/seen_at": ProviderStub.seen_at,
 }
 
 

@@ -77,7 +77,8 @@ for i = 0, n - 1 do
     redis.call('ZADD', lane_key(lane), due, id)
     new = 1
   end
-  if caller ~= '' and not marker then
+  -- a delivered record may keep its hash (read first by status) beside its marker: both
+  if caller ~= '' and (state or new == 1) then
     local callers = redis.call('HGET', key, 'i')
     local joined = with_caller(callers)
     if joined ~= callers then

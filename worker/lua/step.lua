@@ -33,15 +33,10 @@ local now = now_ms()
 local function finish()
   local id, token, outcome = ARGV[3], ARGV[4], ARGV[5]
   local key = delivery_key(id)
-  if redis.call('TYPE', key)['ok'] ~= 'hash' then
-    return 'missing', 0
+  local h = redis.pcall('HMGET', key, 'k', 'c', 'a', 'q', 'i', 's')
+  if h['err'] or not h[6] or not counter(h[2]) then
+    return 'missing', 0  -- gone, or corrupt since its claim: the next claim deals with it
   end
-  local h = redis.call('HMGET', key, 'k', 'c', 'a', 'q', 'i')
-  if not counter(h[2]) then
-    return 'missing', 0  -- corrupt since its claim; the next claim dead-letters it
-  end
-  redis.call('RPUSH', attempts_key(id), ARGV[6])
-  redis.call('LTRIM', attempts_key(id), -history, -1)
   if hold_ms > 0 then
     -- "too frequent": no worker sends before now + hold
     local until_ = now + hold_ms
@@ -49,18 +44,9 @@ local function finish()
       redis.call('SET', RATE, tostring(until_), 'PX', math.ceil(hold_ms) + 1000)
     end
   end
-  if outcome ~= 'paused' then
-    redis.call('DEL', PROBE, PROBE_LOCK)  -- any other answer proves the account works
-  end
   local delivered = outcome == 'delivered' or outcome == 'duplicate'
-  if h[1] ~= token and not delivered then
-    return 'stale', 0  -- a newer claim owns it now; this attempt stays in the history only
-  end
-  if ARGV[7] == '0' then
-    redis.call('HINCRBY', key, 'c', -1)
-  end
   local lane = lane_key(h[4])
-  if delivered then
+  if delivered then  -- whoever's claim it was: the provider has it
     -- what idempotent enqueue needs for the dedupe window: that it was delivered, when
     local marker = tostring(now)
     if h[5] then
@@ -69,22 +55,38 @@ local function finish()
     redis.call('SET', P .. 'k:' .. id, marker, 'EX', marker_ttl)
     redis.call('ZREM', lane, id)
     if keep > 0 then
+      redis.call('RPUSH', attempts_key(id), ARGV[6])
+      redis.call('LTRIM', attempts_key(id), -history, -1)
       redis.call('HSET', key, 's', 'd', 'y', now, 'l', 0)
       redis.call('EXPIRE', key, keep)
       redis.call('EXPIRE', attempts_key(id), keep)
+      redis.call('DEL', PROBE, PROBE_LOCK)
     else
-      redis.call('DEL', key, attempts_key(id))
+      -- any answer but "account blocked" proves the account works: the probe flags go too
+      redis.call('DEL', key, attempts_key(id), PROBE, PROBE_LOCK)
     end
     return 'delivered', 0
   end
+  redis.call('RPUSH', attempts_key(id), ARGV[6])
+  redis.call('LTRIM', attempts_key(id), -history, -1)
+  if outcome ~= 'paused' then
+    redis.call('DEL', PROBE, PROBE_LOCK)
+  end
+  if h[1] ~= token then
+    return 'stale', 0  -- a newer claim owns it now; this attempt stays in the history only
+  end
+  local attempts = tonumber(h[2]) or 0
+  if ARGV[7] == '0' then
+    attempts = attempts - 1
+  end
   if outcome == 'retry' then
     local due = now + retry_ms
-    redis.call('HSET', key, 'u', due, 'l', 0)
+    redis.call('HSET', key, 'u', due, 'l', 0, 'c', attempts)
     redis.call('ZADD', lane, due, id)
     return 'retry', 0
   end
   if outcome == 'dead' then
-    redis.call('HSET', key, 's', 'x', 'z', now, 'l', 0)
+    redis.call('HSET', key, 's', 'x', 'z', now, 'l', 0, 'c', attempts)
     redis.call('ZREM', lane, id)
     redis.call('ZADD', DEAD, now, id)
     redis.call('ZADD', dead_app_key(h[3] or ''), now, id)
@@ -95,7 +97,7 @@ local function finish()
   redis.call('SET', PROBE, '1')
   redis.call('DEL', PROBE_LOCK)
   local resume = now + math.max(redis.call('PTTL', PAUSED), 0)
-  redis.call('HSET', key, 'u', resume, 'l', 0)
+  redis.call('HSET', key, 'u', resume, 'l', 0, 'c', attempts)
   redis.call('ZADD', lane, resume, id)
   return 'paused', first and 1 or 0
 end
@@ -107,22 +109,22 @@ local function drop(kind, id, detail, h)
 end
 
 local function inspect(lane, id)
-  -- {'claim', h} when the delivery may be claimed now, else nil (it was dealt with)
+  -- the delivery's fields when it may be claimed now, else nil (it was dealt with)
   local key = delivery_key(id)
-  local kind = redis.call('TYPE', key)['ok']
-  if kind == 'none' then
-    redis.call('ZREM', lane_key(lane), id)  -- an orphan: its delivery is gone
-    drop('orphan', id, 'removed from the schedule', nil)
-    return nil
-  end
-  if kind ~= 'hash' then
+  local h = redis.pcall('HMGET', key, 's', 'u', 'l', 'c', 'k', 'a', 'm', 'n', 't', 'r')
+  if h['err'] then
+    local kind = redis.call('TYPE', key)['ok']
     redis.call('RENAME', key, key .. ':corrupt')
     local reason = 'corrupt state: type (' .. kind .. ', kept as ' .. key .. ':corrupt)'
     bury(id, lane, nil, now, reason)
     drop('corrupt', id, reason, nil)
     return nil
   end
-  local h = redis.call('HMGET', key, 's', 'u', 'l', 'c', 'k', 'a', 'm', 'n', 't', 'r')
+  if not (h[1] or h[2] or h[6] or h[8]) and redis.call('EXISTS', key) == 0 then
+    redis.call('ZREM', lane_key(lane), id)  -- an orphan: its delivery is gone
+    drop('orphan', id, 'removed from the schedule', nil)
+    return nil
+  end
   local field = nil
   if h[1] ~= 'p' and h[1] ~= 'x' and h[1] ~= 'd' then field = 'state'
   elseif not finite(tonumber(h[2])) then field = 'due'
@@ -159,18 +161,23 @@ local function inspect(lane, id)
 end
 
 local function claim_next()
-  local pttl = redis.call('PTTL', PAUSED)
-  if pttl == -1 then
-    -- a pause always has a TTL; one without (a manual SET) is given the configured one
-    redis.call('PEXPIRE', PAUSED, math.floor(pause_ms))
-    pttl = pause_ms
-  end
-  if pttl > 0 then
-    return {'paused', tostring(pttl)}
-  end
-  local probing = redis.call('EXISTS', PROBE) == 1
-  if probing and not redis.call('SET', PROBE_LOCK, '1', 'NX', 'PX', math.floor(probe_ms)) then
-    return {'probing'}
+  -- one call for the usual case: no pause, no probe (and the rate clock, read anyway)
+  local flags = redis.call('MGET', PAUSED, PROBE, RATE)
+  local probing = false
+  if flags[1] or flags[2] then
+    local pttl = redis.call('PTTL', PAUSED)
+    if pttl == -1 then
+      -- a pause always has a TTL; one without (a manual SET) is given the configured one
+      redis.call('PEXPIRE', PAUSED, math.floor(pause_ms))
+      pttl = pause_ms
+    end
+    if pttl > 0 then
+      return {'paused', tostring(pttl)}
+    end
+    probing = flags[2] ~= false
+    if probing and not redis.call('SET', PROBE_LOCK, '1', 'NX', 'PX', math.floor(probe_ms)) then
+      return {'probing'}
+    end
   end
   local order = ARGV[20] == 'b' and {'b', 'l'} or {'l', 'b'}
   for _, lane in ipairs(order) do
@@ -182,19 +189,21 @@ local function claim_next()
       local id = due[1]
       local h = inspect(lane, id)
       if h then
-        local wait = rate_wait(RATE, now, rate, burst, max_wait)
+        local wait = 0
+        if rate > 0 or flags[3] then
+          wait = rate_wait(RATE, now, rate, burst, max_wait)
+        end
         if wait < 0 then
           if probing then redis.call('DEL', PROBE_LOCK) end
           return {'throttled', tostring(-wait)}
         end
-        local key = delivery_key(id)
-        local token = redis.call('HINCRBY', key, 'k', 1)
-        redis.call('HINCRBY', key, 'c', 1)
+        local token = (tonumber(h[5]) or 0) + 1
+        local attempt = (tonumber(h[4]) or 0) + 1
         local lease = now + wait + lease_ms
-        redis.call('HSET', key, 'l', lease)
+        redis.call('HSET', delivery_key(id), 'k', token, 'c', attempt, 'l', lease)
         redis.call('ZADD', lane_key(lane), lease, id)
-        return {'claimed', id, tostring(token), tostring((tonumber(h[4]) or 0) + 1), h[6],
-          h[7] or '', h[8], h[9], h[10] or '0', tostring(wait), lane}
+        return {'claimed', id, tostring(token), tostring(attempt), h[6], h[7] or '', h[8], h[9],
+          h[10] or '0', tostring(wait), lane}
       end
     end
     if #events >= 16 then
