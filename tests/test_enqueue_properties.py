@@ -22,10 +22,11 @@ import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker import InvalidRecord, enqueue_backfill, enqueue_record, producer
+from worker import InvalidRecord, enqueue_backfill, enqueue_record, keys, producer
 from worker.connection import connect
 from worker.local import LocalRedis
 from worker.record import EARLIEST_TIME_MS, FIELDS, BackfillRecord
+from worker.runtime import wake_message
 from worker.store import Store
 
 NOW_MS = int(time.time() * 1000)
@@ -122,11 +123,9 @@ def quiet_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis
 
 @pytest.fixture
 def store(quiet_redis: LocalRedis, monkeypatch: pytest.MonkeyPatch) -> Iterator[Store]:
-    """The producer's store, pointed at the quiet Redis; published ids are collected."""
-    own = Store(connect(quiet_redis.url), dedupe_ttl_s=3600, requeue_after_s=60)
-    published: list[str] = []
+    """The producer's store, pointed at the quiet Redis (its wake-ups wait there unread)."""
+    own = Store(connect(quiet_redis.url), dedupe_ttl_s=3600)
     monkeypatch.setattr(producer, "get_store", lambda: own)
-    monkeypatch.setattr(producer, "publish", published.extend)
     yield own
     own.redis.flushdb()
     own.redis.close()
@@ -141,6 +140,8 @@ def check(
 ) -> str:
     """Run one enqueue; it must take the path the draw implies. Returns the path taken."""
     before = dump(store.redis)
+    queue = wake_message()[0]  # where the producer pushes its wake-ups
+    depth = store.redis.llen(queue)
     try:
         delivery_id = attempt()
     except InvalidRecord as exc:
@@ -154,6 +155,9 @@ def check(
     assert stored is not None
     expected = BackfillRecord.parse(data).to_fields()
     assert {name: stored[name] for name in FIELDS} == expected
+    # a new record wakes a worker (one message, pushed by the same script); a repeat does not
+    new = keys.delivery(delivery_id) not in before
+    assert store.redis.llen(queue) == depth + new
     return "accepted"
 
 

@@ -18,7 +18,7 @@ Spawn = Callable[..., WorkerProcess]
 
 
 def store_on(server: LocalRedis) -> Store:
-    return Store(connect(server.url), dedupe_ttl_s=3600, requeue_after_s=5)
+    return Store(connect(server.url), dedupe_ttl_s=3600, keep_delivered_s=3600)
 
 
 def records(count: int, tag: str) -> list[BackfillRecord]:

@@ -79,7 +79,7 @@ def test_deliveries_continue_through_a_failover_with_none_lost(
     url = f"sentinel://127.0.0.1:{sentinel.port}/0"
     env = {"BACKFILL_REDIS_MASTER_NAME": MASTER, "BACKFILL_RATE_LIMIT": "60"}
     spawn_worker(url, **env)
-    store = Store(connect(url, MASTER), dedupe_ttl_s=3600, requeue_after_s=5)
+    store = Store(connect(url, MASTER), dedupe_ttl_s=3600, keep_delivered_s=3600)
     tag = unique("ha")
     records = [
         BackfillRecord("ha", "8613512345678", str(1681184764000 + i), msgid=f"{tag}-{i}")

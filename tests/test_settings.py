@@ -86,8 +86,9 @@ BAD = [
     ("BACKFILL_CONNECT_TIMEOUT_S", "301"),
     ("BACKFILL_READ_TIMEOUT_S", "-inf"),
     ("BACKFILL_READ_TIMEOUT_S", "301"),
-    ("BACKFILL_REQUEUE_AFTER_S", "4"),
-    ("BACKFILL_REQUEUE_AFTER_S", "86401"),
+    ("BACKFILL_KEEP_DELIVERED_S", "-1"),
+    ("BACKFILL_KEEP_DELIVERED_S", "86401"),
+    ("BACKFILL_KEEP_DELIVERED_S", "1.5"),
     ("BACKFILL_VISIBILITY_TIMEOUT_S", "604801"),
     ("BACKFILL_VISIBILITY_TIMEOUT_S", "nan"),
     ("BACKFILL_SCHEDULER_TICK_S", "0"),
@@ -100,8 +101,6 @@ BAD = [
     ("BACKFILL_STALL_AFTER_S", "1e300"),
     ("BACKFILL_DEDUPE_TTL_S", "59"),
     ("BACKFILL_DEDUPE_TTL_S", str(90 * 86400 + 1)),
-    ("BACKFILL_DISPATCH_HIGH_WATER", "0"),
-    ("BACKFILL_DISPATCH_HIGH_WATER", "1000001"),
     ("BACKFILL_MAX_ATTEMPTS", "0"),
     ("BACKFILL_MAX_ATTEMPTS", "1.5"),
     ("BACKFILL_CONCURRENCY", "513"),
@@ -154,8 +153,12 @@ def test_settings_that_disagree_are_named(clean_env: pytest.MonkeyPatch) -> None
     with pytest.raises(ConfigError, match="BACKFILL_BACKOFF_CAP_S must be >= BACKFILL_BACKOFF"):
         load(clean_env, BACKFILL_BACKOFF_BASE_S="60", BACKFILL_BACKOFF_CAP_S="30")
     clean_env.setenv("BACKFILL_BACKOFF_CAP_S", "60")
+    # the default attempt lease is 5 + 15 + 10 s, and a drain may hold its message 5 s more
     with pytest.raises(ConfigError, match=r"^BACKFILL_VISIBILITY_TIMEOUT_S must exceed"):
-        load(clean_env, BACKFILL_VISIBILITY_TIMEOUT_S="60")
+        load(clean_env, BACKFILL_VISIBILITY_TIMEOUT_S="35")
+    assert load(clean_env, BACKFILL_VISIBILITY_TIMEOUT_S="35.5").visibility_timeout_s == 35.5
+    with pytest.raises(ConfigError, match=r"attempt lease \(40 s\)"):
+        load(clean_env, BACKFILL_READ_TIMEOUT_S="25")
 
 
 def test_every_problem_is_reported_at_once(clean_env: pytest.MonkeyPatch) -> None:
@@ -169,6 +172,8 @@ def test_defaults_and_the_documented_limits_are_accepted(clean_env: pytest.Monke
     defaults = load(clean_env)
     assert defaults.redis_url == "redis://localhost:6379/0"
     assert defaults.metrics_host == "0.0.0.0"
+    assert defaults.keep_delivered_s == 900
+    assert load(clean_env, BACKFILL_KEEP_DELIVERED_S="0").keep_delivered_s == 0
     limits = load(
         clean_env,
         BACKFILL_BACKOFF_BASE_S="3600",
@@ -177,7 +182,7 @@ def test_defaults_and_the_documented_limits_are_accepted(clean_env: pytest.Monke
         BACKFILL_READ_TIMEOUT_S="300",
         BACKFILL_PAUSE_S="86400",
         BACKFILL_SHUTDOWN_TIMEOUT_S="3600",
-        BACKFILL_REQUEUE_AFTER_S="86400",
+        BACKFILL_KEEP_DELIVERED_S="86400",
         BACKFILL_VISIBILITY_TIMEOUT_S="604800",
         BACKFILL_RATE_LIMIT="1e6",
         BACKFILL_DEDUPE_TTL_S=str(90 * 86400),
@@ -186,6 +191,7 @@ def test_defaults_and_the_documented_limits_are_accepted(clean_env: pytest.Monke
     )
     assert limits.retry_window_s() < float("inf")
     assert limits.pause_s == 86400
+    assert limits.keep_delivered_s == 86400
 
 
 @pytest.mark.parametrize(
@@ -303,7 +309,7 @@ def test_a_taken_metrics_port_stops_celery_s_own_worker_command_too(
             check=False,
         )
     assert result.returncode == 2
-    assert '"event": "worker.config_error"' in result.stdout
+    assert '"event":"worker.config_error"' in result.stdout
     assert f"BACKFILL_METRICS_PORT: port {port} on 127.0.0.1 is in use" in result.stdout
 
 

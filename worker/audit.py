@@ -13,8 +13,10 @@ import sys
 import threading
 from collections import OrderedDict
 from collections.abc import MutableMapping
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
+import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
@@ -113,7 +115,7 @@ def configure_logging(fmt: str = "json", level: str = "INFO", stream: TextIO | N
         timestamper,
     ]
     renderer: Processor = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=_dumps)
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=False)
     )
@@ -152,6 +154,41 @@ def configure_logging(fmt: str = "json", level: str = "INFO", stream: TextIO | N
     )
     _configured.clear()
     _configured.update(key)
+    _audit.handler = handler if fmt == "json" else None
+
+
+def _dumps(value: Any, **_: Any) -> str:
+    return orjson.dumps(value, default=repr).decode()
+
+
+class _AuditLine:
+    """The attempt line's own path to the log stream: the same fields, redaction, JSON and
+    stream (under the handler's lock) as every other line, without stdlib logging's and
+    structlog's per-call machinery, which cost as much as the rest of the attempt."""
+
+    def __init__(self) -> None:
+        self.handler: logging.StreamHandler[TextIO] | None = None
+        self._logger = logging.getLogger("worker.audit")
+
+    def write(self, level: int, fields: MutableMapping[str, Any]) -> bool:
+        """Write the line; False when the slow path must (console format, not configured)."""
+        handler = self.handler
+        if handler is None:
+            return False
+        if not self._logger.isEnabledFor(level):
+            return True
+        fields.update(structlog.contextvars.get_contextvars())
+        fields["level"] = logging.getLevelName(level).lower()
+        fields["logger"] = "worker.audit"
+        fields["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        line = _dumps(redactor(None, "", fields))
+        with handler.lock:  # type: ignore[union-attr]
+            handler.stream.write(line + "\n")
+            handler.stream.flush()
+        return True
+
+
+_audit = _AuditLine()
 
 
 def log_attempt(
@@ -184,7 +221,8 @@ def log_attempt(
     }
     if replay:
         fields["replay"] = True
-    if outcome is Outcome.DEAD:
-        log.warning("postback.attempt", **fields)
-    else:
-        log.info("postback.attempt", **fields)
+    level = logging.WARNING if outcome is Outcome.DEAD else logging.INFO
+    fields["event"] = "postback.attempt"
+    if not _audit.write(level, fields):
+        del fields["event"]
+        log.log(level, "postback.attempt", **fields)

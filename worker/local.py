@@ -186,7 +186,7 @@ class WorkerProcess:
         raise BackfillError(f"worker not ready after {timeout_s:g} s: {self.log_path}")
 
     def _ready_count(self) -> int:
-        return self.log_path.read_bytes().count(b'"event": "worker.ready"')
+        return self.log_path.read_bytes().count(b'"event":"worker.ready"')
 
     def signal(self, signum: int) -> None:
         """Send a signal to the worker's main process only (kombu #1836)."""

@@ -3,9 +3,9 @@
 -- ARGV:  1 finish? (1/0)  2 claim? (1/0)
 --   finish: 3 id  4 token  5 outcome  6 attempt document (JSON)  7 counted (1/0)
 --           8 retry_ms  9 marker_ttl_s  10 keep_s  11 pause_ms  12 pause reason  13 hold_ms
---           14 history (attempt documents kept)
---   claim:  15 lease_ms  16 rate per s  17 burst  18 max_wait_ms  19 max_attempts
---           20 prefer (l/b: the lane looked at first)  21 probe_lease_ms
+--           14 history (attempt documents kept)  15 its lane (l/b)
+--   claim:  16 lease_ms (also the probe's lease)  17 rate per s  18 burst  19 max_wait_ms
+--           20 max_attempts  21 prefer (l/b: the lane looked at first)
 --   22 key prefix
 -- Returns {finish verdict, first pause (1/0), claim, events}; claim is {'claimed', id,
 -- token, attempt, app_id, msgid, number, time, replay, wait_ms, lane} or why not
@@ -14,18 +14,27 @@
 -- Every argument is checked before the first write.
 local finishing, claiming = ARGV[1] == '1', ARGV[2] == '1'
 local outcomes = {delivered = true, duplicate = true, retry = true, dead = true, paused = true}
-local retry_ms, marker_ttl, keep = num(ARGV[8], 0, 1e11), num(ARGV[9], 1, 1e9), num(ARGV[10], 0, 1e9)
-local pause_ms, hold_ms, history = num(ARGV[11], 1, 864e5), num(ARGV[13], 0, 864e5),
-  num(ARGV[14], 1, 10000)
-local lease_ms, rate, burst = num(ARGV[15], 1, 864e5), num(ARGV[16], 0, 1e6), num(ARGV[17], 1, 1e6)
-local max_wait, max_attempts = num(ARGV[18], 0, 36e5), num(ARGV[19], 1, 1000)
-local probe_ms = num(ARGV[21], 1, 864e5)
-if (ARGV[1] ~= '0' and ARGV[1] ~= '1') or (ARGV[2] ~= '0' and ARGV[2] ~= '1')
-    or (finishing and (not outcomes[ARGV[5]] or (ARGV[7] ~= '0' and ARGV[7] ~= '1')
-      or string.len(ARGV[6]) > 65536 or ARGV[3] == ''))
-    or not (retry_ms and marker_ttl and keep and pause_ms and hold_ms and history and lease_ms
-      and rate and burst and max_wait and max_attempts and probe_ms)
-    or (ARGV[20] ~= 'l' and ARGV[20] ~= 'b') or #ARGV ~= 22 then
+local retry_ms, marker_ttl, keep, pause_ms, hold_ms, history
+local lease_ms, rate, burst, max_wait, max_attempts, probe_ms
+local ok = #ARGV == 22 and (finishing or ARGV[1] == '0') and (claiming or ARGV[2] == '0')
+-- only the half in use is read (and checked): a step that only claims ignores 3..14
+if ok and finishing then
+  retry_ms, marker_ttl, keep = num(ARGV[8], 0, 1e11), num(ARGV[9], 1, 1e9), num(ARGV[10], 0, 1e9)
+  pause_ms, hold_ms, history = num(ARGV[11], 1, 864e5), num(ARGV[13], 0, 864e5),
+    num(ARGV[14], 1, 10000)
+  ok = outcomes[ARGV[5]] and (ARGV[7] == '0' or ARGV[7] == '1') and ARGV[3] ~= ''
+    and string.len(ARGV[6]) <= 65536 and (ARGV[15] == 'l' or ARGV[15] == 'b')
+    and retry_ms and marker_ttl and keep and pause_ms and hold_ms and history
+end
+if ok and claiming then
+  pause_ms = num(ARGV[11], 1, 864e5)
+  lease_ms, rate, burst = num(ARGV[16], 1, 864e5), num(ARGV[17], 0, 1e6), num(ARGV[18], 1, 1e6)
+  max_wait, max_attempts = num(ARGV[19], 0, 36e5), num(ARGV[20], 1, 1000)
+  probe_ms = lease_ms
+  ok = pause_ms and lease_ms and rate and burst and max_wait and max_attempts
+    and (ARGV[21] == 'l' or ARGV[21] == 'b')
+end
+if not ok then
   return redis.error_reply('step: bad argument')
 end
 local now = now_ms()
@@ -45,7 +54,7 @@ local function finish()
     end
   end
   local delivered = outcome == 'delivered' or outcome == 'duplicate'
-  local lane = lane_key(h[4])
+  local lane = lane_key(ARGV[15])  -- where its claim found it
   if delivered then  -- whoever's claim it was: the provider has it
     -- what idempotent enqueue needs for the dedupe window: that it was delivered, when
     local marker = tostring(now)
@@ -179,7 +188,7 @@ local function claim_next()
       return {'probing'}
     end
   end
-  local order = ARGV[20] == 'b' and {'b', 'l'} or {'l', 'b'}
+  local order = ARGV[21] == 'b' and {'b', 'l'} or {'l', 'b'}
   for _, lane in ipairs(order) do
     for _ = 1, 16 do
       local due = redis.call('ZRANGEBYSCORE', lane_key(lane), '-inf', now, 'LIMIT', 0, 1)
