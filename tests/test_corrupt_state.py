@@ -233,15 +233,25 @@ class _Captured(Exception):
     pass
 
 
+class _Capturing(redis.Redis):
+    """A client that keeps the arguments of the first script call instead of running it."""
+
+    sent: list[list[Any]]
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        if args and str(args[0]).upper() in ("EVALSHA", "EVAL"):
+            self.sent.append(list(args))
+            raise _Captured
+        return super().execute_command(*args, **options)
+
+
 def step_args(store: Store, delivery_id: str) -> list[Any]:
     """The arguments Store.step sends to finish a paused attempt of ``delivery_id`` (claimed
     from the bulk lane with token 7) and claim the next one; the script does not run."""
-    sent: list[list[Any]] = []
-
-    def capture(keys_: list[str], args: list[Any]) -> Any:
-        sent.append([keys_, list(args)])
-        raise _Captured
-
+    client = _Capturing(connection_pool=store.redis.connection_pool)
+    client.sent = []
+    capturing = Store(client, dedupe_ttl_s=store.dedupe_ttl_s,
+                      keep_delivered_s=store.keep_delivered_s, pause_s=store.pause_s)  # fmt: skip
     record = BackfillRecord("app-c", NUMBER, "1681184764000", msgid="MSG")
     done = Finish(
         claim=Claim("claimed", delivery_id, "7", 1, record, lane=BULK),
@@ -250,19 +260,15 @@ def step_args(store: Store, delivery_id: str) -> list[Any]:
         retry_in_s=1.25,
         hold_s=0.125,
     )
-    real = store._step
-    store._step = capture  # type: ignore[method-assign]
-    try:
-        with pytest.raises(_Captured):
-            store.step(done, claim=True, prefer_bulk=False, lease_s=5.5, max_attempts=6,
+    with pytest.raises(_Captured):
+        capturing.step(done, claim=True, prefer_bulk=False, lease_s=5.5, max_attempts=6,
                        rate_per_s=0.5, burst=3, max_wait_s=4.75)  # fmt: skip
-    finally:
-        store._step = real  # type: ignore[method-assign]
-    ((keys_, args),) = sent
-    assert keys_ == []
+    ((command, _sha, numkeys, *args),) = client.sent
+    assert (str(command).upper(), int(numkeys)) == ("EVALSHA", 0)  # no KEYS: all in ARGV
+    args = [str(a) for a in args]
     assert args[-1] == P
     assert args[:2] == ["1", "1"]
-    return [str(a) for a in args]
+    return args
 
 
 def _position(args: list[Any], where: str, delivery_id: str) -> int:

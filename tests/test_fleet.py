@@ -46,8 +46,12 @@ def test_metrics_are_served_by_a_real_worker(
     store = store_on(private_redis)
     tag = unique("metrics")
     stub.set_plan({f"{tag}-0": ["500", "ok"], f"{tag}-1": ["status:-9"]})
-    ids = [d for d, _ in store.enqueue_many(records(5, tag))]
+    batch = records(7, tag)
+    ids = [d for d, _ in store.enqueue_many(batch[:5])]
     wait_for(lambda: None not in store.states(ids) and "pending" not in store.states(ids), 20)
+    # parked for an hour, one in each lane: the gauges read both
+    store.enqueue(batch[5], due_in_s=3600)
+    store.enqueue_many(batch[6:], due_in_s=3600)
     figures = wait_for(
         lambda: (f := scrape(port)).get('backfill_attempts_total{outcome="delivered"}') == 4 and f,
         10,
@@ -57,10 +61,10 @@ def test_metrics_are_served_by_a_real_worker(
     assert figures["backfill_dead_lettered_total"] == 1
     assert figures["backfill_attempt_duration_seconds_count"] == 6
     assert figures["backfill_dead_letters"] == 1
-    assert figures["backfill_pending"] == 0
+    assert figures["backfill_pending"] == 2
+    assert figures["backfill_waiting_retries"] == 2
     assert figures["backfill_paused"] == 0
     assert figures["backfill_queue_depth"] == 0
-    assert "backfill_waiting_retries" in figures
     assert "backfill_rate_limit_waits_total" in figures
 
 

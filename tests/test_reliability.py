@@ -225,7 +225,14 @@ def test_dead_list_pages_with_its_cursor_and_filters_by_app_and_time(
     since = seconds + micros // 1000 / 1000
     time.sleep(0.02)
     late = dead_letters(store, "app-a", 2) + dead_letters(store, "app-b", 2)
+    # letters often die in the same millisecond (the loop above, a busy fleet); make sure a
+    # page ends inside such a group: the four late ones share the oldest one's time
+    tie = store.redis.zscore(keys.DEAD, late[0])
+    for delivery_id, app_id in zip(late, ["app-a"] * 2 + ["app-b"] * 2, strict=True):
+        for index in (keys.DEAD, keys.dead_app(app_id)):
+            assert store.redis.zadd(index, {delivery_id: tie}, xx=True, ch=True) in (0, 1)
     newest_first = [i for i, _ in store.dead_page(limit=100)]
+    assert sorted(newest_first[:4]) == sorted(late)
     assert sorted(newest_first) == sorted(early + late)
 
     pages: list[list[str]] = []

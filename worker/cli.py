@@ -6,7 +6,9 @@ Exit codes: 0 success, 1 runtime failure, 2 bad input or bad configuration.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -431,18 +433,18 @@ def dead() -> None:
 
 @dead.command("list")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
-@click.option("--before", "cursor", type=float, help="Cursor: only letters older than this "
-              "(the 'next page' value printed by the previous page).")  # fmt: skip
+@click.option("--before", "cursor", help="Cursor: the 'next page' value printed by the "
+              "previous page; or epoch seconds: only letters older than that.")  # fmt: skip
 @click.option("--since", help="Only letters that died at or after this (ISO date or epoch s).")
 @click.option("--app-id", help="Only this app's letters (read from its own index).")
 @_exits
-def dead_list(limit: int, cursor: float | None, since: str | None, app_id: str | None) -> None:
+def dead_list(limit: int, cursor: str | None, since: str | None, app_id: str | None) -> None:
     """Dead letters, newest first, a page at a time: id, app, masked number, attempts, error."""
     from worker.record import mask_number
     from worker.runtime import get_store
 
     store = get_store()
-    rows = store.dead_page(limit=limit, before=cursor, since=_epoch(since), app_id=app_id)
+    rows = _dead_page(store, limit, _cursor(cursor), _epoch(since), app_id)
     click.echo(f"{'delivery_id':16}  {'app_id':16}  {'number':20}  att  {'when':20}  last_error")
     for delivery_id, died in rows:
         info = store.status(delivery_id) or {}
@@ -451,8 +453,51 @@ def dead_list(limit: int, cursor: float | None, since: str | None, app_id: str |
             f"{mask_number(info.get('number', ''))[:20]:20}  {info.get('attempts', '?'):>3}  "
             f"{_when(died):20}  {info.get('last_error', '')}"
         )
-    more = f"; next page: --before {rows[-1][1]!r}" if len(rows) == limit else ""
+    more = f"; next page: --before {rows[-1][1]!r}:{rows[-1][0]}" if len(rows) == limit else ""
     click.echo(f"{len(rows)} shown, {store.counts()['dead']} dead in all{more}", err=True)
+
+
+def _dead_page(
+    store: Any, limit: int, cursor: tuple[float, str] | None, since: float | None,
+    app_id: str | None,
+) -> list[tuple[str, float]]:  # fmt: skip
+    """A page of dead letters after ``cursor`` (the last row shown: when it died, its id).
+
+    Letters often die in the same millisecond, and a page may end inside such a group: the
+    rest of the group comes first on the next page. An index lists one millisecond's
+    letters by id, descending, so those already shown are the ones from the cursor's id up.
+    """
+    if cursor is None or not cursor[1]:
+        before = cursor[0] if cursor else None
+        rows: list[tuple[str, float]] = store.dead_page(
+            limit=limit, before=before, since=since, app_id=app_id
+        )
+        return rows
+    ms, last = round(cursor[0] * 1000), cursor[1]
+    want = limit + 16
+    while True:  # read the cursor's millisecond too, and skip what was shown of it
+        rows = store.dead_page(limit=want, before=(ms + 1) / 1000, since=since, app_id=app_id)
+        fresh = [(i, t) for i, t in rows if not (round(t * 1000) == ms and i >= last)]
+        if len(fresh) >= limit or len(rows) < want:
+            return fresh[:limit]
+        want *= 2
+
+
+def _cursor(text: str | None) -> tuple[float, str] | None:
+    """--before: "<epoch s>:<delivery_id>" as a page prints it, or epoch seconds alone."""
+    if text is None:
+        return None
+    at, _, last = text.partition(":")
+    try:
+        value = float(at)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or (last and not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", last)):
+        raise click.BadParameter(
+            "expected the 'next page' value a page printed, or epoch seconds",
+            param_hint="--before",
+        )
+    return value, last
 
 
 @dead.command("show")
@@ -522,9 +567,13 @@ def _epoch(text: str | None) -> float | None:
     if text is None:
         return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(value):
+            raise click.BadParameter("expected a finite epoch", param_hint="--since")
+        return value
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,15 +24,19 @@ from worker.policy import SLOWDOWN_CODES, AnswerClass, Outcome, decide
 from worker.provider import Answer, ProviderClient
 from worker.record import BackfillRecord
 from worker.settings import DRAIN_BUDGET_S, Settings
-from worker.store import Claim, Finish, StepResult, Store
+from worker.store import RELEASE, Claim, Finish, StepResult, Store
 
 log = structlog.get_logger("worker.drain")
 # A drain returns after this many attempts or seconds, so the task's message is acked
 # and the thread takes its turn in Celery's queue again.
 BUDGET_ATTEMPTS = 500
 BUDGET_S = DRAIN_BUDGET_S
-# Every tenth claim of a drain looks at the bulk lane first: live cannot starve bulk.
+# Every tenth step of a drain looks at the bulk lane first: live cannot starve bulk.
 BULK_EVERY = 10
+# Deliveries claimed in one step (one Redis round trip) while attempts are quick: up to
+# BATCH quick attempts (QUICK_MS each) are all a live record can wait behind.
+BATCH = 8
+QUICK_MS = 100.0
 # An attempt waits at most this long for a rate-limit slot; beyond, the drain ends.
 MAX_RATE_WAIT_S = 5.0
 
@@ -57,6 +62,8 @@ class Fleet:
 
 
 fleet = Fleet()
+# The answer of a delivery released unsent (nothing was sent, nothing is logged).
+RELEASED = Answer(AnswerClass.TRANSIENT, error="released unsent: the worker is stopping")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,31 +88,43 @@ def drain(ctx: Context) -> int:
 def _drain(ctx: Context) -> int:
     settings = ctx.settings
     until = time.monotonic() + BUDGET_S
-    pending: Finish | None = None
-    attempts = 0
+    done: list[Finish] = []
+    claims: list[Claim] = []
+    attempts = steps = 0
     while True:
         stop = fleet.stopping.is_set() or attempts >= BUDGET_ATTEMPTS or time.monotonic() > until
         step = ctx.store.step(
-            pending,
-            claim=not stop,
-            prefer_bulk=attempts % BULK_EVERY == BULK_EVERY - 1,
+            done,
+            claim=0 if stop else _batch_size(done),
+            prefer_bulk=steps % BULK_EVERY == BULK_EVERY - 1,
             lease_s=settings.attempt_lease_s,
             max_attempts=settings.max_attempts,
             rate_per_s=settings.rate_limit,
             burst=settings.rate_burst,
             max_wait_s=MAX_RATE_WAIT_S,
         )
-        _after(step, pending, settings)
-        pending = None
-        claim = step.claim
-        if claim.verdict == "throttled" and claim.resume_in_s:
-            fleet.hold_until = time.monotonic() + claim.resume_in_s
-        if claim.verdict == "again":
-            continue
-        if claim.verdict != "claimed":
+        steps += 1
+        _after(step, done, settings)
+        if step.status == "throttled" and step.resume_in_s:
+            fleet.hold_until = time.monotonic() + step.resume_in_s
+        claims = step.claims
+        if not claims and step.status != "again":
             return attempts
-        pending = attempt(ctx, claim)
-        attempts += 1
+        done = []
+        for claim in claims:
+            if fleet.stopping.is_set():  # claimed in this batch, never sent: given back
+                done.append(Finish(claim, RELEASED, RELEASE, None))
+                continue
+            done.append(attempt(ctx, claim))
+            attempts += 1
+
+
+def _batch_size(done: Sequence[Finish]) -> int:
+    """How many deliveries to claim next: a batch while attempts are quick, else one, so a
+    live record never waits behind more than BATCH quick bulk attempts or one slow one."""
+    if any(item.answer.latency_ms > QUICK_MS for item in done):
+        return 1
+    return BATCH
 
 
 def attempt(ctx: Context, claim: Claim) -> Finish:
@@ -154,22 +173,24 @@ def attempt(ctx: Context, claim: Claim) -> Finish:
     )
 
 
-def _after(step: StepResult, done: Finish | None, settings: Settings) -> None:
-    """Log what the step did beyond the claim: the outcome's consequences and the events."""
-    if done is not None:
+def _after(step: StepResult, done: Sequence[Finish], settings: Settings) -> None:
+    """Log what the step did beyond the claims: the outcomes' consequences and the events."""
+    for item, (verdict, first_pause) in zip(done, step.recorded, strict=False):
+        if item.outcome == RELEASE:
+            continue
         progress.finished()
-        metrics.ATTEMPTS.labels(done.outcome.value).inc()
-        if step.first_pause:
+        metrics.ATTEMPTS.labels(item.outcome).inc()
+        if first_pause:
             log.error(
                 "postback.paused",
-                delivery_id=done.claim.delivery_id,
-                api_status=done.answer.api_status,
-                api_reason=done.answer.api_reason,
-                error=done.answer.error,
+                delivery_id=item.claim.delivery_id,
+                api_status=item.answer.api_status,
+                api_reason=item.answer.api_reason,
+                error=item.answer.error,
                 pause_s=settings.pause_s,
             )
-        if step.finished == "dead":
-            dead(done.claim.delivery_id, done.claim.attempts, done.claim.record, done.last_error)
+        if verdict == "dead":
+            dead(item.claim.delivery_id, item.claim.attempts, item.claim.record, item.last_error)
     for event in step.events:
         _event(event, settings)
 

@@ -26,6 +26,8 @@ from worker.record import BackfillRecord
 # How many attempt documents a delivery keeps (the audit log has every one).
 HISTORY = 50
 LIVE, BULK = "l", "b"
+# The outcome of a delivery claimed in a batch and never sent (the worker is stopping).
+RELEASE = "release"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,7 @@ class Claim:
     resume_in_s: float = 0.0  # paused or throttled: for this long
     detail: str = ""  # why a claimed record cannot be sent
     lane: str = LIVE  # the lane it was claimed from
+    callers: str = ""  # the intake tokens that may read it
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +53,7 @@ class Finish:
 
     claim: Claim
     answer: Answer
-    outcome: Outcome
+    outcome: str  # an Outcome, or RELEASE: claimed in a batch and never sent
     retry_in_s: float | None
     hold_s: float = 0.0
 
@@ -66,12 +69,31 @@ class Finish:
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
-    """What one step did: the finish's verdict, whether it began a pause, the next claim."""
+    """What one step did: each attempt's recorded verdict (and whether it began a pause),
+    the deliveries claimed, why the claiming stopped, and the events met on the way."""
 
-    finished: str
-    first_pause: bool
-    claim: Claim
+    recorded: list[tuple[str, bool]]
+    claims: list[Claim]
+    status: str  # idle, full, paused, probing, throttled, again, none
+    resume_in_s: float = 0.0  # paused or throttled: for this long
     events: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def claim(self) -> Claim:
+        """The first delivery claimed, or a Claim whose verdict says why there is none."""
+        if self.claims:
+            return self.claims[0]
+        return Claim(self.status, resume_in_s=self.resume_in_s)
+
+    @property
+    def finished(self) -> str:
+        """The verdict of the first attempt recorded ('' when none was)."""
+        return self.recorded[0][0] if self.recorded else ""
+
+    @property
+    def first_pause(self) -> bool:
+        """Whether recording the first attempt began a pause."""
+        return bool(self.recorded and self.recorded[0][1])
 
 
 def _script(*names: str) -> str:
@@ -163,9 +185,9 @@ class Store:
 
     def step(
         self,
-        done: Finish | None,
+        done: Finish | Sequence[Finish] | None,
         *,
-        claim: bool,
+        claim: bool | int,
         prefer_bulk: bool,
         lease_s: float,
         max_attempts: int,
@@ -174,54 +196,58 @@ class Store:
         max_wait_s: float = 5.0,
         deadline_s: float = 120.0,
     ) -> StepResult:
-        """Record ``done`` (if any) and claim the next due delivery (if ``claim``): one trip.
+        """Record the attempts ``done`` and claim up to ``claim`` due deliveries: one trip.
 
-        Recording an attempt rides out a Redis restart (``deadline_s``); when Redis fails
-        during a step, the attempt is recorded alone and the claim is asked again.
+        Recording rides out a Redis restart (``deadline_s``); when Redis fails during a
+        step, the attempts are recorded alone and the claim is asked again ('again').
         """
-        finish_args = self._finish_args(done)
-        claim_args: list[Any] = [
+        finished = [] if done is None else [done] if isinstance(done, Finish) else list(done)
+        want = int(claim)
+        args: list[Any] = [len(finished), want]
+        for item in finished:
+            args += self._finish_args(item)
+        args += [
             int(lease_s * 1000), rate_per_s, burst, int(max_wait_s * 1000), max_attempts,
-            BULK if prefer_bulk else LIVE,
+            BULK if prefer_bulk else LIVE, self._pause_ms, keys.PREFIX,
         ]  # fmt: skip
-        args: list[Any] = ["1" if done else "0", "1" if claim else "0"]
-        args += [*finish_args, *claim_args, keys.PREFIX]
         try:
             reply = self._run_step(args)
         except TRANSIENT_REDIS:
-            if done is None:
+            if not finished:
                 raise
-            args[1] = "0"  # record the attempt alone; the drain asks for a claim again
-            reply = persist(lambda: self._step([], args), deadline_s)
-            reply[2] = ["again"]
-        verdict, first_pause, raw_claim, raw_events = reply
+            args[1] = 0  # record the attempts alone; the drain asks for a claim again
+            reply = persist(lambda: self._run_step(args), deadline_s)
+            reply[1] = ["again"]
+        recorded, status, claims, events = reply
         return StepResult(
-            str(verdict), bool(int(first_pause)), _claim(raw_claim), _events(raw_events)
+            [(str(v), bool(int(f))) for v, f in recorded],
+            [_claim(row) for row in claims],
+            str(status[0]),
+            float(status[1]) / 1000 if len(status) > 1 else 0.0,
+            _events(events),
         )
 
     def _run_step(self, args: list[Any]) -> Any:
         # EVALSHA straight away: redis-py's Script wrapper costs ~2% of a worker's CPU
         try:
-            return self.redis.execute_command("EVALSHA", self._step.sha, 0, *args)
+            return self.redis.execute_command("EVALSHA", self._step.sha, 0, *args)  # type: ignore[no-untyped-call]
         except redis.exceptions.NoScriptError:
             return self._step([], args)  # loads it (a restarted Redis has no scripts)
 
-    def _finish_args(self, done: Finish | None) -> list[Any]:
-        if done is None:  # checked by the script all the same: valid, unused values
-            return ["", "", "retry", "", "1", 0, self.dedupe_ttl_s, 0, self._pause_ms, "", 0,
-                    HISTORY, LIVE]  # fmt: skip
+    def _finish_args(self, done: Finish) -> list[Any]:
         answer = done.answer
         doc = delivery.attempt_doc(
-            done.claim.attempts, int(time.time() * 1000), done.outcome.value,
+            done.claim.attempts, int(time.time() * 1000), done.outcome,
             http_status=answer.http_status, api_status=answer.api_status,
             api_reason=answer.api_reason, error=answer.error, latency_ms=answer.latency_ms,
             retry_in_s=done.retry_in_s,
         )  # fmt: skip
         return [
-            done.claim.delivery_id, done.claim.token, done.outcome.value, doc,
-            "0" if done.outcome is Outcome.PAUSED else "1",
+            done.claim.delivery_id, done.claim.token, done.outcome, doc,
+            "0" if done.outcome in (Outcome.PAUSED, RELEASE) else "1",
             int((done.retry_in_s or 0.0) * 1000), self.dedupe_ttl_s, self.keep_delivered_s,
             self._pause_ms, done.last_error, int(done.hold_s * 1000), HISTORY, done.claim.lane,
+            done.claim.callers,
         ]  # fmt: skip
 
     @property
@@ -382,19 +408,12 @@ class Store:
 
 
 def _claim(raw: Sequence[Any]) -> Claim:
-    verdict = str(raw[0])
-    if verdict == "claimed":
-        _, delivery_id, token, attempts, app_id, msgid, number, time_, replay, wait, lane = list(
-            raw
-        )
-        record, problem = stored_record(app_id, msgid, number, time_)
-        return Claim(
-            verdict, str(delivery_id), str(token), int(attempts), record, replay == "1",
-            wait_s=float(wait) / 1000, detail=problem, lane=str(lane),
-        )  # fmt: skip
-    if verdict in ("paused", "throttled"):
-        return Claim(verdict, resume_in_s=float(raw[1]) / 1000)
-    return Claim(verdict)
+    delivery_id, token, attempts, app, msgid, number, time_, replay, wait, lane, callers = raw
+    record, problem = stored_record(app, msgid, number, time_)
+    return Claim(
+        "claimed", str(delivery_id), str(token), int(attempts), record, replay == "1",
+        wait_s=float(wait) / 1000, detail=problem, lane=str(lane), callers=str(callers),
+    )  # fmt: skip
 
 
 def _events(raw: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:

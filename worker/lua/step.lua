@@ -1,70 +1,63 @@
--- One round trip per delivery: record the outcome of the attempt just made (if any), then
--- claim the next due delivery (if asked). lib.lua is prepended.
--- ARGV:  1 finish? (1/0)  2 claim? (1/0)
---   finish: 3 id  4 token  5 outcome  6 attempt document (JSON)  7 counted (1/0)
---           8 retry_ms  9 marker_ttl_s  10 keep_s  11 pause_ms  12 pause reason  13 hold_ms
---           14 history (attempt documents kept)  15 its lane (l/b)
---   claim:  16 lease_ms (also the probe's lease)  17 rate per s  18 burst  19 max_wait_ms
---           20 max_attempts  21 prefer (l/b: the lane looked at first)
---   22 key prefix
--- Returns {finish verdict, first pause (1/0), claim, events}; claim is {'claimed', id,
--- token, attempt, app_id, msgid, number, time, replay, wait_ms, lane} or why not
--- ('idle', 'paused', 'probing', 'throttled', 'again'); events are the deliveries it
--- dead-lettered or dropped on the way: {kind, id, detail, app_id, msgid, number, time, n}.
+-- One round trip per batch of deliveries: record the attempts just made (if any), then
+-- claim the next due deliveries (if asked). lib.lua is prepended.
+-- ARGV: 1 n (attempts to record)  2 k (deliveries to claim, 0 for none)
+--   then n times 14 values: id, token, outcome (or 'release': claimed, never sent),
+--     attempt document (JSON), counted (1/0), retry_ms, marker_ttl_s, keep_s, pause_ms,
+--     pause reason, hold_ms, history (attempt documents kept), lane (l/b), callers
+--   then the claim's: lease_ms (also the probe's), rate per s, burst, max_wait_ms,
+--     max_attempts, prefer (l/b: the lane looked at first), pause_ms
+--   last: the key prefix
+-- Returns {recorded, status, claims, events}: recorded is {verdict, first pause} per
+-- attempt; status is why the claims stopped ('idle', 'paused', 'probing', 'throttled',
+-- 'again', 'full', 'none') and the ms to wait when paused or throttled; each claim is {id,
+-- token, attempt, app_id, msgid, number, time, replay, wait_ms, lane, callers}; events are
+-- the deliveries dead-lettered or dropped on the way: {kind, id, detail, app_id, msgid,
+-- number, time, attempts}. A claimed delivery's lease covers its place in the batch: the
+-- i-th is leased for i + 1 attempt leases, as the worker sends them one after another.
 -- Every argument is checked before the first write.
-local finishing, claiming = ARGV[1] == '1', ARGV[2] == '1'
-local outcomes = {delivered = true, duplicate = true, retry = true, dead = true, paused = true}
-local retry_ms, marker_ttl, keep, pause_ms, hold_ms, history
-local lease_ms, rate, burst, max_wait, max_attempts, probe_ms
-local ok = #ARGV == 22 and (finishing or ARGV[1] == '0') and (claiming or ARGV[2] == '0')
--- only the half in use is read (and checked): a step that only claims ignores 3..14
-if ok and finishing then
-  retry_ms, marker_ttl, keep = num(ARGV[8], 0, 1e11), num(ARGV[9], 1, 1e9), num(ARGV[10], 0, 1e9)
-  pause_ms, hold_ms, history = num(ARGV[11], 1, 864e5), num(ARGV[13], 0, 864e5),
-    num(ARGV[14], 1, 10000)
-  ok = outcomes[ARGV[5]] and (ARGV[7] == '0' or ARGV[7] == '1') and ARGV[3] ~= ''
-    and string.len(ARGV[6]) <= 65536 and (ARGV[15] == 'l' or ARGV[15] == 'b')
-    and retry_ms and marker_ttl and keep and pause_ms and hold_ms and history
-end
-if ok and claiming then
-  pause_ms = num(ARGV[11], 1, 864e5)
-  lease_ms, rate, burst = num(ARGV[16], 1, 864e5), num(ARGV[17], 0, 1e6), num(ARGV[18], 1, 1e6)
-  max_wait, max_attempts = num(ARGV[19], 0, 36e5), num(ARGV[20], 1, 1000)
-  probe_ms = lease_ms
-  ok = pause_ms and lease_ms and rate and burst and max_wait and max_attempts
-    and (ARGV[21] == 'l' or ARGV[21] == 'b')
+local n, k = num(ARGV[1], 0, 64), num(ARGV[2], 0, 64)
+local W = 14
+local outcomes = {delivered = true, duplicate = true, retry = true, dead = true, paused = true,
+  release = true}
+local c = 3 + (n or 0) * W
+local lease_ms, rate, burst = num(ARGV[c], 1, 864e5), num(ARGV[c + 1], 0, 1e6),
+  num(ARGV[c + 2], 1, 1e6)
+local max_wait, max_attempts = num(ARGV[c + 3], 0, 36e5), num(ARGV[c + 4], 1, 1000)
+local pause_ms = num(ARGV[c + 6], 1, 864e5)
+local ok = n and k and #ARGV == c + 7 and lease_ms and rate and burst and max_wait
+  and max_attempts and pause_ms and (ARGV[c + 5] == 'l' or ARGV[c + 5] == 'b')
+for i = 0, (ok and n or 0) - 1 do
+  local a = 3 + i * W
+  ok = ok and ARGV[a] ~= '' and outcomes[ARGV[a + 2]] and (ARGV[a + 4] == '0' or ARGV[a + 4] == '1')
+    and string.len(ARGV[a + 3]) <= 65536 and num(ARGV[a + 5], 0, 1e11) and num(ARGV[a + 6], 1, 1e9)
+    and num(ARGV[a + 7], 0, 1e9) and num(ARGV[a + 8], 1, 864e5) and num(ARGV[a + 10], 0, 864e5)
+    and num(ARGV[a + 11], 1, 10000) and (ARGV[a + 12] == 'l' or ARGV[a + 12] == 'b')
+    and not string.find(ARGV[a + 13], '|', 1, true)
 end
 if not ok then
   return redis.error_reply('step: bad argument')
 end
 local now = now_ms()
 
-local function finish()
-  local id, token, outcome = ARGV[3], ARGV[4], ARGV[5]
-  local key = delivery_key(id)
-  local h = redis.pcall('HMGET', key, 'k', 'c', 'a', 'q', 'i', 's')
-  if h['err'] or not h[6] or not counter(h[2]) then
-    return 'missing', 0  -- gone, or corrupt since its claim: the next claim deals with it
-  end
-  if hold_ms > 0 then
-    -- "too frequent": no worker sends before now + hold
-    local until_ = now + hold_ms
-    if (tonumber(redis.call('GET', RATE)) or 0) < until_ then
-      redis.call('SET', RATE, tostring(until_), 'PX', math.ceil(hold_ms) + 1000)
-    end
-  end
-  local delivered = outcome == 'delivered' or outcome == 'duplicate'
-  local lane = lane_key(ARGV[15])  -- where its claim found it
-  if delivered then  -- whoever's claim it was: the provider has it
-    -- what idempotent enqueue needs for the dedupe window: that it was delivered, when
+-- Record one attempt (the 14 values from ARGV[a]) and move its delivery on.
+local function finish(a)
+  local id, token, outcome = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  local retry_ms, marker_ttl, keep = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]),
+    tonumber(ARGV[a + 7])
+  local pause_for, hold_ms, history = tonumber(ARGV[a + 8]), tonumber(ARGV[a + 10]),
+    tonumber(ARGV[a + 11])
+  local key, lane = delivery_key(id), lane_key(ARGV[a + 12])
+  if outcome == 'delivered' or outcome == 'duplicate' then
+    -- whoever's claim it was, the provider has it: what idempotent enqueue needs for the
+    -- dedupe window is that it was delivered, when, and who may read it
     local marker = tostring(now)
-    if h[5] then
-      marker = marker .. '|' .. h[5]
+    if ARGV[a + 13] ~= '' then
+      marker = marker .. '|' .. ARGV[a + 13]
     end
     redis.call('SET', P .. 'k:' .. id, marker, 'EX', marker_ttl)
     redis.call('ZREM', lane, id)
-    if keep > 0 then
-      redis.call('RPUSH', attempts_key(id), ARGV[6])
+    if keep > 0 and redis.call('EXISTS', key) == 1 then
+      redis.call('RPUSH', attempts_key(id), ARGV[a + 3])
       redis.call('LTRIM', attempts_key(id), -history, -1)
       redis.call('HSET', key, 's', 'd', 'y', now, 'l', 0)
       redis.call('EXPIRE', key, keep)
@@ -76,17 +69,38 @@ local function finish()
     end
     return 'delivered', 0
   end
-  redis.call('RPUSH', attempts_key(id), ARGV[6])
-  redis.call('LTRIM', attempts_key(id), -history, -1)
-  if outcome ~= 'paused' then
-    redis.call('DEL', PROBE, PROBE_LOCK)
+  local h = redis.pcall('HMGET', key, 'k', 'c', 'a', 's')
+  if h['err'] or not h[4] or not counter(h[2]) then
+    return 'missing', 0  -- gone, or corrupt since its claim: the next claim deals with it
   end
   if h[1] ~= token then
-    return 'stale', 0  -- a newer claim owns it now; this attempt stays in the history only
+    if outcome ~= 'release' then
+      redis.call('RPUSH', attempts_key(id), ARGV[a + 3])  -- kept in the history only
+      redis.call('LTRIM', attempts_key(id), -history, -1)
+    end
+    return 'stale', 0
   end
   local attempts = tonumber(h[2]) or 0
-  if ARGV[7] == '0' then
+  if ARGV[a + 4] == '0' then
     attempts = attempts - 1
+  end
+  if outcome == 'release' then
+    -- claimed in a batch, never sent (the worker is stopping): due again now, uncounted
+    redis.call('HSET', key, 'u', now, 'l', 0, 'c', attempts)
+    redis.call('ZADD', lane, now, id)
+    return 'released', 0
+  end
+  redis.call('RPUSH', attempts_key(id), ARGV[a + 3])
+  redis.call('LTRIM', attempts_key(id), -history, -1)
+  if hold_ms > 0 then
+    -- "too frequent": no worker sends before now + hold
+    local until_ = now + hold_ms
+    if (tonumber(redis.call('GET', RATE)) or 0) < until_ then
+      redis.call('SET', RATE, tostring(until_), 'PX', math.ceil(hold_ms) + 1000)
+    end
+  end
+  if outcome ~= 'paused' then
+    redis.call('DEL', PROBE, PROBE_LOCK)
   end
   if outcome == 'retry' then
     local due = now + retry_ms
@@ -102,7 +116,7 @@ local function finish()
     return 'dead', 0
   end
   -- paused: the account is blocked (or the provider redirects); hold the whole fleet
-  local first = redis.call('SET', PAUSED, ARGV[12], 'NX', 'PX', math.floor(pause_ms))
+  local first = redis.call('SET', PAUSED, ARGV[a + 9], 'NX', 'PX', math.floor(pause_for))
   redis.call('SET', PROBE, '1')
   redis.call('DEL', PROBE_LOCK)
   local resume = now + math.max(redis.call('PTTL', PAUSED), 0)
@@ -120,7 +134,7 @@ end
 local function inspect(lane, id)
   -- the delivery's fields when it may be claimed now, else nil (it was dealt with)
   local key = delivery_key(id)
-  local h = redis.pcall('HMGET', key, 's', 'u', 'l', 'c', 'k', 'a', 'm', 'n', 't', 'r')
+  local h = redis.pcall('HMGET', key, 's', 'u', 'l', 'c', 'k', 'a', 'm', 'n', 't', 'r', 'i')
   if h['err'] then
     local kind = redis.call('TYPE', key)['ok']
     redis.call('RENAME', key, key .. ':corrupt')
@@ -169,10 +183,12 @@ local function inspect(lane, id)
   return h
 end
 
-local function claim_next()
+-- Claim up to k due deliveries, live lane first (bulk first when asked); why it stopped.
+local function claim_batch(claims)
   -- one call for the usual case: no pause, no probe (and the rate clock, read anyway)
   local flags = redis.call('MGET', PAUSED, PROBE, RATE)
   local probing = false
+  local want = k
   if flags[1] or flags[2] then
     local pttl = redis.call('PTTL', PAUSED)
     if pttl == -1 then
@@ -184,53 +200,71 @@ local function claim_next()
       return {'paused', tostring(pttl)}
     end
     probing = flags[2] ~= false
-    if probing and not redis.call('SET', PROBE_LOCK, '1', 'NX', 'PX', math.floor(probe_ms)) then
+    if probing and not redis.call('SET', PROBE_LOCK, '1', 'NX', 'PX', math.floor(lease_ms)) then
       return {'probing'}
     end
+    if probing then
+      want = 1  -- after a pause one delivery probes the account, alone
+    end
   end
-  local order = ARGV[21] == 'b' and {'b', 'l'} or {'l', 'b'}
+  local order = ARGV[c + 5] == 'b' and {'b', 'l'} or {'l', 'b'}
   for _, lane in ipairs(order) do
-    for _ = 1, 16 do
-      local due = redis.call('ZRANGEBYSCORE', lane_key(lane), '-inf', now, 'LIMIT', 0, 1)
+    local lk = lane_key(lane)
+    for _ = 1, 4 do
+      if #claims >= want then
+        return {'full'}
+      end
+      local due = redis.call('ZRANGEBYSCORE', lk, '-inf', now, 'LIMIT', 0, want - #claims)
       if #due == 0 then
         break
       end
-      local id = due[1]
-      local h = inspect(lane, id)
-      if h then
-        local wait = 0
-        if rate > 0 or flags[3] then
-          wait = rate_wait(RATE, now, rate, burst, max_wait)
+      local leases = {}
+      for _, id in ipairs(due) do
+        local h = inspect(lane, id)
+        if h then
+          local wait = 0
+          if rate > 0 or flags[3] then
+            wait = rate_wait(RATE, now, rate, burst, max_wait)
+          end
+          if wait < 0 then
+            if #leases > 0 then
+              redis.call('ZADD', lk, unpack(leases))
+            end
+            if probing and #claims == 0 then redis.call('DEL', PROBE_LOCK) end
+            return {'throttled', tostring(-wait)}
+          end
+          local token = (tonumber(h[5]) or 0) + 1
+          local attempt = (tonumber(h[4]) or 0) + 1
+          local lease = now + wait + lease_ms * (#claims + 1)
+          redis.call('HSET', delivery_key(id), 'k', token, 'c', attempt, 'l', lease)
+          leases[#leases + 1] = lease
+          leases[#leases + 1] = id
+          claims[#claims + 1] = {id, tostring(token), tostring(attempt), h[6], h[7] or '', h[8],
+            h[9], h[10] or '0', tostring(wait), lane, h[11] or ''}
         end
-        if wait < 0 then
-          if probing then redis.call('DEL', PROBE_LOCK) end
-          return {'throttled', tostring(-wait)}
-        end
-        local token = (tonumber(h[5]) or 0) + 1
-        local attempt = (tonumber(h[4]) or 0) + 1
-        local lease = now + wait + lease_ms
-        redis.call('HSET', delivery_key(id), 'k', token, 'c', attempt, 'l', lease)
-        redis.call('ZADD', lane_key(lane), lease, id)
-        return {'claimed', id, tostring(token), tostring(attempt), h[6], h[7] or '', h[8], h[9],
-          h[10] or '0', tostring(wait), lane}
+      end
+      if #leases > 0 then
+        redis.call('ZADD', lk, unpack(leases))
+      end
+      if #events >= 16 then
+        return {'again'}
       end
     end
-    if #events >= 16 then
-      return {'again'}
-    end
   end
-  if probing then
+  if probing and #claims == 0 then
     redis.call('DEL', PROBE_LOCK)  -- nothing due to probe with
   end
-  return {'idle'}
+  return {#claims > 0 and 'full' or 'idle'}
 end
 
-local verdict, first = '', 0
-if finishing then
-  verdict, first = finish()
+local recorded = {}
+for i = 0, n - 1 do
+  local verdict, first = finish(3 + i * W)
+  recorded[#recorded + 1] = {verdict, first}
 end
-local claim = {'none'}
-if claiming then
-  claim = claim_next()
+local claims = {}
+local status = {'none'}
+if k > 0 then
+  status = claim_batch(claims)
 end
-return {verdict, first, claim, events}
+return {recorded, status, claims, events}
