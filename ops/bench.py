@@ -184,8 +184,7 @@ def _sigterm_exits() -> Iterator[None]:
 
 def run(fleet: Fleet, sizes: Sizes) -> Figures:
     """Every measurement, in an order where none disturbs the next."""
-    from worker.runtime import get_store
-
+    get_store = _store_factory()
     figures: Figures = {"records": sizes.records, "waiting_retries": sizes.waiting}
     figures |= {"workers": fleet.worker_count, "concurrency": fleet.concurrency}
     _say(f"stub ceiling and raw baseline, {fleet.concurrency} threads")
@@ -271,6 +270,9 @@ class Fleet:
         with (self.root / "stub.log").open("ab") as log:
             self.stub = subprocess.Popen(
                 [sys.executable, "-m", "worker", "stub", f"--port={self.stub_port}"],
+                # the installed package's stub, also when PYTHONPATH points the rest of the
+                # run at another checkout (to measure an older design side by side)
+                env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -304,9 +306,7 @@ class Fleet:
 
     def redis_cpu(self) -> float:
         """CPU seconds Redis has used so far (INFO cpu: user plus system)."""
-        from worker.runtime import get_store
-
-        info = get_store().redis.info("cpu")
+        info = _store_factory()().redis.info("cpu")
         return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
     def worker_pids(self) -> list[int]:
@@ -397,26 +397,31 @@ def measure_memory(store: Store, sizes: Sizes) -> Figures:
     figures = {"redis_bytes_per_pending": pending}
     if hasattr(store, "step"):  # the drain design's store
         for round_ in range(3):
-            retry_in_s = 3600.0 if round_ == 2 else 0.0
-            for _ in range(count):
-                fail_one(store, retry_in_s)
+            fail_all(store, count, retry_in_s=3600.0 if round_ == 2 else 0.0)
         figures["redis_bytes_per_retry_3"] = (_used_memory(store) - before) / count
     store.redis.flushdb()
     return figures
 
 
-def fail_one(store: Store, retry_in_s: float) -> None:
-    """Claim the next due delivery and record a failed attempt (HTTP 503) for it."""
+def fail_all(store: Store, count: int, retry_in_s: float) -> None:
+    """Claim ``count`` due deliveries in batches and record a failed attempt (HTTP 503) for
+    each, through the real step script, as a worker would."""
     from worker.policy import AnswerClass, Outcome
     from worker.provider import Answer
     from worker.store import Finish
 
-    step = store.step(None, claim=True, prefer_bulk=True, lease_s=30, max_attempts=16)
-    if step.claim.verdict != "claimed":
-        raise BackfillError(f"nothing to claim for the memory figure ({step.claim.verdict})")
     answer = Answer(AnswerClass.TRANSIENT, http_status=503, error="HTTP 503", latency_ms=12.5)
-    done = Finish(step.claim, answer, Outcome.RETRY, retry_in_s)
-    store.step(done, claim=False, prefer_bulk=True, lease_s=30, max_attempts=16)
+    done: list[Finish] = []
+    left = count
+    while True:
+        want = min(8, left)
+        step = store.step(done, claim=want, prefer_bulk=True, lease_s=30, max_attempts=16)
+        if want == 0:
+            return
+        if len(step.claims) < want:
+            raise BackfillError(f"nothing to claim for the memory figure ({step.status})")
+        done = [Finish(c, answer, Outcome.RETRY, retry_in_s) for c in step.claims]
+        left -= len(done)
 
 
 def measure_drain(fleet: Fleet, store: Store, records: int) -> Figures:
@@ -642,9 +647,28 @@ def _used_memory(store: Store) -> int:
 
 def _forget_settings() -> None:
     """Drop settings and clients cached from an earlier environment."""
+    from worker import tasks
+
+    if hasattr(tasks, "get_runtime"):  # the design before drains (PYTHONPATH elsewhere)
+        from worker.app import get_settings  # type: ignore[attr-defined]
+
+        for cached in (get_settings, tasks.get_store, tasks.get_runtime):  # type: ignore[attr-defined]
+            cached.cache_clear()
+        return
     from worker.runtime import reset
 
     reset()
+
+
+def _store_factory() -> Callable[[], Store]:
+    """The process's store: from worker.runtime, or worker.tasks before drains."""
+    from worker import tasks
+
+    if hasattr(tasks, "get_store"):
+        return tasks.get_store  # type: ignore[no-any-return]
+    from worker.runtime import get_store
+
+    return get_store
 
 
 def _say(message: str) -> None:

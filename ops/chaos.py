@@ -92,7 +92,6 @@ def _worker_env(redis_url: str, stub_url: str) -> dict[str, str]:
         backoff_cap_s=2,
         connect_timeout_s=1,
         read_timeout_s=1,
-        requeue_after_s=5,
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,13 @@ def parked(msgid: str | None = None) -> str:
     return delivery_id
 
 
-def due_now(r: redis.Redis, delivery_id: str) -> None:
-    r.zadd(keys.LIVE, {delivery_id: int(time.time() * 1000)})
+def due_now(r: redis.Redis, delivery_id: str, *, hash_too: bool = True) -> None:
+    """Make a parked delivery due: its lane score and its hash's due time (a claim trusts
+    the hash and puts a lane score that runs ahead of it back)."""
+    now_ms = int(time.time() * 1000)
+    if hash_too:
+        r.hset(keys.delivery(delivery_id), "u", now_ms)
+    r.zadd(keys.LIVE, {delivery_id: now_ms})
 
 
 def lines(worker_log: Path, event: str, delivery_id: str) -> list[dict[str, Any]]:
@@ -65,7 +71,7 @@ def test_an_orphan_is_dropped_from_the_schedule_with_one_line(
     r: redis.Redis, worker_log: Path
 ) -> None:
     orphan = "orphan-" + unique()
-    due_now(r, orphan)
+    due_now(r, orphan, hash_too=False)
     wait_for(lambda: r.zscore(keys.LIVE, orphan) is None, 10)
     time.sleep(1.0)  # many waker ticks and drains: nothing comes back
     assert not in_lanes(r, orphan)
@@ -91,7 +97,7 @@ def test_a_corrupt_delivery_is_dead_lettered_once_with_the_field(
     msgid = unique()
     delivery_id = parked(msgid)
     r.hset(keys.delivery(delivery_id), field, value)
-    due_now(r, delivery_id)
+    due_now(r, delivery_id, hash_too=field != "u")
     wait_for(lambda: r.zscore(keys.DEAD, delivery_id) is not None, 10)
     stored = r.hgetall(keys.delivery(delivery_id))
     assert stored["s"] == "x"
@@ -103,6 +109,10 @@ def test_a_corrupt_delivery_is_dead_lettered_once_with_the_field(
     assert (doc["o"], doc["e"]) == ("dead", f"corrupt state: {name}")
     assert r.zscore(keys.dead_app("app-c"), delivery_id) is not None
     assert not in_lanes(r, delivery_id)
+    readable = get_store().status(delivery_id)  # what `backfill status` and `dead show` print
+    assert readable is not None
+    assert (readable["state"], readable["last_error"]) == ("dead", f"corrupt state: {name}")
+    assert readable["number"] == NUMBER
     time.sleep(0.5)
     (corrupt,) = lines(worker_log, "postback.corrupt", delivery_id)
     assert corrupt["error"] == f"corrupt state: {name}"
@@ -116,7 +126,7 @@ def test_a_delivery_key_of_the_wrong_type_is_kept_aside_and_dead_lettered(
 ) -> None:
     delivery_id = "wrongtype-" + unique()
     r.set(keys.delivery(delivery_id), "something a repair script wrote")
-    due_now(r, delivery_id)
+    due_now(r, delivery_id, hash_too=False)
     wait_for(lambda: r.zscore(keys.DEAD, delivery_id) is not None, 10)
     assert r.get(keys.delivery(delivery_id) + ":corrupt") == "something a repair script wrote"
     assert not in_lanes(r, delivery_id)
@@ -197,22 +207,26 @@ BAD: dict[str, dict[Any, list[Any]]] = {
     "enqueue": {0: ["x", ""], 1: ["a,b", "a|b"], 2: [-1, "x", "inf", "nan", "1e300"],
                 3: ["backfill"], 5: ["", "a b", "a:b"], 6: [""], 8: [""],
                 9: ["", "x", "1.5", "-1"]},
-    "step": {"finish?": ["2", "", "x"], "claim?": ["2", ""], "id": [""],
+    "step": {"n": ["", "x", -1, 0, 2, 65], "k": ["", "x", -1, 65], "id": [""],
              "outcome": ["bogus", ""], "document": ["x" * 70_000], "counted": ["2", ""],
              "retry_ms": [-1, "inf", "nan", "x", "1e12"], "marker_ttl_s": [0, "x", "1e300"],
              "keep_s": [-1, "nan"], "pause_ms": [0, "inf", "1e9"],
              "hold_ms": [-1, "x", "1e9"], "history": [0, "x", 10_001],
-             "finish_lane": ["x", ""], "lease_ms": [0, "nan", -5], "rate": [-1, "inf"],
-             "burst": [0, "x"], "max_wait_ms": [-1, "1e7"], "max_attempts": [0, 1001, "x"],
-             "prefer": ["x", ""]},
+             "finish_lane": ["x", ""], "callers": ["a|b"], "lease_ms": [0, "nan", -5],
+             "rate": [-1, "inf"], "burst": [0, "x"], "max_wait_ms": [-1, "1e7"],
+             "max_attempts": [0, 1001, "x"], "prefer": ["x", ""],
+             "claim_pause_ms": [0, "inf", "1e9"]},
     "replay": {0: ["", "a b", "a:b", "x\n"]},
     "purge": {0: ["", "a b", "a:b", "x\n"]},
 }  # fmt: skip
-# how each step argument is recognised among the ones Store.step sends (distinct values)
-STEP_ROLES = {"outcome": "paused", "counted": "0", "retry_ms": "1250", "marker_ttl_s": "3601",
-              "keep_s": "61", "pause_ms": "1500", "hold_ms": "125", "history": str(HISTORY),
-              "finish_lane": "b", "lease_ms": "5500", "rate": "0.5", "burst": "3",
-              "max_wait_ms": "4750", "max_attempts": "6", "prefer": "l"}  # fmt: skip
+# how each step argument is recognised among the ones Store.step sends (distinct values;
+# the pause appears twice: the finish's and the claim's)
+STEP_ROLES = {"outcome": ("paused", 0), "counted": ("0", 0), "retry_ms": ("1250", 0),
+              "marker_ttl_s": ("3601", 0), "keep_s": ("61", 0), "pause_ms": ("1500", 0),
+              "hold_ms": ("125", 0), "history": (str(HISTORY), 0), "finish_lane": ("b", 0),
+              "callers": ("cA", 0), "lease_ms": ("5500", 0), "rate": ("0.5", 0),
+              "burst": ("3", 0), "max_wait_ms": ("4750", 0), "max_attempts": ("6", 0),
+              "prefer": ("l", 0), "claim_pause_ms": ("1500", 1)}  # fmt: skip
 SCRIPT_CASES = [
     pytest.param(script, where, value, id=f"{script}-{where}-{str(value)[:8]!r}")
     for script, table in BAD.items()
@@ -224,6 +238,7 @@ SCRIPT_CASES = [
     ("enqueue", "second", ["ID2", "app-c", "", NUMBER, "x"]),
     ("step", "extra", "x"),
     ("step", "missing", None),
+    ("step", "second", "bogus"),  # a good attempt to record, then one with a bad outcome
     ("replay", "second", ["a b"]),
     ("purge", "second", ["a b"]),
 ]
@@ -245,43 +260,47 @@ class _Capturing(redis.Redis):
         return super().execute_command(*args, **options)
 
 
-def step_args(store: Store, delivery_id: str) -> list[Any]:
-    """The arguments Store.step sends to finish a paused attempt of ``delivery_id`` (claimed
-    from the bulk lane with token 7) and claim the next one; the script does not run."""
+def step_args(store: Store, delivery_id: str, second_outcome: str = "") -> list[Any]:
+    """The arguments Store.step sends to record a paused attempt of ``delivery_id`` (claimed
+    from the bulk lane with token 7) and claim the next one; the script does not run.
+    ``second_outcome``: a second attempt to record, with that outcome."""
     client = _Capturing(connection_pool=store.redis.connection_pool)
     client.sent = []
     capturing = Store(client, dedupe_ttl_s=store.dedupe_ttl_s,
                       keep_delivered_s=store.keep_delivered_s, pause_s=store.pause_s)  # fmt: skip
     record = BackfillRecord("app-c", NUMBER, "1681184764000", msgid="MSG")
     done = Finish(
-        claim=Claim("claimed", delivery_id, "7", 1, record, lane=BULK),
+        claim=Claim("claimed", delivery_id, "7", 1, record, lane=BULK, callers="cA"),
         answer=Answer(AnswerClass.BLOCKED, http_status=200, api_status="-2", error="E-held"),
         outcome=Outcome.PAUSED,
         retry_in_s=1.25,
         hold_s=0.125,
     )
+    finished = [done, replace(done, outcome=second_outcome)] if second_outcome else [done]
     with pytest.raises(_Captured):
-        capturing.step(done, claim=True, prefer_bulk=False, lease_s=5.5, max_attempts=6,
+        capturing.step(finished, claim=True, prefer_bulk=False, lease_s=5.5, max_attempts=6,
                        rate_per_s=0.5, burst=3, max_wait_s=4.75)  # fmt: skip
     ((command, _sha, numkeys, *args),) = client.sent
     assert (str(command).upper(), int(numkeys)) == ("EVALSHA", 0)  # no KEYS: all in ARGV
     args = [str(a) for a in args]
     assert args[-1] == P
-    assert args[:2] == ["1", "1"]
+    assert args[:2] == [str(len(finished)), "1"]
     return args
 
 
 def _position(args: list[Any], where: str, delivery_id: str) -> int:
-    if where in ("finish?", "claim?"):
-        return 0 if where == "finish?" else 1
+    if where in ("n", "k"):  # how many attempts to record, how many to claim: always first
+        return 0 if where == "n" else 1
     if where == "id":
         return args.index(delivery_id)
     if where == "document":
         (found,) = [i for i, a in enumerate(args) if a.startswith("{")]
         return found
-    found = [i for i, a in enumerate(args) if a == STEP_ROLES[where]]
-    assert len(found) == 1, f"Store.step no longer sends one {where} ({STEP_ROLES[where]})"
-    return found[0]
+    value, occurrence = STEP_ROLES[where]
+    found = [i for i, a in enumerate(args) if a == value]
+    shared = [role for role, (v, _) in STEP_ROLES.items() if v == value]
+    assert len(found) == len(shared), f"Store.step no longer sends {shared} as {value!r}"
+    return found[occurrence]
 
 
 def _prepare(store: Store, script: str) -> str:
@@ -314,6 +333,8 @@ def _bad(store: Store, script: str, delivery_id: str, where: Any, value: Any) ->
         return [*args[:-1], value, args[-1]]
     if where == "missing":
         return [*args[:-2], args[-1]]
+    if where == "second" and script == "step":
+        return step_args(store, delivery_id, second_outcome=value)
     if where == "second":
         return [*args[:-1], *value, args[-1]]
     position = where if isinstance(where, int) else _position(args, where, delivery_id)

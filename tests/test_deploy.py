@@ -1,6 +1,6 @@
 """The deployment files (issue 4) agree with the package: Docker does not run here.
 
-docker-compose.yml, ops/Dockerfile, ops/deploy/backfill-worker.service and
+docker-compose.yml, ops/Dockerfile, ops/deploy/backfill-worker@.service and
 ops/deploy/k8s-worker.yaml are checked by reading them: every ``backfill`` command they
 run exists in the click group with the options given, the worker scales and shuts down
 gracefully, and no secret is written into them.
@@ -25,7 +25,7 @@ from worker.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "ops" / "Dockerfile"
-SYSTEMD_UNIT = ROOT / "ops" / "deploy" / "backfill-worker.service"
+SYSTEMD_UNIT = ROOT / "ops" / "deploy" / "backfill-worker@.service"
 K8S = ROOT / "ops" / "deploy" / "k8s-worker.yaml"
 ENV_EXAMPLE = ROOT / "ops" / "env.example"
 DOCKERIGNORE = ROOT / ".dockerignore"
@@ -318,6 +318,9 @@ def test_systemd_unit_runs_backfill_worker_and_stops_with_sigterm() -> None:
     argv = shlex.split(exec_start)
     assert Path(argv[0]).name == "backfill"
     assert argv[1] == "worker"
+    # a template: one process per core, each with its own Celery node name
+    assert SYSTEMD_UNIT.name.endswith("@.service")
+    assert argv[argv.index("--hostname") + 1] == "backfill-%i@%H"
     assert unit["KillSignal"] == ["SIGTERM"]
     assert unit["KillMode"] == ["mixed"]
     assert float(unit["TimeoutStopSec"][0]) > default_http_timeouts_s()

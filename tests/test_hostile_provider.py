@@ -19,6 +19,7 @@ import pytest
 from tests import hostile
 from tests.certs import CA
 from tests.conftest import API_KEY, API_SECRET, read_log, unique, wait_for
+from worker import keys
 from worker.connection import connect
 from worker.local import LocalRedis, WorkerProcess, local_env
 from worker.policy import AnswerClass
@@ -50,7 +51,7 @@ def hostile_env(redis_url: str, base_url: str) -> dict[str, str]:
     return local_env(
         redis_url, base_url, API_KEY, API_SECRET, max_attempts=MAX_ATTEMPTS,
         backoff_base_s=0.05, backoff_cap_s=0.2, connect_timeout_s=CONNECT_S,
-        read_timeout_s=READ_S, pause_s=1.5, requeue_after_s=5, scheduler_tick_s=0.05,
+        read_timeout_s=READ_S, pause_s=1.5, scheduler_tick_s=0.05,
     )  # fmt: skip
 
 
@@ -67,7 +68,7 @@ def hworker(
 
 @pytest.fixture(scope="module")
 def store(hredis: LocalRedis) -> Iterator[Store]:
-    own = Store(connect(hredis.url), dedupe_ttl_s=3600, requeue_after_s=5)
+    own = Store(connect(hredis.url), dedupe_ttl_s=3600, keep_delivered_s=900, pause_s=1.5)
     yield own
     own.redis.close()
 
@@ -76,7 +77,8 @@ def send(store: Store, server: hostile.HostileServer, steps: list[hostile.Behavi
     msgid = unique("h")
     server.plan(msgid, steps)
     record = BackfillRecord("app-h", NUMBER, "1681184764000", msgid=msgid)
-    delivery_id, _ = store.enqueue(record, dispatch_grace_s=0)
+    delivery_id, created = store.enqueue(record)
+    assert created
     return delivery_id
 
 
@@ -152,24 +154,42 @@ def test_a_delivery_claimed_to_the_budget_without_an_outcome_is_dead_lettered_as
 ) -> None:
     msgid = unique("poison")
     record = BackfillRecord("app-h", NUMBER, "1681184764000", msgid=msgid)
-    delivery_id, _ = store.enqueue(record, dispatch_grace_s=600)  # the dispatcher waits
+    ((delivery_id, _),) = store.enqueue_many([record], due_in_s=600)  # the workers wait
+
+    def due_now() -> None:
+        # the lane's score and the hash's due time: a claim trusts the hash
+        now_ms = int(time.time() * 1000)
+        store.redis.hset(keys.delivery(delivery_id), "u", now_ms)
+        store.redis.zadd(keys.BULK, {delivery_id: now_ms})
+
     for expected in range(1, MAX_ATTEMPTS + 1):
         # a worker claims it and dies before any outcome is written
-        claim = store.claim(delivery_id, 0.05, max_attempts=MAX_ATTEMPTS, pause_s=1.5)
-        assert (claim.verdict, claim.attempts) == ("claimed", expected)
-        store.redis.zadd("backfill:schedule", {delivery_id: time.time() + 600})  # not yet
-        time.sleep(0.1)
-    store.redis.zadd("backfill:schedule", {delivery_id: time.time()})
+        due_now()
+        step = store.step(
+            None, claim=True, prefer_bulk=True, lease_s=0.05, max_attempts=MAX_ATTEMPTS
+        )
+        # the lanes hold it back from the running worker until the next claim
+        store.redis.zadd(keys.BULK, {delivery_id: int(time.time() * 1000) + 600_000})
+        claim = step.claim
+        assert (claim.verdict, claim.delivery_id, claim.attempts) == (
+            "claimed", delivery_id, expected,
+        )  # fmt: skip
+        time.sleep(0.1)  # its lease ends
+    assert server.seen(msgid) == []
+    due_now()
     status = final(store, delivery_id)
     assert status["state"] == "dead"
     assert status["last_error"] == (
         f"poison record: claimed {MAX_ATTEMPTS} times without a recorded outcome"
     )
+    assert status["attempts"] == MAX_ATTEMPTS
     assert server.seen(msgid) == []
     (line,) = wait_for(lambda: events(hworker, delivery_id, "postback.attempt"), 10)
-    assert line["outcome"] == "dead"
+    assert (line["outcome"], line["attempt"]) == ("dead", MAX_ATTEMPTS)
     assert line["error"].startswith("poison record")
     assert wait_for(lambda: events(hworker, delivery_id, "postback.dead"), 10)
+    time.sleep(0.5)
+    assert len(events(hworker, delivery_id, "postback.dead")) == 1
 
 
 @pytest.mark.parametrize(
@@ -326,9 +346,9 @@ def test_a_worker_audits_the_tls_reason_and_warns_of_cleartext(
         worker = WorkerProcess(env, tmp_path / "worker.log").start()
         try:
             worker.wait_ready()
-            own = Store(connect(local.url), dedupe_ttl_s=3600, requeue_after_s=5)
+            own = Store(connect(local.url), dedupe_ttl_s=3600)
             record = BackfillRecord("app-h", NUMBER, "1681184764000", msgid=unique())
-            delivery_id, _ = own.enqueue(record, dispatch_grace_s=0)
+            delivery_id, _ = own.enqueue(record)
             line = wait_for(lambda: events(worker, delivery_id, "postback.attempt"), 20)[0]
             assert line["error"] == "tls error: certificate has expired"
         finally:

@@ -58,12 +58,18 @@ def test_health_reports_a_worker_that_has_work_and_finishes_nothing(
         try:
             worker.wait_ready()
             assert health(env, "--node", node).returncode == 0
-            store = Store(connect(local.url), dedupe_ttl_s=3600, requeue_after_s=60)
+            store = Store(connect(local.url), dedupe_ttl_s=3600)
             slow, waiting = unique(), unique()
             stub.set_plan({slow: ["slow:14"]})  # the only thread is held for 14 s
-            for msgid in (slow, waiting):
+
+            def enqueue(msgid: str) -> None:
                 record = BackfillRecord("app-l", "8613512345678", "1681184764000", msgid=msgid)
-                store.enqueue(record, dispatch_grace_s=0)
+                assert store.enqueue(record)[1]
+
+            enqueue(slow)
+            # the slow attempt is in flight before the other record waits behind it
+            wait_for(lambda: [s for s in stub.seen() if s["msgid"] == slow], 10)
+            enqueue(waiting)
 
             def reported() -> subprocess.CompletedProcess[str] | None:
                 result = health(env, "--node", node)
@@ -85,7 +91,11 @@ def test_a_huge_message_argument_is_capped_in_the_log(
 ) -> None:
     huge = "x" * 1_000_000
     r.lpush(settings_env.get("BACKFILL_QUEUE", "backfill"), wake_message("backfill", "t", [huge]))
-    wait_for(lambda: [e for e in read_log(worker_log) if e.get("event") == "postback.bad_message"])
+    (bad,) = wait_for(
+        lambda: [e for e in read_log(worker_log) if e.get("event") == "postback.bad_message"], 10
+    )
+    assert bad["arguments"].startswith("(('xxxx")  # which message it was, capped
+    assert len(bad["arguments"]) < 200
     longest = max(len(line) for line in worker_log.read_text().splitlines())
     assert longest < 8_000
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from tests.conftest import read_log, unique, wait_for
 from tests.test_cli import backfill
 from worker import enqueue_backfill, keys
 from worker.connection import connect
-from worker.local import LocalRedis, WorkerProcess
+from worker.local import LocalRedis, WorkerProcess, free_port
 from worker.messages import wake_message as legacy_message
 from worker.policy import AnswerClass, Outcome
 from worker.provider import Answer
@@ -213,50 +214,81 @@ def dead_list(env: dict[str, str], *args: str) -> tuple[list[str], str | None]:
     return rows, cursor.group(1) if cursor else None
 
 
-def test_dead_list_pages_with_its_cursor_and_filters_by_app_and_time(
-    settings_env: dict[str, str], private_redis: LocalRedis
-) -> None:
+@dataclass
+class Letters:
+    """Dead letters on a Redis of their own: three died before ``since``, four after."""
+
+    store: Store
+    env: dict[str, str]  # for the CLI: BACKFILL_REDIS_URL
+    early: list[str]  # app-a, app-a, app-b
+    late: list[str]  # app-a, app-a, app-b, app-b
+    since: float  # epoch s, by the scripts' clock
+
+
+@pytest.fixture
+def letters(settings_env: dict[str, str], private_redis: LocalRedis) -> Letters:
     store = private_store(private_redis)
-    env = {"BACKFILL_REDIS_URL": private_redis.url}
     # no worker here: the letters die in a tight loop, several in the same millisecond
-    early = dead_letters(store, "app-a", 3) + dead_letters(store, "app-b", 2)
+    early = dead_letters(store, "app-a", 2) + dead_letters(store, "app-b", 1)
     time.sleep(0.02)
-    seconds, micros = store.redis.time()  # the scripts' clock
+    seconds, micros = store.redis.time()
     since = seconds + micros // 1000 / 1000
     time.sleep(0.02)
     late = dead_letters(store, "app-a", 2) + dead_letters(store, "app-b", 2)
-    # letters often die in the same millisecond (the loop above, a busy fleet); make sure a
-    # page ends inside such a group: the four late ones share the oldest one's time
-    tie = store.redis.zscore(keys.DEAD, late[0])
-    for delivery_id, app_id in zip(late, ["app-a"] * 2 + ["app-b"] * 2, strict=True):
+    return Letters(store, {"BACKFILL_REDIS_URL": private_redis.url}, early, late, since)
+
+
+def test_dead_list_pages_with_its_cursor_even_within_one_millisecond(letters: Letters) -> None:
+    store = letters.store
+    # a page may end inside a group of letters that died in the same millisecond (a busy
+    # fleet, the loop above); make sure one does: the four late ones share one time
+    tie = store.redis.zscore(keys.DEAD, letters.late[0])
+    for delivery_id, app_id in zip(letters.late, ["app-a"] * 2 + ["app-b"] * 2, strict=True):
         for index in (keys.DEAD, keys.dead_app(app_id)):
             assert store.redis.zadd(index, {delivery_id: tie}, xx=True, ch=True) in (0, 1)
     newest_first = [i for i, _ in store.dead_page(limit=100)]
-    assert sorted(newest_first[:4]) == sorted(late)
-    assert sorted(newest_first) == sorted(early + late)
+    assert sorted(newest_first[:4]) == sorted(letters.late)
+    assert sorted(newest_first[4:]) == sorted(letters.early)
 
     pages: list[list[str]] = []
     cursor: str | None = None
     while True:
-        rows, cursor = dead_list(env, "--limit", "2", *(["--before", cursor] if cursor else []))
+        more = ["--before", cursor] if cursor else []
+        rows, cursor = dead_list(letters.env, "--limit", "2", *more)
         pages.append(rows)
         if cursor is None:
             break
-        assert len(pages) <= 6, pages
-    assert [len(p) for p in pages] == [2, 2, 2, 2, 1]
+        assert len(pages) < 5, pages
+    assert [len(p) for p in pages] == [2, 2, 2, 1]
     assert [i for page in pages for i in page] == newest_first
 
+
+def test_dead_list_filters_by_app_and_time(letters: Letters) -> None:
+    early, late, since, env = letters.early, letters.late, letters.since, letters.env
     app_a, _ = dead_list(env, "--app-id", "app-a")
-    assert sorted(app_a) == sorted(early[:3] + late[:2])
+    assert sorted(app_a) == sorted(early[:2] + late[:2])
     iso = datetime.fromtimestamp(since, UTC).isoformat(timespec="milliseconds")
     recent, _ = dead_list(env, "--since", iso.replace("+00:00", "Z"))
     assert sorted(recent) == sorted(late)
+    older, _ = dead_list(env, "--before", repr(since))  # epoch seconds alone: older than that
+    assert sorted(older) == sorted(early)
     recent_b, _ = dead_list(env, "--app-id", "app-b", "--since", repr(since))
     assert sorted(recent_b) == sorted(late[2:])
-    assert dead_list(env, "--app-id", "app-c")[0] == []
-    bad = backfill("dead", "list", "--since", "last tuesday", env=env)
-    assert bad.returncode == 2
-    assert "--since" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--since", "last tuesday"), ("--since", "nan"), ("--before", "inf"), ("--before", "1:a b")],
+)
+def test_dead_list_refuses_a_bad_since_or_cursor_before_asking_redis(
+    option: str, value: str
+) -> None:
+    nobody = {"BACKFILL_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}  # would exit 1
+    result = backfill("dead", "list", option, value, env=nobody)
+    assert result.returncode == 2, result.stderr
+    assert option in result.stderr
+    assert "Redis" not in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_dead_replay_and_purge_work_through_thousands_in_batches(

@@ -235,8 +235,6 @@ def status(delivery_id: str) -> None:
       2  malformed DELIVERY_ID (1 to 128 printable ASCII characters, no spaces)
       3  no such delivery
     """
-    import re
-
     from worker.runtime import get_store
 
     if not re.fullmatch(r"[\x21-\x7e]{1,128}", delivery_id):

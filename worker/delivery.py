@@ -91,14 +91,14 @@ def status(delivery_id: str, fields: Mapping[str, str], history: Sequence[str]) 
         "number": fields.get("n", ""),
         "time": fields.get("t", ""),
         "lane": LANES.get(fields.get("q", ""), ""),
-        "attempts": int(fields.get("c") or 0),
+        "attempts": _readable_int(fields.get("c") or "0"),
         "last_error": last_error,
         "replay": fields.get("r") == "1",
         "callers": fields.get("i", ""),
     }
     for short, name in _TIMES.items():
         if fields.get(short) not in (None, "", "0"):
-            out[name] = iso(float(fields[short]))
+            out[name] = _readable_time(fields[short])
     out["attempts_made"] = attempts
     return out
 
@@ -114,6 +114,19 @@ def compacted_status(delivery_id: str, marker: str) -> dict[str, Any]:
         "attempts_made": [],
         "compacted": True,
     }
+
+
+def _readable_int(stored: str) -> int | str:
+    # a hand-edited (corrupt) count is shown as stored: its dead letter names the field
+    digits = stored.removeprefix("-")
+    return int(stored) if digits.isascii() and digits.isdigit() else stored
+
+
+def _readable_time(stored: str) -> str:
+    try:
+        return iso(float(stored))
+    except (ValueError, OverflowError, OSError):  # corrupt: shown as stored
+        return stored
 
 
 def _status_text(doc: Mapping[str, Any]) -> str:

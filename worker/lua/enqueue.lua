@@ -15,17 +15,19 @@ if n < 1 or n ~= math.floor(n) or (lane ~= 'l' and lane ~= 'b') or not due_in
     or string.find(caller, '[,|]') or (ARGV[4] ~= '' and ARGV[5] == '') then
   return redis.error_reply('enqueue: bad argument')
 end
+local states = {}  -- each record's current state ('p', 'x', 'd', or false when new)
 for i = 0, n - 1 do
   local a = 6 + 5 * i
   if not string.match(ARGV[a], '^[%w_-]+$') or ARGV[a + 1] == '' or ARGV[a + 3] == ''
       or not string.match(ARGV[a + 4], '^%d+$') then
     return redis.error_reply('enqueue: bad argument: record ' .. i)
   end
-  local kind = redis.call('TYPE', delivery_key(ARGV[a]))['ok']
-  if kind ~= 'none' and kind ~= 'hash' then
-    return redis.error_reply('enqueue: corrupt state: ' .. delivery_key(ARGV[a]) .. ' is a '
-      .. kind)
+  local state = redis.pcall('HGET', delivery_key(ARGV[a]), 's')
+  if type(state) == 'table' and state['err'] then
+    return redis.error_reply('enqueue: corrupt state: ' .. delivery_key(ARGV[a])
+      .. ' is not a hash')
   end
+  states[i] = state
 end
 
 local function with_caller(callers)
@@ -43,13 +45,16 @@ end
 
 local now = now_ms()
 local due = now + due_in
-local out, created = {}, 0
+local out, created, scheduled = {}, 0, {}
 for i = 0, n - 1 do
   local a = 6 + 5 * i
   local id = ARGV[a]
-  local key, marker_key = delivery_key(id), P .. 'k:' .. id
-  local marker = redis.call('GET', marker_key)
-  local state = redis.call('HGET', key, 's')
+  local key = delivery_key(id)
+  local state = states[i]
+  local marker_key, marker = P .. 'k:' .. id, false
+  if not state or (state == 'd' and caller ~= '') then
+    marker = redis.call('GET', marker_key)
+  end
   local new = 0
   if marker then
     -- delivered within the dedupe window: "<delivered ms>|<callers>"
@@ -64,30 +69,40 @@ for i = 0, n - 1 do
     redis.call('HDEL', key, 'z')
     redis.call('ZREM', DEAD, id)
     redis.call('ZREM', dead_app_key(app), id)
-    redis.call('ZADD', lane_key(lane), due, id)
     new = 1
-  elseif state then
-    -- pending (or delivered, kept for a while with its attempts)
-  else
-    redis.call('HSET', key, 'a', ARGV[a + 1], 'n', ARGV[a + 3], 't', ARGV[a + 4], 's', 'p',
-      'u', due, 'w', now, 'q', lane)
+  elseif not state then
+    local fields = {'a', ARGV[a + 1], 'n', ARGV[a + 3], 't', ARGV[a + 4], 's', 'p', 'u', due,
+      'w', now, 'q', lane}
     if ARGV[a + 2] ~= '' then
-      redis.call('HSET', key, 'm', ARGV[a + 2])
+      fields[#fields + 1] = 'm'
+      fields[#fields + 1] = ARGV[a + 2]
     end
-    redis.call('ZADD', lane_key(lane), due, id)
+    if caller ~= '' then
+      fields[#fields + 1] = 'i'
+      fields[#fields + 1] = caller
+    end
+    redis.call('HSET', key, unpack(fields))
     new = 1
   end
-  -- a delivered record may keep its hash (read first by status) beside its marker: both
-  if caller ~= '' and (state or new == 1) then
+  -- pending, revived, or delivered but kept a while (read first by status): the hash too
+  if caller ~= '' and state then
     local callers = redis.call('HGET', key, 'i')
     local joined = with_caller(callers)
     if joined ~= callers then
       redis.call('HSET', key, 'i', joined)
     end
   end
+  if new == 1 then
+    scheduled[#scheduled + 1] = due
+    scheduled[#scheduled + 1] = id
+  end
   created = created + new
   out[#out + 1] = new
   out[#out + 1] = id
+end
+-- one ZADD for the batch (unpack takes a few thousand values; batches are 1,000 records)
+for first = 1, #scheduled, 2000 do
+  redis.call('ZADD', lane_key(lane), unpack(scheduled, first, math.min(first + 1999, #scheduled)))
 end
 if created > 0 and ARGV[4] ~= '' then
   redis.call('LPUSH', ARGV[4], ARGV[5])  -- wake a worker: the record goes out at once

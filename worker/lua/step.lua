@@ -39,6 +39,10 @@ if not ok then
 end
 local now = now_ms()
 
+-- What recording the batch leaves for one call each at the end: lane entries to remove,
+-- keys to delete, whether the probe flags go.
+local unlane, gone, clear_probe, keep_probe = {l = {}, b = {}}, {}, false, false
+
 -- Record one attempt (the 14 values from ARGV[a]) and move its delivery on.
 local function finish(a)
   local id, token, outcome = ARGV[a], ARGV[a + 1], ARGV[a + 2]
@@ -55,17 +59,17 @@ local function finish(a)
       marker = marker .. '|' .. ARGV[a + 13]
     end
     redis.call('SET', P .. 'k:' .. id, marker, 'EX', marker_ttl)
-    redis.call('ZREM', lane, id)
+    unlane[ARGV[a + 12]][#unlane[ARGV[a + 12]] + 1] = id
+    clear_probe = true  -- any answer but "account blocked" proves the account works
     if keep > 0 and redis.call('EXISTS', key) == 1 then
       redis.call('RPUSH', attempts_key(id), ARGV[a + 3])
       redis.call('LTRIM', attempts_key(id), -history, -1)
       redis.call('HSET', key, 's', 'd', 'y', now, 'l', 0)
       redis.call('EXPIRE', key, keep)
       redis.call('EXPIRE', attempts_key(id), keep)
-      redis.call('DEL', PROBE, PROBE_LOCK)
     else
-      -- any answer but "account blocked" proves the account works: the probe flags go too
-      redis.call('DEL', key, attempts_key(id), PROBE, PROBE_LOCK)
+      gone[#gone + 1] = key
+      gone[#gone + 1] = attempts_key(id)
     end
     return 'delivered', 0
   end
@@ -100,7 +104,7 @@ local function finish(a)
     end
   end
   if outcome ~= 'paused' then
-    redis.call('DEL', PROBE, PROBE_LOCK)
+    clear_probe = true
   end
   if outcome == 'retry' then
     local due = now + retry_ms
@@ -116,6 +120,7 @@ local function finish(a)
     return 'dead', 0
   end
   -- paused: the account is blocked (or the provider redirects); hold the whole fleet
+  keep_probe = true  -- this batch ends in a pause: its probe flag stays
   local first = redis.call('SET', PAUSED, ARGV[a + 9], 'NX', 'PX', math.floor(pause_for))
   redis.call('SET', PROBE, '1')
   redis.call('DEL', PROBE_LOCK)
@@ -261,6 +266,18 @@ local recorded = {}
 for i = 0, n - 1 do
   local verdict, first = finish(3 + i * W)
   recorded[#recorded + 1] = {verdict, first}
+end
+for lane, ids in pairs(unlane) do
+  if #ids > 0 then
+    redis.call('ZREM', lane_key(lane), unpack(ids))
+  end
+end
+if clear_probe and not keep_probe then
+  gone[#gone + 1] = PROBE
+  gone[#gone + 1] = PROBE_LOCK
+end
+if #gone > 0 then
+  redis.call('DEL', unpack(gone))
 end
 local claims = {}
 local status = {'none'}
