@@ -416,6 +416,13 @@ def _claim(raw: Sequence[Any]) -> Claim:
     )  # fmt: skip
 
 
+def _count(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0  # a corrupt count: the event still gets logged
+
+
 def _events(raw: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
     events = []
     for row in raw:
@@ -425,6 +432,6 @@ def _events(raw: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
             record = BackfillRecord(str(app_id), str(number), str(time_), msgid=msgid or None)
         events.append(
             {"kind": str(kind), "delivery_id": str(delivery_id), "detail": str(detail),
-             "record": record, "attempts": int(attempts or 0)}
+             "record": record, "attempts": _count(attempts)}
         )  # fmt: skip
     return events

@@ -24,7 +24,7 @@ local lease_ms, rate, burst = num(ARGV[c], 1, 864e5), num(ARGV[c + 1], 0, 1e6),
   num(ARGV[c + 2], 1, 1e6)
 local max_wait, max_attempts = num(ARGV[c + 3], 0, 36e5), num(ARGV[c + 4], 1, 1000)
 local pause_ms = num(ARGV[c + 6], 1, 864e5)
-local ok = n and k and #ARGV == c + 7 and lease_ms and rate and burst and max_wait
+local ok = n and k and n == math.floor(n) and k == math.floor(k) and #ARGV == c + 7 and lease_ms and rate and burst and max_wait
   and max_attempts and pause_ms and (ARGV[c + 5] == 'l' or ARGV[c + 5] == 'b')
 for i = 0, (ok and n or 0) - 1 do
   local a = 3 + i * W
@@ -132,8 +132,12 @@ end
 
 local events = {}
 local function drop(kind, id, detail, h)
+  local attempts = '0'
+  if h and h[4] and counter(h[4]) then
+    attempts = h[4]
+  end
   events[#events + 1] = {kind, id, detail, h and h[6] or '', h and h[7] or '', h and h[8] or '',
-    h and h[9] or '', h and tostring(h[4] or '0') or '0'}
+    h and h[9] or '', attempts}
 end
 
 local function inspect(lane, id)
