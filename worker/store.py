@@ -236,12 +236,14 @@ class Store:
 
     def _finish_args(self, done: Finish) -> list[Any]:
         answer = done.answer
-        doc = delivery.attempt_doc(
-            done.claim.attempts, int(time.time() * 1000), done.outcome,
-            http_status=answer.http_status, api_status=answer.api_status,
-            api_reason=answer.api_reason, error=answer.error, latency_ms=answer.latency_ms,
-            retry_in_s=done.retry_in_s,
-        )  # fmt: skip
+        doc = ""  # a delivered record compacted at once keeps no history: none to send
+        if self.keep_delivered_s or done.outcome not in (Outcome.DELIVERED, Outcome.DUPLICATE):
+            doc = delivery.attempt_doc(
+                done.claim.attempts, int(time.time() * 1000), done.outcome,
+                http_status=answer.http_status, api_status=answer.api_status,
+                api_reason=answer.api_reason, error=answer.error, latency_ms=answer.latency_ms,
+                retry_in_s=done.retry_in_s,
+            )  # fmt: skip
         return [
             done.claim.delivery_id, done.claim.token, done.outcome, doc,
             "0" if done.outcome in (Outcome.PAUSED, RELEASE) else "1",

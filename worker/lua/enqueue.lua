@@ -45,14 +45,18 @@ end
 
 local now = now_ms()
 local due = now + due_in
-local out, created, scheduled = {}, 0, {}
+local out, created, scheduled, seen = {}, 0, {}, {}
 for i = 0, n - 1 do
   local a = 6 + 5 * i
   local id = ARGV[a]
   local key = delivery_key(id)
   local state = states[i]
+  if seen[id] then
+    state = 'again'  -- the same record earlier in this batch: dealt with there
+  end
+  seen[id] = true
   local marker_key, marker = P .. 'k:' .. id, false
-  if not state or (state == 'd' and caller ~= '') then
+  if state ~= 'again' and (not state or (state == 'd' and caller ~= '')) then
     marker = redis.call('GET', marker_key)
   end
   local new = 0
@@ -85,7 +89,7 @@ for i = 0, n - 1 do
     new = 1
   end
   -- pending, revived, or delivered but kept a while (read first by status): the hash too
-  if caller ~= '' and state then
+  if caller ~= '' and state and state ~= 'again' then
     local callers = redis.call('HGET', key, 'i')
     local joined = with_caller(callers)
     if joined ~= callers then

@@ -157,12 +157,14 @@ local function inspect(lane, id)
     drop('orphan', id, 'removed from the schedule', nil)
     return nil
   end
+  -- what the claim reads must be what the claim can use (plain numbers, known states)
   local field = nil
+  local u, l, c, k = tonumber(h[2]), tonumber(h[3] or 0), tonumber(h[4] or 0), tonumber(h[5] or 0)
   if h[1] ~= 'p' and h[1] ~= 'x' and h[1] ~= 'd' then field = 'state'
-  elseif not finite(tonumber(h[2])) then field = 'due'
-  elseif h[3] and not finite(tonumber(h[3])) then field = 'lease'
-  elseif not counter(h[4]) then field = 'attempts'
-  elseif not counter(h[5]) then field = 'claims'
+  elseif not u or u ~= u or u == math.huge or u == -math.huge then field = 'due'
+  elseif not l or l ~= l or l == math.huge or l == -math.huge then field = 'lease'
+  elseif not c or c < 0 or c > 1e9 or c ~= math.floor(c) then field = 'attempts'
+  elseif not k or k < 0 or k > 1e15 or k ~= math.floor(k) then field = 'claims'
   elseif not h[6] then field = 'app_id'
   elseif not h[8] then field = 'number'
   elseif not h[9] then field = 'time'
@@ -177,12 +179,12 @@ local function inspect(lane, id)
     redis.call('ZREM', lane_key(lane), id)  -- dead or delivered: not for a lane
     return nil
   end
-  local later = math.max(tonumber(h[3]) or 0, tonumber(h[2]))
+  local later = math.max(l, u)
   if later > now then
     redis.call('ZADD', lane_key(lane), later, id)  -- its score was behind its hash
     return nil
   end
-  local attempts = tonumber(h[4]) or 0
+  local attempts = c
   if attempts >= max_attempts then
     local reason = 'poison record: claimed ' .. attempts .. ' times without a recorded outcome'
     bury(id, lane, h[6], now, reason)
