@@ -111,18 +111,25 @@ def _drain(ctx: Context) -> int:
         if not claims and step.status != "again":
             return attempts
         done = []
+        slow = False
         for claim in claims:
-            if fleet.stopping.is_set():  # claimed in this batch, never sent: given back
+            if fleet.stopping.is_set() or slow:
+                # claimed in this batch, never sent: given back, due at once and uncounted
+                # (the worker is stopping, or the provider got slow and other threads
+                # should take these rather than wait behind this one)
                 done.append(Finish(claim, RELEASED, RELEASE, None))
                 continue
-            done.append(attempt(ctx, claim))
+            item = attempt(ctx, claim)
+            done.append(item)
             attempts += 1
+            slow = item.answer.latency_ms > QUICK_MS
 
 
 def _batch_size(done: Sequence[Finish]) -> int:
     """How many deliveries to claim next: a batch while attempts are quick, else one, so a
-    live record never waits behind more than BATCH quick bulk attempts or one slow one."""
-    if any(item.answer.latency_ms > QUICK_MS for item in done):
+    live record never waits behind more than BATCH quick bulk attempts or one slow one.
+    A drain's first claim is one: it has not seen how quick the provider is yet."""
+    if not done or any(item.answer.latency_ms > QUICK_MS for item in done):
         return 1
     return BATCH
 
