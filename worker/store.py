@@ -194,9 +194,13 @@ class Store:
         rate_per_s: float = 0.0,
         burst: int = 1,
         max_wait_s: float = 5.0,
+        gap_s: float = 0.25,
         deadline_s: float = 120.0,
     ) -> StepResult:
         """Record the attempts ``done`` and claim up to ``claim`` due deliveries: one trip.
+
+        The i-th delivery claimed (from 0) is leased for ``lease_s`` plus i ``gap_s``: the
+        caller sends them in turn and gives the rest back once an attempt is slow.
 
         Recording rides out a Redis restart (``deadline_s``); when Redis fails during a
         step, the attempts are recorded alone and the claim is asked again ('again').
@@ -208,7 +212,7 @@ class Store:
             args += self._finish_args(item)
         args += [
             int(lease_s * 1000), rate_per_s, burst, int(max_wait_s * 1000), max_attempts,
-            BULK if prefer_bulk else LIVE, self._pause_ms, keys.PREFIX,
+            BULK if prefer_bulk else LIVE, self._pause_ms, int(gap_s * 1000), keys.PREFIX,
         ]  # fmt: skip
         try:
             reply = self._run_step(args)

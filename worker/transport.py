@@ -16,7 +16,7 @@ How. Each Redis client the channel creates gets a response callback for ``BRPOP`
 does. A message kombu or Celery would choke on is logged once
 (``broker.malformed_message``, the first 200 characters, digit runs masked) and dropped:
 kombu sees an empty poll. Nothing in the project's state is lost by that: a delivery
-lives in ``backfill:schedule`` and is dispatched again if its wake-up never runs.
+lives in its lane in Redis (``bf:q:live``, ``bf:q:bulk``), and a wake-up carries none.
 
 ETA. The project never sends a message with an ETA (``worker.messages`` sets ``eta`` to
 None). Celery holds ETA messages unacknowledged in worker memory, and

@@ -5,7 +5,9 @@
 --     attempt document (JSON), counted (1/0), retry_ms, marker_ttl_s, keep_s, pause_ms,
 --     pause reason, hold_ms, history (attempt documents kept), lane (l/b), callers
 --   then the claim's: lease_ms (also the probe's), rate per s, burst, max_wait_ms,
---     max_attempts, prefer (l/b: the lane looked at first), pause_ms
+--     max_attempts, prefer (l/b: the lane looked at first), pause_ms, gap_ms (how much
+--     later each next delivery of the batch may start: the worker sends them in turn, and
+--     gives the rest back as soon as one attempt is slow)
 --   last: the key prefix
 -- Returns {recorded, status, claims, events}: recorded is {verdict, first pause} per
 -- attempt; status is why the claims stopped ('idle', 'paused', 'probing', 'throttled',
@@ -13,7 +15,7 @@
 -- token, attempt, app_id, msgid, number, time, replay, wait_ms, lane, callers}; events are
 -- the deliveries dead-lettered or dropped on the way: {kind, id, detail, app_id, msgid,
 -- number, time, attempts}. A claimed delivery's lease covers its place in the batch: the
--- i-th is leased for i + 1 attempt leases, as the worker sends them one after another.
+-- i-th (from 0) is leased for one attempt lease plus i gaps.
 -- Every argument is checked before the first write.
 local n, k = num(ARGV[1], 0, 64), num(ARGV[2], 0, 64)
 local W = 14
@@ -23,8 +25,8 @@ local c = 3 + (n or 0) * W
 local lease_ms, rate, burst = num(ARGV[c], 1, 864e5), num(ARGV[c + 1], 0, 1e6),
   num(ARGV[c + 2], 1, 1e6)
 local max_wait, max_attempts = num(ARGV[c + 3], 0, 36e5), num(ARGV[c + 4], 1, 1000)
-local pause_ms = num(ARGV[c + 6], 1, 864e5)
-local ok = n and k and n == math.floor(n) and k == math.floor(k) and #ARGV == c + 7 and lease_ms and rate and burst and max_wait
+local pause_ms, gap_ms = num(ARGV[c + 6], 1, 864e5), num(ARGV[c + 7], 0, 864e5)
+local ok = n and k and n == math.floor(n) and k == math.floor(k) and #ARGV == c + 8 and gap_ms and lease_ms and rate and burst and max_wait
   and max_attempts and pause_ms and (ARGV[c + 5] == 'l' or ARGV[c + 5] == 'b')
 for i = 0, (ok and n or 0) - 1 do
   local a = 3 + i * W
@@ -246,7 +248,7 @@ local function claim_batch(claims)
           end
           local token = (tonumber(h[5]) or 0) + 1
           local attempt = (tonumber(h[4]) or 0) + 1
-          local lease = now + wait + lease_ms * (#claims + 1)
+          local lease = now + wait + lease_ms + gap_ms * #claims
           redis.call('HSET', delivery_key(id), 'k', token, 'c', attempt, 'l', lease)
           leases[#leases + 1] = lease
           leases[#leases + 1] = id
