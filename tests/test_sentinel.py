@@ -102,8 +102,9 @@ def test_deliveries_continue_through_a_failover_with_none_lost(
     wait_for(lambda: sentinel.primary_port() == replica.port, 30, 0.2)
     promoted_at = time.time()
     wait_for(lambda: len(accepted()) == len(ids), 90, 0.2)
-    # the first delivery the fleet made on the promoted replica
-    resumed_at = next(t for t in accepted() if t > promoted_at)
+    # the first delivery the fleet made on the promoted replica (a drain's batch already
+    # claimed may all go out meanwhile: then nothing was left to resume)
+    resumed_at = next((t for t in accepted() if t > promoted_at), promoted_at)
     print(
         f"\nfailover: promoted after {promoted_at - killed_at:.1f} s, "
         f"deliveries resumed after {resumed_at - killed_at:.1f} s, lost 0 of {len(ids)}"
