@@ -162,24 +162,24 @@ def _dumps(value: Any, **_: Any) -> str:
 
 
 class _AuditLine:
-    """The attempt line's own path to the log stream: the same fields, redaction, JSON and
-    stream (under the handler's lock) as every other line, without stdlib logging's and
-    structlog's per-call machinery, which cost as much as the rest of the attempt."""
+    """The audit lines' own path to the log stream (one per attempt, one per enqueued
+    record): the same fields, redaction, JSON and stream (under the handler's lock) as
+    every other line, without stdlib logging's and structlog's per-call machinery, which
+    cost as much as the rest of the attempt."""
 
     def __init__(self) -> None:
         self.handler: logging.StreamHandler[TextIO] | None = None
-        self._logger = logging.getLogger("worker.audit")
 
-    def write(self, level: int, fields: MutableMapping[str, Any]) -> bool:
+    def write(self, logger: str, level: int, fields: MutableMapping[str, Any]) -> bool:
         """Write the line; False when the slow path must (console format, not configured)."""
         handler = self.handler
         if handler is None:
             return False
-        if not self._logger.isEnabledFor(level):
+        if not logging.getLogger(logger).isEnabledFor(level):
             return True
         fields.update(structlog.contextvars.get_contextvars())
         fields["level"] = logging.getLevelName(level).lower()
-        fields["logger"] = "worker.audit"
+        fields["logger"] = logger
         fields["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         line = _dumps(redactor(None, "", fields))
         with handler.lock:  # type: ignore[union-attr]
@@ -189,6 +189,14 @@ class _AuditLine:
 
 
 _audit = _AuditLine()
+
+
+def audit_line(logger: str, event: str, fields: MutableMapping[str, Any]) -> None:
+    """An INFO audit line through the fast path (or structlog when it is not configured)."""
+    fields["event"] = event
+    if not _audit.write(logger, logging.INFO, fields):
+        del fields["event"]
+        structlog.get_logger(logger).info(event, **fields)
 
 
 def log_attempt(
@@ -223,6 +231,6 @@ def log_attempt(
         fields["replay"] = True
     level = logging.WARNING if outcome is Outcome.DEAD else logging.INFO
     fields["event"] = "postback.attempt"
-    if not _audit.write(level, fields):
+    if not _audit.write("worker.audit", level, fields):
         del fields["event"]
         log.log(level, "postback.attempt", **fields)

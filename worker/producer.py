@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
-import structlog
-
+from worker.audit import audit_line
 from worker.record import BackfillRecord
 from worker.redact import mask_number
 from worker.runtime import get_store, wake_message
 from worker.store import Store
-
-log = structlog.get_logger("worker.producer")
 
 
 def enqueue_backfill(
@@ -67,4 +64,4 @@ def log_enqueued(
     }
     if caller is not None:
         fields["caller"] = caller
-    log.info("postback.enqueued", **fields)
+    audit_line("worker.producer", "postback.enqueued", fields)
