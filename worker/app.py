@@ -57,7 +57,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        # Retries wait in backfill:schedule, never as ETA tasks; the broker guard clears the
+        # Retries wait in the lanes in Redis, never as ETA tasks; the broker guard clears the
         # ETA of any that arrives (a producer using countdown=). A second line only.
         "worker_eta_task_limit": 1000,
         "worker_pool": "threads",

@@ -1,7 +1,7 @@
 """Bulk enqueue from a file: JSON lines or CSV with a header, validated row by row.
 
-Good rows go to Redis in pipelined batches (one Lua call per row, one round trip per
-batch); the workers' dispatchers publish them. Rejected rows are written, with their
+Good rows go to Redis in batches of 1,000 (one Lua call each), in the bulk lane; the
+workers' wakers wake drains for them. Rejected rows are written, with their
 line number and reason, to a rejects file made on the first rejected row. A batch that
 fails midway is retried whole: enqueue is idempotent, so rows that did get in come back
 as duplicates, never twice.

@@ -27,7 +27,6 @@ DEMO_SETTINGS: dict[str, object] = {
     "backoff_cap_s": 2,
     "connect_timeout_s": 1,
     "read_timeout_s": 1,
-    "requeue_after_s": 10,
     "pause_s": 2,
 }
 

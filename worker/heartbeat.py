@@ -2,8 +2,8 @@
 since when work has been waiting for it.
 
 A worker can answer Celery's ping while consuming nothing (its prefetch full of messages
-it holds, a wedged pool). So every worker's dispatcher thread writes a heartbeat hash
-(``backfill:worker:<node>``, expiring) every few seconds: ``due_since``, when it first saw
+it holds, a wedged pool). So every worker's waker thread writes a heartbeat hash
+(``bf:worker:<node>``, expiring) every few seconds: ``due_since``, when it first saw
 due work waiting (wake-ups in the queue, or deliveries it just published) with none since
 gone, and ``last_finish``, when one of its attempts last finished. ``backfill health``
 calls a worker stalled when work has waited longer than ``stall_after_s`` and the worker
@@ -34,7 +34,7 @@ class Progress:
         self.last_finish = time.time()
 
     def saw(self, *, due: bool) -> None:
-        """The dispatcher saw work waiting (or none)."""
+        """The waker saw work waiting (or none)."""
         if not due:
             self.due_since = None
         elif self.due_since is None:

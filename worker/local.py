@@ -172,7 +172,7 @@ class WorkerProcess:
         return self
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
-        """Wait for the worker's ``worker.ready`` line (logged once its dispatcher runs)."""
+        """Wait for the worker's ``worker.ready`` line (logged once its waker runs)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
