@@ -1,0 +1,69 @@
+"""The two lanes under a real worker: live records overtake a bulk backlog, and a stream of
+live records cannot stop bulk."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from tests.conftest import unique, wait_for
+from worker.connection import connect
+from worker.local import LocalRedis, WorkerProcess
+from worker.record import BackfillRecord
+from worker.store import Store
+from worker.stub import ProviderStub
+
+Spawn = Callable[..., WorkerProcess]
+
+
+def records(count: int, tag: str) -> list[BackfillRecord]:
+    return [
+        BackfillRecord("lanes", "8613512345678", str(1681184764000 + i), msgid=f"{tag}-{i}")
+        for i in range(count)
+    ]
+
+
+def sent(stub: ProviderStub, tag: str) -> list[float]:
+    """When the stub accepted each record whose msgid starts with ``tag``."""
+    return sorted(
+        float(str(r["received_at"])) for r in stub.requests() if str(r["msgid"]).startswith(tag)
+    )
+
+
+def test_a_live_record_overtakes_a_bulk_backlog(
+    stub: ProviderStub, private_redis: LocalRedis, spawn_worker: Spawn
+) -> None:
+    spawn_worker(private_redis.url, concurrency=4)
+    store = Store(connect(private_redis.url), dedupe_ttl_s=3600, keep_delivered_s=3600)
+    bulk, live = unique("bulk"), unique("live")
+    backlog = records(4000, bulk)
+    for start in range(0, len(backlog), 1000):
+        store.enqueue_many(backlog[start : start + 1000])
+    wait_for(lambda: len(sent(stub, bulk)) >= 200, 30, 0.05)
+    enqueued_at = time.time()
+    (record,) = records(1, live)
+    store.enqueue(record)  # no wake-up of its own: the drains in progress must see it
+    (live_sent,) = wait_for(lambda: sent(stub, live), 30, 0.02)
+    assert live_sent - enqueued_at < 1.0  # the next claim of any drain took it
+    assert store.counts()["pending"] > 1000  # ... long before the backlog drained
+
+
+def test_a_stream_of_live_records_cannot_stop_bulk(
+    stub: ProviderStub, private_redis: LocalRedis, spawn_worker: Spawn
+) -> None:
+    spawn_worker(private_redis.url, concurrency=2)
+    store = Store(connect(private_redis.url), dedupe_ttl_s=3600, keep_delivered_s=3600)
+    bulk, live = unique("bulk"), unique("live")
+    store.enqueue_many(records(300, bulk))
+    wait_for(lambda: sent(stub, bulk), 30, 0.05)
+    started = time.time()
+    stream = records(3000, live)
+    for record in stream:  # faster than two threads can send: the live lane never empties
+        store.enqueue(record)
+    ended = time.time()
+    live_times = sent(stub, live)
+    bulk_during = [t for t in sent(stub, bulk) if started <= t <= ended]
+    assert store.counts()["pending"] > 0  # the live lane was still full at the end
+    assert live_times
+    # every tenth step of a drain looks at bulk first: bulk kept a share of the sends
+    assert len(bulk_during) >= 0.03 * len([t for t in live_times if t <= ended])
