@@ -340,7 +340,8 @@ def demo(records: int, fault_rate: float, workdir: str | None) -> None:
     default=1,
     show_default=True,
     type=click.IntRange(1, 64),
-    help="Threads that decode, validate and enqueue bodies (Python code: one is fastest).",
+    help="Threads for single records, and processes for batches, that decode, validate "
+    "and enqueue bodies (each batch process has its own interpreter lock).",
 )
 @_exits
 def intake(

@@ -10,19 +10,22 @@ unavailable (with Retry-After). A token reads only the deliveries it enqueued (4
 any other id, as for an unknown one).
 
 Every request is hostile until parsed: the event loop only checks the token and reads
-the body (bounded in size and time); decoding, validation and the enqueue run in a small
-thread pool of their own, so ``/healthz`` (an async PING on its own connection) answers
-from the event loop however busy the pool is. The HTTP server's own limits (header
-deadline, connections) are in ``worker.intake_server``.
+the body (bounded in size and time); decoding, validation and the enqueue run off the
+loop: a single record in a small thread pool, a batch (over 16 KiB) in a spawned process
+of its own, whose parsing never holds the loop's interpreter lock. So ``/healthz`` (an
+async PING on its own connection) answers from the event loop however busy they are.
+The HTTP server's own limits (header deadline, connections) are in
+``worker.intake_server``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import multiprocessing
 import re
 from collections.abc import AsyncIterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -147,6 +150,43 @@ def accept(body: bytes, caller: str, store: Store) -> Response:
     )
 
 
+# A body this large (a batch) is decoded, validated and enqueued in a process of its own,
+# so its parsing never holds the event loop's interpreter lock; smaller ones (single
+# records) stay in a thread, where the hop to a process would cost more than it saves.
+PROCESS_OVER = 16 * 1024
+_store: Store | None = None  # a body process's own (see _start_body_process)
+
+
+def _start_body_process(tokens: list[str]) -> None:
+    """In a body process: its settings, logging, redaction and fail-fast store."""
+    global _store  # noqa: PLW0603 - one store per process, built once, like runtime's
+    from worker.audit import configure_logging, redactor
+    from worker.intake_server import intake_store
+    from worker.runtime import get_settings
+
+    settings = get_settings()
+    for token in tokens:
+        redactor.add_secret(token)
+    configure_logging(settings.log_format, settings.log_level)
+    _store = intake_store(settings)
+
+
+def _accept_here(body: bytes, caller: str) -> tuple[int, bytes, dict[str, str]]:
+    """``accept`` in a body process; the answer as plain data for the event loop."""
+    assert _store is not None
+    response = accept(body, caller, _store)
+    extra = {
+        name.decode(): value.decode()
+        for name, value in response.raw_headers
+        if name.lower() not in (b"content-length", b"content-type")
+    }
+    return response.status_code, bytes(response.body), extra
+
+
+def _ready() -> bool:
+    return _store is not None
+
+
 class RedisCheck:
     """PING on a client of its own, from the event loop; concurrent checks share one PING."""
 
@@ -174,11 +214,23 @@ def create_app(
 ) -> FastAPI:
     """The intake over a fail-fast Store, the {name: token} map and a /healthz client."""
     pool = ThreadPoolExecutor(limits.threads, thread_name_prefix="intake")
+    # spawned, not forked: a fork of a threaded server could inherit a held lock
+    batches = ProcessPoolExecutor(
+        limits.threads,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_body_process,
+        initargs=(list(tokens.values()),),
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()  # start the body processes before serving
+        await asyncio.gather(
+            *(loop.run_in_executor(batches, _ready) for _ in range(limits.threads))
+        )
         yield
         pool.shutdown(wait=False, cancel_futures=True)
+        batches.shutdown(wait=False, cancel_futures=True)
         await health.aclose()
 
     app = FastAPI(
@@ -209,7 +261,11 @@ def create_app(
             require_json(request)
             body = await read_limited(request, limits.body_timeout_s)
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(pool, accept, body, caller, store)
+            if len(body) <= PROCESS_OVER:
+                return await loop.run_in_executor(pool, accept, body, caller, store)
+            answer = await loop.run_in_executor(batches, _accept_here, body, caller)
+            status, content, extra = answer
+            return Response(content, status, extra, media_type="application/json")
         except Refused as exc:
             return _refused(exc, caller)
         except redis.RedisError as exc:
