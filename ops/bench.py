@@ -449,16 +449,22 @@ def measure_drain(fleet: Fleet, store: Store, records: int) -> Figures:
     }
 
 
-def measure_latency(fleet: Fleet, sizes: Sizes) -> Figures:
-    """Enqueue call to the provider's receipt, one record at a time with gaps between."""
+def send_live(tag: str, count: int, gap_s: float) -> dict[str, float]:
+    """``count`` records through ``enqueue_backfill``, ``gap_s`` apart; when each was sent."""
     from worker.producer import enqueue_backfill
 
     sent = {}
-    for i in range(sizes.light_records):
-        msgid = f"light-{i}"
+    for i in range(count):
+        msgid = f"{tag}-{i}"
         sent[msgid] = time.time()
         enqueue_backfill(app_id=APP_ID, msgid=msgid, number=NUMBER, time=TIME_MS)
-        time.sleep(LIGHT_GAP_S)
+        time.sleep(gap_s)
+    return sent
+
+
+def measure_latency(fleet: Fleet, sizes: Sizes) -> Figures:
+    """Enqueue call to the provider's receipt, one record at a time with gaps between."""
+    sent = send_live("light", sizes.light_records, LIGHT_GAP_S)
     latencies = received_after(fleet, sent, timeout_s=60.0)
     return {
         "latency_p50_ms": percentile(latencies, 50),
@@ -469,18 +475,11 @@ def measure_latency(fleet: Fleet, sizes: Sizes) -> Figures:
 def measure_live(fleet: Fleet, store: Store, sizes: Sizes) -> Figures:
     """Live records (``enqueue_backfill``) sent while a bulk backlog drains: enqueue call
     to the provider's receipt, each."""
-    from worker.producer import enqueue_backfill
-
     rows = [_record(f"backlog-{i}") for i in range(sizes.backlog)]
     for start in range(0, len(rows), BATCH):
         store.enqueue_many(rows[start : start + BATCH], source="bench")
     time.sleep(1.0)  # the drain is in full swing
-    sent = {}
-    for i in range(sizes.live):
-        msgid = f"live-{i}"
-        sent[msgid] = time.time()
-        enqueue_backfill(app_id=APP_ID, msgid=msgid, number=NUMBER, time=TIME_MS)
-        time.sleep(LIVE_GAP_S)
+    sent = send_live("live", sizes.live, LIVE_GAP_S)
     latencies = received_after(fleet, sent, timeout_s=max(120.0, sizes.backlog / 20))
     wait_finished(store, timeout_s=max(120.0, sizes.backlog / 20))
     store.redis.flushdb()
