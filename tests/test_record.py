@@ -14,9 +14,9 @@ from worker.record import (
     MAX_TIME_AHEAD_MS,
     MAX_UNKNOWN_NAMED,
     BackfillRecord,
-    mask_number,
     time_out_of_range,
 )
+from worker.redact import mask_number
 
 GOOD = {"app_id": "app-1", "msgid": "m-1", "number": "8613512345678", "time": "1681184764000"}
 

@@ -439,7 +439,7 @@ def dead() -> None:
 @_exits
 def dead_list(limit: int, cursor: str | None, since: str | None, app_id: str | None) -> None:
     """Dead letters, newest first, a page at a time: id, app, masked number, attempts, error."""
-    from worker.record import mask_number
+    from worker.redact import mask_number
     from worker.runtime import get_store
 
     store = get_store()

@@ -89,7 +89,6 @@ def _drain(ctx: Context) -> int:
     settings = ctx.settings
     until = time.monotonic() + BUDGET_S
     done: list[Finish] = []
-    claims: list[Claim] = []
     attempts = steps = 0
     while True:
         stop = fleet.stopping.is_set() or attempts >= BUDGET_ATTEMPTS or time.monotonic() > until

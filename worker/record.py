@@ -94,11 +94,6 @@ class BackfillRecord:
         return body
 
 
-def mask_number(number: str) -> str:
-    """All but the last four digits replaced by ``*`` (for logs and listings)."""
-    return "*" * max(len(number) - 4, 0) + number[-4:]
-
-
 def _token(value: object, field: str, *, required: bool, errors: dict[str, str]) -> str | None:
     if value is None or (value == "" and not required):
         if required:

@@ -19,6 +19,7 @@ from celery import signals
 from worker.app import app
 from worker.drain import Context, drain, fleet
 from worker.messages import DELIVER_TASK
+from worker.provider import ca_bundle
 from worker.redact import cap
 from worker.runtime import get_client, get_settings, get_store, wake
 from worker.settings import Settings
@@ -92,7 +93,7 @@ def _warn_about_transport(settings: Settings) -> None:
             detail="Api-Key and Sign cross the network in clear; the Sign is an MD5 of key, "
             "secret and timestamp, open to offline guessing: use https://",
         )
-    if os.environ.get("SSL_CERT_FILE") and os.environ.get("REQUESTS_CA_BUNDLE") is None:
+    if os.environ.get("SSL_CERT_FILE") and ca_bundle() is None:
         log.warning(
             "provider.ca_bundle",
             detail="SSL_CERT_FILE is not read by requests; set REQUESTS_CA_BUNDLE to use it",

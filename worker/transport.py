@@ -46,7 +46,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
 from worker import metrics
-from worker.record import mask_number
+from worker.redact import mask_number
 
 log = structlog.get_logger("worker.transport")
 
