@@ -87,6 +87,7 @@ ROWS = (
     ("cpu_ratio", "", "worker CPU per delivery / raw loop CPU per request"),
     ("redis_cpu_us_per_delivery", "CPU us", "Redis CPU (INFO cpu) over the drain, per delivery"),
     ("redis_bytes_per_pending", "B", "Redis used_memory per pending delivery"),
+    ("redis_bytes_index", "B", "of which the lookup index (by msgid and app_id)"),
     ("redis_bytes_per_delivered", "B", "per delivered record, as kept for the dedupe window"),
     ("redis_bytes_per_retry_3", "B", "per waiting retry with 3 attempts of history"),
     ("live_latency_p50_ms", "ms", "live enqueue to provider, behind a bulk backlog"),
@@ -395,6 +396,11 @@ def measure_memory(store: Store, sizes: Sizes) -> Figures:
         store.enqueue_many(rows, source="bench")
     pending = (_used_memory(store) - before) / count
     figures = {"redis_bytes_per_pending": pending}
+    from worker import keys
+
+    if hasattr(keys, "index"):  # the lookup index's share, exactly (SAMPLES 0: every entry)
+        index = store.redis.memory_usage(keys.index(APP_ID), samples=0)
+        figures["redis_bytes_index"] = (index or 0) / count
     if hasattr(store, "step"):  # the drain design's store
         for round_ in range(3):
             fail_all(store, count, retry_in_s=3600.0 if round_ == 2 else 0.0)

@@ -4,9 +4,12 @@
 A private Redis with AOF (appendfsync everysec), the stub injecting faults on a share of
 attempts, two or more real workers. N distinct records are enqueued; a random worker is
 SIGKILLed every few seconds and restarted (at most ``--max-kills`` times); once 30 % are
-finished, Redis is SIGKILLed and restarted from its AOF. Then it waits for every record
-and reports delivered, dead, lost (must be 0), duplicates seen by the stub, attempts and
-time. Exit 0 only when lost == 0 and every record finished.
+finished, Redis is SIGKILLed and restarted from its AOF; once 60 % are finished, the
+provider goes down for longer than the whole retry window (``--outage-s``: every request
+answered 503 for the first half, its connection cut for the second). Then it waits for
+every record and reports delivered, dead, lost (must be 0), duplicates seen by the stub,
+attempts, outage holds and time. Exit 0 only when every record finished, none is lost
+and none is dead (every fault the run injects is transient, the outage included).
 
     python ops/chaos.py --records 10000
 """
@@ -25,10 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from worker.local import LocalRedis, WorkerProcess, local_env
+from worker.policy import retry_window
 from worker.record import BackfillRecord
 from worker.stub import ProviderStub
 
 KEY, SECRET = "chaos-key", "chaos-secret"
+MAX_ATTEMPTS, BACKOFF_BASE_S, BACKOFF_CAP_S = 12, 0.1, 2.0
 FAULTS = ("status", "500", "503", "429:1", "slow:2", "drop", "nonjson")
 
 
@@ -54,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         ids = _enqueue(args.records, args.seed)
         print(f"enqueued {len(ids)} in {time.monotonic() - started:.1f} s; logs in {root}")
-        report = _torment(args, rng, server, workers, ids, started)
+        report = _torment(args, rng, server, workers, ids, started, stub)
         report.update(_count(ids, stub, args.seed))
+        report["outage_holds"] = sum(_holds(w.log_path) for w in workers)
         report["seconds"] = round(time.monotonic() - started, 1)
     finally:
         for worker in workers:
@@ -65,7 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
-    return 0 if report.get("lost") == 0 and report.get("finished") else 1
+    good = report.get("lost") == 0 and report.get("dead") == 0 and report.get("finished")
+    return 0 if good else 1
+
+
+def _holds(log_path: Path) -> int:
+    if not log_path.exists():
+        return 0
+    return sum('"event":"postback.outage"' in line for line in log_path.open(errors="replace"))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--fault-rate", type=float, default=0.2)
     parser.add_argument("--kill-every", type=float, default=4.0, help="seconds between kills")
     parser.add_argument("--max-kills", type=int, default=0, help="worker kills at most (0: no cap)")
+    parser.add_argument(
+        "--outage-s", type=float, default=20.0,
+        help="how long the provider is down (longer than the retry window); 0: no outage",
+    )  # fmt: skip
     parser.add_argument("--timeout", type=float, default=1200.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workdir")
@@ -89,9 +106,11 @@ def _worker_env(redis_url: str, stub_url: str) -> dict[str, str]:
         stub_url,
         KEY,
         SECRET,
-        max_attempts=40,  # enough that a 20 % fault share never exhausts a delivery
-        backoff_base_s=0.1,
-        backoff_cap_s=2,
+        # 12 attempts: a 20 % fault share exhausts a delivery once in 4e8; the retry window
+        # (15.1 s) is shorter than the outage phase, which must not dead-letter anything
+        max_attempts=MAX_ATTEMPTS,
+        backoff_base_s=BACKOFF_BASE_S,
+        backoff_cap_s=BACKOFF_CAP_S,
         connect_timeout_s=1,
         read_timeout_s=1,
     )
@@ -126,10 +145,12 @@ def _torment(
     workers: list[WorkerProcess],
     ids: list[str],
     started: float,
+    stub: ProviderStub,
 ) -> dict[str, Any]:
     from worker.runtime import get_store
 
     store = get_store()
+    outage = Outage(stub, args.outage_s)
     kills = redis_kills = 0
     next_kill = time.monotonic() + args.kill_every
     last_kill = started
@@ -153,15 +174,45 @@ def _torment(
             server.start(timeout_s=60)
             redis_kills += 1
             print(f"  killed Redis at {done} done; restarted from its AOF")
+        outage.tick(done >= len(ids) * 0.6)
         print(f"  {time.monotonic() - started:6.1f} s  finished {done}/{len(ids)}  kills {kills}")
         time.sleep(1.0)
+    outage.tick(False, end=True)
     return {
+        "retry_window_s": retry_window(MAX_ATTEMPTS, BACKOFF_BASE_S, BACKOFF_CAP_S),
+        "outage_s": outage.lasted_s,
         "worker_kills": kills,
         "redis_kills": redis_kills,
         "finished": done == len(ids),
         # the tail: claims a killed worker held come back when their leases end
         "seconds_after_last_kill": round(time.monotonic() - last_kill, 1),
     }
+
+
+class Outage:
+    """The provider down once: 503 to everything for the first half, connections cut for
+    the second, then up again."""
+
+    def __init__(self, stub: ProviderStub, seconds: float) -> None:
+        self._stub = stub
+        self._seconds = seconds
+        self._began = 0.0
+        self.lasted_s = 0.0
+
+    def tick(self, due: bool, *, end: bool = False) -> None:
+        now = time.monotonic()
+        if self._seconds <= 0 or self.lasted_s:
+            return
+        if not self._began and due and not end:
+            self._stub.set_down("503")
+            self._began = now
+            print(f"  provider down for {self._seconds:g} s (503, then connections cut)")
+        elif self._began and (end or now - self._began >= self._seconds):
+            self._stub.set_down(None)
+            self.lasted_s = round(now - self._began, 1)
+            print(f"  provider up again after {self.lasted_s} s")
+        elif self._began and now - self._began >= self._seconds / 2:
+            self._stub.set_down("drop")
 
 
 def _finished(store: Any, ids: list[str]) -> int:

@@ -18,7 +18,7 @@ from tests.conftest import read_log, unique, wait_for
 from worker import keys
 from worker.connection import connect
 from worker.local import LocalRedis
-from worker.policy import AnswerClass, Outcome
+from worker.policy import AnswerClass, OutageRules, Outcome
 from worker.provider import Answer
 from worker.record import BackfillRecord
 from worker.runtime import get_store
@@ -215,7 +215,10 @@ BAD: dict[str, dict[Any, list[Any]]] = {
              "finish_lane": ["x", ""], "callers": ["a|b"], "lease_ms": [0, "nan", -5],
              "rate": [-1, "inf"], "burst": [0, "x"], "max_wait_ms": [-1, "1e7"],
              "max_attempts": [0, 1001, "x"], "prefer": ["x", ""],
-             "claim_pause_ms": [0, "inf", "1e9"]},
+             "claim_pause_ms": [0, "inf", "1e9"], "evidence": ["x", "2", ""],
+             "o_failures": [0, "x", 1001], "o_distinct": [0, "nan"],
+             "o_window_ms": [0, "inf"], "o_cap_ms": [0, "1e9"], "ramp_start": [-1, "nan"],
+             "ramp_ms": [0, "x"]},
     "replay": {0: ["", "a b", "a:b", "x\n"]},
     "purge": {0: ["", "a b", "a:b", "x\n"]},
 }  # fmt: skip
@@ -226,7 +229,10 @@ STEP_ROLES = {"outcome": ("paused", 0), "counted": ("0", 0), "retry_ms": ("1250"
               "hold_ms": ("125", 0), "history": (str(HISTORY), 0), "finish_lane": ("b", 0),
               "callers": ("cA", 0), "lease_ms": ("5500", 0), "rate": ("0.5", 0),
               "burst": ("3", 0), "max_wait_ms": ("4750", 0), "max_attempts": ("6", 0),
-              "prefer": ("l", 0), "claim_pause_ms": ("1500", 1)}  # fmt: skip
+              "prefer": ("l", 0), "claim_pause_ms": ("1500", 1), "evidence": ("-", 0),
+              "o_failures": ("9", 0), "o_distinct": ("4", 0), "o_window_ms": ("61500", 0),
+              "o_cap_ms": ("62500", 0), "ramp_start": ("7.5", 0),
+              "ramp_ms": ("2250", 0)}  # fmt: skip
 SCRIPT_CASES = [
     pytest.param(script, where, value, id=f"{script}-{where}-{str(value)[:8]!r}")
     for script, table in BAD.items()
@@ -266,12 +272,15 @@ def step_args(store: Store, delivery_id: str, second_outcome: str = "") -> list[
     ``second_outcome``: a second attempt to record, with that outcome."""
     client = _Capturing(connection_pool=store.redis.connection_pool)
     client.sent = []
+    rules = OutageRules(failures=9, deliveries=4, window_s=61.5, probe_cap_s=62.5,
+                        ramp_start_per_s=7.5, ramp_double_s=2.25)  # fmt: skip
     capturing = Store(client, dedupe_ttl_s=store.dedupe_ttl_s,
-                      keep_delivered_s=store.keep_delivered_s, pause_s=store.pause_s)  # fmt: skip
+                      keep_delivered_s=store.keep_delivered_s, pause_s=store.pause_s,
+                      outage=rules)  # fmt: skip
     record = BackfillRecord("app-c", NUMBER, "1681184764000", msgid="MSG")
     done = Finish(
         claim=Claim("claimed", delivery_id, "7", 1, record, lane=BULK, callers="cA"),
-        answer=Answer(AnswerClass.BLOCKED, http_status=200, api_status="-2", error="E-held"),
+        answer=Answer(AnswerClass.BLOCKED, http_status=302, error="E-held"),
         outcome=Outcome.PAUSED,
         retry_in_s=1.25,
         hold_s=0.125,

@@ -359,7 +359,7 @@ def test_chaos_run_loses_nothing(tmp_path: Path) -> None:
             "--max-kills",
             "6",
             "--timeout",
-            "170",
+            "200",
             "--workdir",
             str(tmp_path / "run"),
             "--json",
@@ -367,12 +367,15 @@ def test_chaos_run_loses_nothing(tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=280,
         check=False,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(report_path.read_text())
     assert report["lost"] == 0
+    assert report["dead"] == 0
+    assert report["outage_holds"] >= 1
+    assert report["outage_s"] > report["retry_window_s"]
     assert report["delivered"] + report["dead"] == report["records"] == 1500
     assert report["provider_unique"] >= report["delivered"]
     assert report["redis_kills"] == 1

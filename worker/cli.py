@@ -18,6 +18,8 @@ from typing import IO, Any, TypeVar
 import click
 import redis
 
+from worker.cli_console import console
+from worker.cli_find import find
 from worker.errors import ConfigError, InvalidRecord
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -51,6 +53,10 @@ def _cli_logging() -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Deliver postback backfill records to the SMS provider."""
+
+
+main.add_command(console)
+main.add_command(find)
 
 
 @main.command()
@@ -407,7 +413,28 @@ def health(timeout: float, node: str | None) -> None:
         click.echo("unhealthy: " + "; ".join(f"{who} stalled: {why}" for who, why in stalled))
         sys.exit(1)
     who = f"worker {name} replied" if name else f"{len(replies)} worker(s) replied"
-    click.echo(f"healthy: Redis answers, {who}, making progress")
+    click.echo(f"healthy: Redis answers, {who}, making progress{_holding()}")
+
+
+def _holding() -> str:
+    """What holds the fleet (a provider outage, an account pause), for `health`; '' if none.
+    A hold is not a worker's fault: the workers stay healthy while it lasts."""
+    import time
+
+    from worker.runtime import get_store
+
+    store = get_store()
+    outage, pause = store.outage_state(), store.pause_state()
+    if outage is not None:
+        since, wait = outage
+        reason = pause[0].removeprefix("outage: ") if pause else "no answer from the provider"
+        return (
+            f"; HOLDING for a provider outage for {max(time.time() - since, 0):.0f} s "
+            f"(probe every {wait:g} s): {reason}"
+        )
+    if pause is not None:
+        return f"; PAUSED for {pause[1]:.0f} s more: {pause[0]}"
+    return ""
 
 
 def _stalled_workers(node: str | None) -> list[tuple[str, str]]:

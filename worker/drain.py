@@ -9,6 +9,7 @@ ack, tracer) is paid once per wake-up, not once per delivery.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ import structlog
 from worker import metrics
 from worker.audit import log_attempt
 from worker.heartbeat import progress
-from worker.policy import SLOWDOWN_CODES, AnswerClass, Outcome, decide
+from worker.policy import SLOWDOWN_CODES, AnswerClass, Evidence, Outcome, decide, outage_evidence
 from worker.provider import Answer, ProviderClient
 from worker.record import BackfillRecord
 from worker.settings import DRAIN_BUDGET_S, Settings
@@ -120,26 +121,37 @@ def _drain(ctx: Context) -> int:
                 # should take these rather than wait behind this one)
                 done.append(Finish(claim, RELEASED, RELEASE, None))
                 continue
-            item = attempt(ctx, claim, claimed_at)
+            item = attempt(ctx, claim, claimed_at, holding=step.outage)
             done.append(item)
             attempts += 1
-            slow = item.answer.latency_ms > QUICK_MS
+            slow = _stop_batch(item)
+
+
+def _stop_batch(item: Finish) -> bool:
+    """Whether the rest of a batch goes back after this attempt: it was slow, or it points
+    at a provider outage (the rest would most likely fail the same way)."""
+    answer = item.answer
+    return answer.latency_ms > QUICK_MS or (
+        outage_evidence(answer.http_status, answer.api_status, answer.error) is Evidence.DOWN
+    )
 
 
 def _batch_size(done: Sequence[Finish]) -> int:
     """How many deliveries to claim next: a batch while attempts are quick, else one, so a
     live record never waits behind more than BATCH quick bulk attempts or one slow one.
     A drain's first claim is one: it has not seen how quick the provider is yet."""
-    if not done or any(item.answer.latency_ms > QUICK_MS for item in done):
+    if not done or any(_stop_batch(item) for item in done):
         return 1
     return BATCH
 
 
-def attempt(ctx: Context, claim: Claim, claimed_at: float) -> Finish:
+def attempt(ctx: Context, claim: Claim, claimed_at: float, *, holding: bool = False) -> Finish:
     """Send one claimed delivery (counted at its claim), audit it; what to record.
 
     A rate-limit slot was reserved ``claim.wait_s`` after the claim (``claimed_at``): the
-    send waits for what is left of that, not the whole of it again.
+    send waits for what is left of that, not the whole of it again. While the fleet holds
+    for a provider outage (``holding``: this is the probe), a failure that points at the
+    provider is the outage's: outcome ``paused``, not counted.
     """
     settings = ctx.settings
     if claim.record is None:  # the stored record no longer validates: never sent
@@ -166,7 +178,14 @@ def attempt(ctx: Context, claim: Claim, claimed_at: float) -> Finish:
                 settings.backoff_base_s, settings.backoff_cap_s,
             )  # fmt: skip
         metrics.ATTEMPT_SECONDS.observe(answer.latency_ms / 1000.0)
-    if outcome is Outcome.PAUSED:
+    if (
+        holding
+        and outcome in (Outcome.RETRY, Outcome.DEAD)
+        and outage_evidence(answer.http_status, answer.api_status, answer.error)
+        is Evidence.DOWN
+    ):
+        outcome, retry_in_s = Outcome.PAUSED, None  # the step sets when the next probe goes
+    elif outcome is Outcome.PAUSED:
         retry_in_s = settings.pause_s
     log_attempt(
         delivery_id=claim.delivery_id,
@@ -205,12 +224,24 @@ def _after(step: StepResult, done: Sequence[Finish], settings: Settings) -> None
             )
         if verdict == "dead":
             dead(item.claim.delivery_id, item.claim.attempts, item.claim.record, item.last_error)
+        elif verdict == "held" and item.outcome == Outcome.DEAD:
+            # its audit line said dead, but the same step found the provider down
+            log.warning(
+                "postback.held",
+                delivery_id=item.claim.delivery_id,
+                attempt=item.claim.attempts,
+                error=item.last_error,
+                detail="not dead-lettered: the fleet holds for a provider outage",
+            )
     for event in step.events:
         _event(event, settings)
 
 
 def _event(event: dict[str, Any], settings: Settings) -> None:
     kind, delivery_id, detail = event["kind"], event["delivery_id"], event["detail"]
+    if kind in ("outage", "outage_over"):
+        _outage_event(kind, detail)
+        return
     record: BackfillRecord | None = event["record"]
     if kind == "orphan":
         log.warning("postback.orphan", delivery_id=delivery_id, action=detail)
@@ -229,6 +260,36 @@ def _event(event: dict[str, Any], settings: Settings) -> None:
     else:
         log.error("postback.corrupt", delivery_id=delivery_id, error=detail)
     dead(delivery_id, event["attempts"], record, detail)
+
+
+def _outage_event(kind: str, detail: str) -> None:
+    """``postback.outage`` (the fleet holds, with the evidence) or ``postback.outage_over``."""
+    try:
+        facts = json.loads(detail)
+    except ValueError:
+        facts = {}
+    if not isinstance(facts, dict):
+        facts = {}
+    if kind == "outage":
+        metrics.OUTAGE_HOLDS.inc()
+        given_back = facts.get("given_back")
+        given_back = given_back if isinstance(given_back, list) else []
+        log.error(
+            "postback.outage",
+            failures=facts.get("failures"),
+            deliveries=facts.get("deliveries"),
+            window_s=_seconds(facts.get("window_ms")),
+            last_error=facts.get("last_error"),
+            probe_in_s=_seconds(facts.get("probe_ms")),
+            given_back=len(given_back),
+            given_back_ids=given_back[:20],
+        )
+    else:
+        log.warning("postback.outage_over", duration_s=_seconds(facts.get("duration_ms")))
+
+
+def _seconds(ms: Any) -> float | None:
+    return round(ms / 1000, 3) if isinstance(ms, int | float) else None
 
 
 def dead(delivery_id: str, attempts: int, record: BackfillRecord | None, last_error: str) -> None:

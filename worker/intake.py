@@ -7,7 +7,8 @@ hand (the project's own record rules, one place), so the answers are exactly:
 1 MiB; 408 body not received in time; 400 not JSON or nested too deep; 422 invalid
 records (each bad field per record; nothing of that request is enqueued); 503 Redis
 unavailable (with Retry-After). A token reads only the deliveries it enqueued (404 for
-any other id, as for an unknown one).
+any other id, as for an unknown one), and a lookup by msgid or app_id (``GET
+/v1/backfills?msgid=``, ``worker.lookup``) finds only those.
 
 Every request is hostile until parsed: the event loop only checks the token and reads
 the body (bounded in size and time); decoding, validation and the enqueue run off the
@@ -41,11 +42,13 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from worker.intake_body import BODY_SCHEMA, MAX_BODY, Refused, decode, parse_body
+from worker.lookup import InvalidQuery, find, query_args
 from worker.producer import enqueue_record, log_enqueued
 from worker.redact import mask_number
 from worker.store import Store
 
 RETRY_AFTER_S = 5
+LOOKUP_LIMIT = 100  # deliveries per page of GET /v1/backfills?msgid=...
 HEALTH_TIMEOUT_S = 0.25
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,12}")
 _UTF8 = ("utf-8", "utf8")
@@ -270,6 +273,22 @@ def create_app(
             return _refused(exc, caller)
         except redis.RedisError as exc:
             return _unavailable(exc)
+
+    @app.get("/v1/backfills", responses={400: {}, 401: {}, 503: {}})
+    async def find_backfills(request: Request) -> Response:
+        """The caller's deliveries by ``msgid`` and/or ``app_id`` (``limit``, ``cursor``)."""
+        caller = caller_of(request, tokens)
+        if caller is None:
+            return _error(401, "missing or unknown bearer token")
+        try:
+            args = query_args(request.query_params.multi_items(), LOOKUP_LIMIT)
+            rows, cursor = await run_in_threadpool(find, store.redis, callers=caller, **args)
+        except InvalidQuery as exc:
+            log.info("intake.refused", status=400, error="invalid query", caller=caller)
+            return _error(400, str(exc), fields=exc.errors)
+        except redis.RedisError as exc:
+            return _unavailable(exc)
+        return JSONResponse({"deliveries": rows, "next_cursor": cursor})
 
     @app.get("/v1/backfills/{delivery_id}", responses={401: {}, 404: {}, 503: {}})
     async def get_backfill(delivery_id: str, request: Request) -> Response:

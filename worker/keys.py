@@ -14,7 +14,17 @@ Short names: there is one delivery key per record, millions of them in a backfil
 - ``bf:probe``         flag: the pause ended but no answer has proven the account yet
 - ``bf:probe:lock``    string with a TTL: one probe attempt in flight
 - ``bf:rate``          string: the fleet's rate-limit clock (GCRA arrival time, ms)
+- ``bf:outage``        string: "<start ms>|<probe wait ms>" while the fleet holds for an
+                       outage (no TTL: the hold lasts as long as the outage)
+- ``bf:outage:seen``   sorted set: recent failures that point at the provider, as
+                       "<id>|<claim>" by time (ms); cleared by any answer from it
+- ``bf:ramp``          string with a TTL: when sends began to ramp up after a hold (ms)
 - ``bf:worker:<node>`` hash with a TTL: one worker's heartbeat (see heartbeat.py)
+- ``bf:x:<a>``         sorted set, by name (scores 0): one app's deliveries as
+                       "<msgid>\\0<id>" ("\\0<id>" without a msgid), for lookup.py
+- ``bf:xa``            sorted set, by name: the apps with such an index
+- ``bf:xh``            hash: per app, the entry where enqueue's sweep of its index stopped;
+                       field "": the app swept last in turn
 
 A delivery_id is derived from the record (``delivery.delivery_id``), so the delivery key
 is its own idempotency key.
@@ -30,7 +40,12 @@ PAUSED = PREFIX + "paused"
 PROBE = PREFIX + "probe"
 PROBE_LOCK = PREFIX + "probe:lock"
 RATE = PREFIX + "rate"
+OUTAGE = PREFIX + "outage"
+OUTAGE_SEEN = PREFIX + "outage:seen"
+RAMP = PREFIX + "ramp"
 WORKER = PREFIX + "worker:"
+INDEX_APPS = PREFIX + "xa"
+INDEX_HAND = PREFIX + "xh"
 
 
 def delivery(delivery_id: str) -> str:
@@ -56,3 +71,8 @@ def dead_app(app_id: str) -> str:
 def worker(node: str) -> str:
     """The heartbeat hash of one worker node."""
     return WORKER + node
+
+
+def index(app_id: str) -> str:
+    """One app's lookup index (msgid and delivery_id of each of its deliveries)."""
+    return f"{PREFIX}x:{app_id}"

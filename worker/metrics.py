@@ -5,7 +5,7 @@ The server binds before Celery starts (``backfill worker``, or ``worker_init`` u
 a worker nobody can observe. Later calls of ``serve`` are no-ops.
 
 Counters and the latency histogram are this worker's own; the fleet-wide gauges (queue
-depth, pending, waiting retries, dead letters, paused) are read from Redis at scrape
+depth, pending, waiting retries, dead letters, paused, overdue) are read from Redis at scrape
 time, so every worker reports the same fleet figures.
 """
 
@@ -43,6 +43,7 @@ GUARDED_MESSAGES = Counter(
     "Broker messages the guard dropped as malformed or ran at once with their ETA cleared.",
     ["action"],
 )
+OUTAGE_HOLDS = Counter("backfill_outage_holds", "Outage holds this worker entered.")
 # (host, port) once this process serves /metrics
 _serving: list[tuple[str, int]] = []
 
@@ -66,8 +67,17 @@ class FleetCollector(Collector):
             ("waiting_retries", "Pending deliveries scheduled for later (retries, dispatched)."),
             ("dead_letters", "Deliveries in the dead-letter store."),
             ("paused", "1 while the fleet is paused after an account-blocked answer."),
+            ("outage", "1 while the fleet holds for a provider outage, else 0."),
         ):
             yield GaugeMetricFamily(f"backfill_{name}", help_text, value=figures[name])
+        overdue = GaugeMetricFamily(
+            "backfill_overdue_seconds",
+            "How long the lane's most overdue pending delivery has been due (0: none is).",
+            labels=["lane"],
+        )
+        for lane in ("live", "bulk"):
+            overdue.add_metric([lane], figures[f"overdue_{lane}_s"])
+        yield overdue
 
 
 def serve(port: int, store: Store, queue: str, host: str = "0.0.0.0") -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -41,6 +42,45 @@ SLOWDOWN_CODES = frozenset({"-15", "-27", "-28"})
 
 # HTTP statuses that say "try again later" rather than "this request is wrong".
 TRANSIENT_HTTP = frozenset({408, 429})
+
+
+# Transport errors that say "the provider (or the way to it) is down", by their prefix.
+_DOWN_ERRORS = ("connection error", "tls error", "timeout", "deadline exceeded", "transport error")
+
+
+class Evidence(StrEnum):
+    """What one attempt says about the provider itself (the outage detector's input)."""
+
+    DOWN = "1"  # no answer, or HTTP 5xx/429/408: points at the provider, not the record
+    UP = "0"  # the provider answered (any status code, any 4xx): it is up
+    NONE = "-"  # says nothing either way (never sent, a redirect, an unreadable body)
+
+
+def outage_evidence(http_status: int | None, api_status: str | None, error: str | None) -> Evidence:
+    """Whether an attempt points at a provider outage, proves the provider up, or neither."""
+    if api_status is not None:
+        return Evidence.UP
+    if http_status is None:
+        if error and error.startswith(_DOWN_ERRORS):
+            return Evidence.DOWN
+        return Evidence.NONE
+    if http_status >= 500 or http_status in TRANSIENT_HTTP:
+        return Evidence.DOWN
+    if 400 <= http_status < 500:
+        return Evidence.UP
+    return Evidence.NONE
+
+
+@dataclass(frozen=True, slots=True)
+class OutageRules:
+    """When failures that point at the provider hold the fleet, and how sends resume."""
+
+    failures: int = 8  # failures in the window (with no answer from the provider between)
+    deliveries: int = 3  # ... of at least this many distinct deliveries
+    window_s: float = 60.0
+    probe_cap_s: float = 60.0  # the probe's wait doubles from 1 s up to this
+    ramp_start_per_s: float = 5.0  # after a hold or pause: sends per second at first (0: off)
+    ramp_double_s: float = 2.0  # ... doubled this often, until past 256 times the start
 
 
 def classify_code(

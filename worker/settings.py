@@ -17,7 +17,13 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.errors import ConfigError
-from worker.policy import DEFAULT_CODE_CLASSES, AnswerClass, parse_code_table, retry_window
+from worker.policy import (
+    DEFAULT_CODE_CLASSES,
+    AnswerClass,
+    OutageRules,
+    parse_code_table,
+    retry_window,
+)
 
 ENV_PREFIX = "BACKFILL_"
 # How long one wake-up drains before its task returns (worker.drain.BUDGET_S).
@@ -70,6 +76,8 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(30.0, ge=0, le=HOUR)
     # Intake bearer tokens, "name:token,name2:token2" (the name goes in the audit).
     intake_tokens: SecretStr | None = None
+    # Web console users, "name:password,..." (checked by `backfill console` only).
+    console_users: SecretStr | None = None
     # Prometheus metrics port of each worker; unset = off.
     metrics_port: int | None = Field(None, ge=1, le=65535)
     # Where the metrics server listens: all interfaces, so Prometheus can scrape a container.
@@ -83,6 +91,18 @@ class Settings(BaseSettings):
     # `backfill health`: a worker with work waiting this long and no attempt finished in
     # that time is stalled (unhealthy).
     stall_after_s: float = Field(120.0, ge=5, le=DAY)
+    # Outage hold (README "Provider outages"): this many failures that point at the
+    # provider (connection, timeout, TLS, HTTP 5xx/429), of at least OUTAGE_DELIVERIES
+    # distinct deliveries, within OUTAGE_WINDOW_S and with no answer from the provider in
+    # between, hold the fleet; one probe at a time, its wait doubling up to PROBE_CAP_S.
+    outage_failures: int = Field(8, ge=2, le=1000)
+    outage_deliveries: int = Field(3, ge=1, le=1000)
+    outage_window_s: float = Field(60.0, ge=1, le=HOUR)
+    outage_probe_cap_s: float = Field(60.0, ge=1, le=HOUR)
+    # After a hold (or a pause) ends, sends ramp up from this rate (per second), doubling
+    # every RAMP_DOUBLE_S, until it passes 256 times the start; 0 = no ramp.
+    ramp_start_per_s: float = Field(5.0, ge=0, le=1e5)
+    ramp_double_s: float = Field(2.0, gt=0, le=HOUR)
 
     @field_validator("log_format", "log_level", mode="before")
     @classmethod
@@ -139,6 +159,11 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.backoff_cap_s < self.backoff_base_s:
             raise ValueError("BACKFILL_BACKOFF_CAP_S must be >= BACKFILL_BACKOFF_BASE_S")
+        if self.outage_deliveries > self.outage_failures:
+            raise ValueError(
+                "BACKFILL_OUTAGE_DELIVERIES must be <= BACKFILL_OUTAGE_FAILURES (each failure "
+                "is of one delivery)"
+            )
         if self.visibility_timeout_s <= self.attempt_lease_s + DRAIN_BUDGET_S:
             raise ValueError(
                 "BACKFILL_VISIBILITY_TIMEOUT_S must exceed what a wake-up may hold its "
@@ -156,6 +181,18 @@ class Settings(BaseSettings):
     def code_table(self) -> dict[str, AnswerClass]:
         """The provider code table in force: the default plus configured overrides."""
         return {**DEFAULT_CODE_CLASSES, **parse_code_table(self.codes)}
+
+    @property
+    def outage_rules(self) -> OutageRules:
+        """The outage detector's thresholds and the ramp after a hold."""
+        return OutageRules(
+            failures=self.outage_failures,
+            deliveries=self.outage_deliveries,
+            window_s=self.outage_window_s,
+            probe_cap_s=self.outage_probe_cap_s,
+            ramp_start_per_s=self.ramp_start_per_s,
+            ramp_double_s=self.ramp_double_s,
+        )
 
     def retry_window_s(self) -> float:
         """The longest wait between first and last attempt these settings allow."""

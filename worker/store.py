@@ -19,7 +19,7 @@ import redis
 from worker import delivery, keys
 from worker.connection import TRANSIENT_REDIS, persist
 from worker.errors import InvalidRecord
-from worker.policy import Outcome
+from worker.policy import Evidence, OutageRules, Outcome, outage_evidence
 from worker.provider import Answer
 from worker.record import BackfillRecord
 
@@ -28,6 +28,8 @@ HISTORY = 50
 LIVE, BULK = "l", "b"
 # The outcome of a delivery claimed in a batch and never sent (the worker is stopping).
 RELEASE = "release"
+NO_EVIDENCE = Evidence.NONE
+DEFAULT_OUTAGE = OutageRules()
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,7 @@ class StepResult:
     status: str  # idle, full, paused, probing, throttled, again, none
     resume_in_s: float = 0.0  # paused or throttled: for this long
     events: list[dict[str, Any]] = field(default_factory=list)
+    outage: bool = False  # the fleet holds for a provider outage
 
     @property
     def claim(self) -> Claim:
@@ -125,8 +128,15 @@ class Store:
         dedupe_ttl_s: int,
         keep_delivered_s: int = 0,
         pause_s: float = 60.0,
+        outage: OutageRules = DEFAULT_OUTAGE,
     ) -> None:
         self.redis = client
+        self.outage = outage
+        self._outage_args = [
+            outage.failures, outage.deliveries, max(int(outage.window_s * 1000), 1),
+            max(int(outage.probe_cap_s * 1000), 1), outage.ramp_start_per_s,
+            max(int(outage.ramp_double_s * 1000), 1),
+        ]  # fmt: skip
         self.dedupe_ttl_s = dedupe_ttl_s
         self.keep_delivered_s = keep_delivered_s
         self.pause_s = pause_s
@@ -212,7 +222,8 @@ class Store:
             args += self._finish_args(item)
         args += [
             int(lease_s * 1000), rate_per_s, burst, int(max_wait_s * 1000), max_attempts,
-            BULK if prefer_bulk else LIVE, self._pause_ms, int(gap_s * 1000), keys.PREFIX,
+            BULK if prefer_bulk else LIVE, self._pause_ms, int(gap_s * 1000),
+            *self._outage_args, keys.PREFIX,
         ]  # fmt: skip
         try:
             reply = self._run_step(args)
@@ -227,8 +238,9 @@ class Store:
             [(str(v), bool(int(f))) for v, f in recorded],
             [_claim(row) for row in claims],
             str(status[0]),
-            float(status[1]) / 1000 if len(status) > 1 else 0.0,
+            float(status[1]) / 1000 if len(status) > 1 and status[1] else 0.0,
             _events(events),
+            outage=len(status) > 2 and status[2] == "1",
         )
 
     def _run_step(self, args: list[Any]) -> Any:
@@ -254,6 +266,9 @@ class Store:
             int((done.retry_in_s or 0.0) * 1000), self.dedupe_ttl_s, self.keep_delivered_s,
             self._pause_ms, done.last_error, int(done.hold_s * 1000), HISTORY, done.claim.lane,
             done.claim.callers,
+            NO_EVIDENCE if done.outcome == RELEASE else outage_evidence(
+                answer.http_status, answer.api_status, answer.error
+            ),
         ]  # fmt: skip
 
     @property
@@ -336,23 +351,43 @@ class Store:
             return None
         return str(reason), max(int(ttl_ms), 0) / 1000.0
 
+    def outage_state(self) -> tuple[float, float] | None:
+        """While the fleet holds for a provider outage: since when (epoch s) and the
+        probe's current wait (s); else None."""
+        value = self.redis.get(keys.OUTAGE)
+        if value is None:
+            return None
+        start, _, wait = str(value).partition("|")
+        try:
+            return int(start) / 1000, int(wait) / 1000
+        except ValueError:
+            return 0.0, 0.0  # unreadable, but the fleet holds all the same
+
     def gauges(self, queue: str, now: float) -> dict[str, float]:
-        """Fleet figures for metrics: queue depth, pending, waiting, dead, paused."""
+        """Fleet figures for metrics: queue depth, pending, waiting, dead, paused, and per
+        lane how long its most overdue delivery has been due (s; 0 when none is due)."""
         now_ms = int(now * 1000)
         pipe = self.redis.pipeline(transaction=False)
         pipe.llen(queue)
         for lane in (keys.LIVE, keys.BULK):
             pipe.zcard(lane)
             pipe.zcount(lane, f"({now_ms}", "+inf")
+            pipe.zrange(lane, 0, 0, withscores=True)  # the lowest due time
         pipe.zcard(keys.DEAD)
         pipe.exists(keys.PAUSED)
-        depth, live, live_later, bulk, bulk_later, dead, paused = pipe.execute()
+        pipe.exists(keys.OUTAGE)
+        depth, live, live_later, live_first, bulk, bulk_later, bulk_first, dead, paused, out = (
+            pipe.execute()
+        )
         return {
             "queue_depth": depth,
             "pending": live + bulk,
             "waiting_retries": live_later + bulk_later,
             "dead_letters": dead,
             "paused": 1 if paused else 0,
+            "outage": 1 if out else 0,
+            "overdue_live_s": max(now_ms - live_first[0][1], 0) / 1000 if live_first else 0.0,
+            "overdue_bulk_s": max(now_ms - bulk_first[0][1], 0) / 1000 if bulk_first else 0.0,
         }
 
     def counts(self) -> dict[str, int]:

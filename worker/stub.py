@@ -93,6 +93,7 @@ class ProviderStub:
     _counts: dict[str, int]
     _faults: dict[str, int]
     _codes: dict[str, int]
+    _down: Step | None
 
     def __init__(
         self,
@@ -213,9 +214,19 @@ class ProviderStub:
         with self._lock:
             self._plans.update(parsed)
 
-    def reset(self) -> None:
-        """Forget records, counters and plans."""
+    def set_down(self, kind: str | None) -> None:
+        """Answer every request with fault ``kind`` (e.g. ``"503"``, ``"drop"``) until it is
+        set back to None: the provider is down. Plans and the fault rate wait meanwhile."""
+        step = None if kind is None else parse_step(kind)
+        if step is not None and step[0] in ("ok", "status"):
+            raise ValueError(f"a provider that is down does not answer {kind!r}")
         with self._lock:
+            self._down = step
+
+    def reset(self) -> None:
+        """Forget records, counters and plans; the provider is up."""
+        with self._lock:
+            self._down = None
             self._records = []
             self._log = []
             self._seen = set()
@@ -230,7 +241,9 @@ class ProviderStub:
         with self._lock:
             self._counts["requests"] += 1
             plan = self._plans.get(msgid) if isinstance(msgid, str) else None
-            if plan is not None:
+            if self._down is not None:
+                kind, arg = self._down
+            elif plan is not None:
                 kind, arg = plan.popleft() if plan else ("ok", None)
             elif self._fault_rate and self._random.random() < self._fault_rate:
                 kind, arg = self._random.choice(self._fault_steps)

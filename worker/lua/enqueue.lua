@@ -8,6 +8,10 @@
 -- Returns per record {created (1/0), delivery_id}, flattened. A record that is dead is
 -- brought back (same delivery_id, a fresh attempt budget). A caller (an intake token's
 -- name) joins the delivery's callers, also when it was there already.
+-- Each new (or revived) delivery is entered in its app's lookup index as '<msgid>\0<id>'
+-- ('\0<id>' without a msgid), and the run sweeps as many index entries as it adds: see
+-- sweep below. An index key of the wrong type is left alone (not indexed, logged by Redis):
+-- the lookup index never stops a delivery.
 -- Every argument and every key's type is checked before the first write.
 local n = (#ARGV - 6) / 5
 local lane, caller, due_in = ARGV[1], ARGV[2], num(ARGV[3], 0, 1e11)
@@ -19,7 +23,8 @@ local states = {}  -- each record's current state ('p', 'x', 'd', or false when 
 for i = 0, n - 1 do
   local a = 6 + 5 * i
   if not string.match(ARGV[a], '^[%w_-]+$') or ARGV[a + 1] == '' or ARGV[a + 3] == ''
-      or not string.match(ARGV[a + 4], '^%d+$') then
+      or not string.match(ARGV[a + 4], '^%d+$')
+      or string.find(ARGV[a + 1] .. ARGV[a + 2], '\0', 1, true) then
     return redis.error_reply('enqueue: bad argument: record ' .. i)
   end
   local state = redis.pcall('HGET', delivery_key(ARGV[a]), 's')
@@ -28,6 +33,23 @@ for i = 0, n - 1 do
       .. ' is not a hash')
   end
   states[i] = state
+end
+
+local function typed(key, want)
+  local kind = redis.call('TYPE', key)['ok']
+  if kind == want or kind == 'none' then
+    return true
+  end
+  redis.log(redis.LOG_WARNING, 'backfill enqueue: ' .. key .. ' is a ' .. kind .. ': not indexed')
+  return false
+end
+local indexing = typed(INDEX_APPS, 'zset') and typed(INDEX_HAND, 'hash')
+local indexable = {}  -- app_id -> whether its index may be written
+for i = 0, n - 1 do
+  local app = ARGV[7 + 5 * i]
+  if indexable[app] == nil then
+    indexable[app] = indexing and typed(index_key(app), 'zset')
+  end
 end
 
 local function with_caller(callers)
@@ -43,8 +65,46 @@ local function with_caller(callers)
   return callers .. ',' .. caller
 end
 
+-- Check up to m entries of an app's index, from where its last sweep stopped (wrapping
+-- round), and drop those whose delivery is gone: no hash, no delivered marker.
+local function sweep(app, m)
+  local key = index_key(app)
+  local kind = redis.call('TYPE', key)['ok']
+  if kind == 'none' then
+    redis.call('ZREM', INDEX_APPS, app)
+    redis.call('HDEL', INDEX_HAND, app)
+    return
+  elseif kind ~= 'zset' then
+    return
+  end
+  local from = redis.call('HGET', INDEX_HAND, app)
+  local rows = redis.call('ZRANGEBYLEX', key, from and '(' .. from or '-', '+', 'LIMIT', 0, m)
+  local gone = {}
+  for _, member in ipairs(rows) do
+    local at = string.find(member, '\0', 1, true)
+    local id = at and string.sub(member, at + 1) or ''
+    if not string.match(id, '^[%w_-]+$')
+        or redis.call('EXISTS', delivery_key(id), P .. 'k:' .. id) == 0 then
+      gone[#gone + 1] = member
+    end
+  end
+  if #gone > 0 then
+    redis.call('ZREM', key, unpack(gone))
+  end
+  if #rows < m then
+    redis.call('HDEL', INDEX_HAND, app)  -- the end: the next sweep starts from the first
+  else
+    redis.call('HSET', INDEX_HAND, app, rows[#rows])
+  end
+  if #gone > 0 and redis.call('EXISTS', key) == 0 then
+    redis.call('ZREM', INDEX_APPS, app)
+    redis.call('HDEL', INDEX_HAND, app)
+  end
+end
+
 local now = now_ms()
 local due = now + due_in
+local entries, apps = {}, {}  -- app_id -> {0, member, 0, member, ...}; apps in order
 local out, created, scheduled, seen = {}, 0, {}, {}
 for i = 0, n - 1 do
   local a = 6 + 5 * i
@@ -99,6 +159,16 @@ for i = 0, n - 1 do
   if new == 1 then
     scheduled[#scheduled + 1] = due
     scheduled[#scheduled + 1] = id
+    local app = ARGV[a + 1]
+    if indexable[app] then
+      if not entries[app] then
+        entries[app] = {}
+        apps[#apps + 1] = app
+      end
+      local list = entries[app]
+      list[#list + 1] = 0
+      list[#list + 1] = ARGV[a + 2] .. '\0' .. id
+    end
   end
   created = created + new
   out[#out + 1] = new
@@ -107,6 +177,29 @@ end
 -- one ZADD for the batch (unpack takes a few thousand values; batches are 1,000 records)
 for first = 1, #scheduled, 2000 do
   redis.call('ZADD', lane_key(lane), unpack(scheduled, first, math.min(first + 1999, #scheduled)))
+end
+-- the index entries, and two entries checked per entry added (#list is twice the entries):
+-- so an app's index stays within about twice the deliveries it points at (see lookup.py)
+for _, app in ipairs(apps) do
+  local list = entries[app]
+  for first = 1, #list, 2000 do
+    redis.call('ZADD', index_key(app), unpack(list, first, math.min(first + 1999, #list)))
+  end
+  redis.call('ZADD', INDEX_APPS, 0, app)
+  sweep(app, #list)
+end
+if #apps > 0 then
+  -- and a few of the next app's, in turn, so an app that stopped enqueuing is swept too
+  local last = redis.call('HGET', INDEX_HAND, '')
+  local next_app = redis.call('ZRANGEBYLEX', INDEX_APPS, last and '(' .. last or '-', '+',
+    'LIMIT', 0, 1)[1]
+  if not next_app and last then
+    next_app = redis.call('ZRANGEBYLEX', INDEX_APPS, '-', '+', 'LIMIT', 0, 1)[1]
+  end
+  if next_app then
+    redis.call('HSET', INDEX_HAND, '', next_app)
+    sweep(next_app, 16)
+  end
 end
 if created > 0 and ARGV[4] ~= '' then
   redis.call('LPUSH', ARGV[4], ARGV[5])  -- wake a worker: the record goes out at once

@@ -57,7 +57,12 @@ local function attempts_key(id) return P .. 'a:' .. id end
 local function lane_key(lane) return P .. (lane == 'b' and 'q:bulk' or 'q:live') end
 local DEAD, PAUSED, PROBE, PROBE_LOCK, RATE = P .. 'dead', P .. 'paused', P .. 'probe',
   P .. 'probe:lock', P .. 'rate'
+local OUTAGE, OUTAGE_SEEN, RAMP = P .. 'outage', P .. 'outage:seen', P .. 'ramp'
 local function dead_app_key(app) return P .. 'dead:app:' .. app end
+-- The lookup index (keys.py, lookup.py): one app's deliveries as '<msgid>\0<id>', the apps
+-- indexed, and where the enqueue's sweep of each app stopped.
+local function index_key(app) return P .. 'x:' .. app end
+local INDEX_APPS, INDEX_HAND = P .. 'xa', P .. 'xh'
 
 -- Move a delivery to the dead letters with the reason as its last attempt document.
 local function bury(id, lane, app, now, reason)

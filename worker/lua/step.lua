@@ -1,24 +1,31 @@
 -- One round trip per batch of deliveries: record the attempts just made (if any), then
 -- claim the next due deliveries (if asked). lib.lua is prepended.
 -- ARGV: 1 n (attempts to record)  2 k (deliveries to claim, 0 for none)
---   then n times 14 values: id, token, outcome (or 'release': claimed, never sent),
+--   then n times 15 values: id, token, outcome (or 'release': claimed, never sent),
 --     attempt document (JSON), counted (1/0), retry_ms, marker_ttl_s, keep_s, pause_ms,
---     pause reason, hold_ms, history (attempt documents kept), lane (l/b), callers
+--     pause reason (the last error), hold_ms, history (attempt documents kept), lane
+--     (l/b), callers, evidence ('1' points at a provider outage, '0' the provider
+--     answered, '-' neither: policy.outage_evidence)
 --   then the claim's: lease_ms (also the probe's), rate per s, burst, max_wait_ms,
 --     max_attempts, prefer (l/b: the lane looked at first), pause_ms, gap_ms (how much
 --     later each next delivery of the batch may start: the worker sends them in turn, and
---     gives the rest back as soon as one attempt is slow)
+--     gives the rest back as soon as one attempt is slow), then the outage detector's:
+--     failures, distinct deliveries, window_ms, probe cap ms, ramp start (per s, 0 for
+--     none), ramp doubling ms
 --   last: the key prefix
 -- Returns {recorded, status, claims, events}: recorded is {verdict, first pause} per
--- attempt; status is why the claims stopped ('idle', 'paused', 'probing', 'throttled',
--- 'again', 'full', 'none') and the ms to wait when paused or throttled; each claim is {id,
+-- attempt (verdict 'held': a failure during an outage hold, its count given back);
+-- status is {why the claims stopped ('idle', 'paused', 'probing', 'throttled', 'again',
+-- 'full', 'none'), the ms to wait when paused or throttled (else ''), '1' while the fleet
+-- holds for an outage (else '0')}; each claim is {id,
 -- token, attempt, app_id, msgid, number, time, replay, wait_ms, lane, callers}; events are
 -- the deliveries dead-lettered or dropped on the way: {kind, id, detail, app_id, msgid,
--- number, time, attempts}. A claimed delivery's lease covers its place in the batch: the
+-- number, time, attempts}, and 'outage' / 'outage_over' {kind, '', JSON detail, ...}.
+-- A claimed delivery's lease covers its place in the batch: the
 -- i-th (from 0) is leased for one attempt lease plus i gaps.
 -- Every argument is checked before the first write.
 local n, k = num(ARGV[1], 0, 64), num(ARGV[2], 0, 64)
-local W = 14
+local W = 15
 local outcomes = {delivered = true, duplicate = true, retry = true, dead = true, paused = true,
   release = true}
 local c = 3 + (n or 0) * W
@@ -26,8 +33,13 @@ local lease_ms, rate, burst = num(ARGV[c], 1, 864e5), num(ARGV[c + 1], 0, 1e6),
   num(ARGV[c + 2], 1, 1e6)
 local max_wait, max_attempts = num(ARGV[c + 3], 0, 36e5), num(ARGV[c + 4], 1, 1000)
 local pause_ms, gap_ms = num(ARGV[c + 6], 1, 864e5), num(ARGV[c + 7], 0, 864e5)
-local ok = n and k and n == math.floor(n) and k == math.floor(k) and #ARGV == c + 8 and gap_ms and lease_ms and rate and burst and max_wait
-  and max_attempts and pause_ms and (ARGV[c + 5] == 'l' or ARGV[c + 5] == 'b')
+local o_failures, o_distinct = num(ARGV[c + 8], 1, 1000), num(ARGV[c + 9], 1, 1000)
+local o_window, o_cap = num(ARGV[c + 10], 1, 864e5), num(ARGV[c + 11], 1, 864e5)
+local ramp_start, ramp_ms = num(ARGV[c + 12], 0, 1e6), num(ARGV[c + 13], 1, 864e5)
+local ok = n and k and n == math.floor(n) and k == math.floor(k) and #ARGV == c + 14 and gap_ms
+  and lease_ms and rate and burst and max_wait and max_attempts and pause_ms
+  and (ARGV[c + 5] == 'l' or ARGV[c + 5] == 'b') and o_failures and o_distinct and o_window
+  and o_cap and ramp_start and ramp_ms
 for i = 0, (ok and n or 0) - 1 do
   local a = 3 + i * W
   ok = ok and ARGV[a] ~= '' and outcomes[ARGV[a + 2]] and (ARGV[a + 4] == '0' or ARGV[a + 4] == '1')
@@ -35,17 +47,121 @@ for i = 0, (ok and n or 0) - 1 do
     and num(ARGV[a + 7], 0, 1e9) and num(ARGV[a + 8], 1, 864e5) and num(ARGV[a + 10], 0, 864e5)
     and num(ARGV[a + 11], 1, 10000) and (ARGV[a + 12] == 'l' or ARGV[a + 12] == 'b')
     and not string.find(ARGV[a + 13], '|', 1, true)
+    and (ARGV[a + 14] == '1' or ARGV[a + 14] == '0' or ARGV[a + 14] == '-')
 end
 if not ok then
   return redis.error_reply('step: bad argument')
 end
 local now = now_ms()
+-- The fleet's flags, read once: pause, probe, rate clock, ramp, outage. A write below
+-- that changes one marks them stale, and the claim reads them again.
+local flags = redis.call('MGET', PAUSED, PROBE, RATE, RAMP, OUTAGE)
+local stale_flags = false
+local events = {}
 
 -- What recording the batch leaves for one call each at the end: lane entries to remove,
 -- keys to delete, whether the probe flags go.
 local unlane, gone, clear_probe, keep_probe = {l = {}, b = {}}, {}, false, false
 
--- Record one attempt (the 14 values from ARGV[a]) and move its delivery on.
+-- During an outage hold: the ms until the next probe may go. When the hold's pause has
+-- ended, this failure was the probe's: pause again, the wait doubled up to the cap.
+local function hold_probe(last_error)
+  local pttl = redis.call('PTTL', PAUSED)
+  if pttl > 0 then
+    return pttl
+  end
+  local start, wait = string.match(flags[5], '^(%d+)|(%d+)$')
+  wait = math.min(math.max((tonumber(wait) or 1000) * 2, 1000), o_cap)
+  flags[5] = (start or tostring(now)) .. '|' .. string.format('%d', wait)
+  redis.call('SET', OUTAGE, flags[5])
+  redis.call('SET', PAUSED, 'outage: ' .. last_error, 'PX', wait)
+  redis.call('SET', PROBE, '1')
+  redis.call('DEL', PROBE_LOCK)
+  keep_probe, stale_flags = true, true
+  return wait
+end
+
+-- The outage detector, before the batch is recorded: an answer from the provider ends a
+-- hold (and clears the failures seen); failures that point at the provider are kept for
+-- the window, and enough of them, of enough distinct deliveries, begin a hold. The
+-- attempts that showed the outage give their counts back.
+local function detect()
+  local up, down = false, {}
+  for i = 0, n - 1 do
+    local a = 3 + i * W
+    if ARGV[a + 14] == '0' then
+      up = true
+    elseif ARGV[a + 14] == '1' then
+      down[#down + 1] = a
+    end
+  end
+  if up then
+    redis.call('DEL', OUTAGE_SEEN)
+    if flags[5] then
+      local start = tonumber(string.match(flags[5], '^(%d+)|')) or now
+      redis.call('DEL', OUTAGE)
+      local reason = redis.call('GET', PAUSED)
+      if reason and string.sub(reason, 1, 7) == 'outage:' then
+        redis.call('DEL', PAUSED)
+      end
+      flags[5], stale_flags = false, true
+      events[#events + 1] = {'outage_over', '', cjson.encode({duration_ms = now - start}),
+        '', '', '', '', '0'}
+    end
+    return
+  end
+  if #down == 0 or flags[5] then
+    return
+  end
+  local mine = {}
+  for _, a in ipairs(down) do
+    local member = ARGV[a] .. '|' .. ARGV[a + 1]
+    mine[member] = true
+    redis.call('ZADD', OUTAGE_SEEN, now, member)
+  end
+  redis.call('ZREMRANGEBYSCORE', OUTAGE_SEEN, '-inf', now - o_window)
+  redis.call('ZREMRANGEBYRANK', OUTAGE_SEEN, 0, -1001)  -- at most the last 1,000 kept
+  redis.call('PEXPIRE', OUTAGE_SEEN, math.floor(o_window))
+  local seen = redis.call('ZRANGE', OUTAGE_SEEN, 0, -1)
+  if #seen < o_failures then
+    return
+  end
+  local ids, distinct = {}, 0
+  for _, member in ipairs(seen) do
+    local id = string.match(member, '^(.*)|')
+    if id and not ids[id] then
+      ids[id], distinct = true, distinct + 1
+    end
+  end
+  if distinct < o_distinct then
+    return
+  end
+  -- the fleet holds: no claims but one probe at a time, first after 1 s (or the cap)
+  local wait = math.min(1000, o_cap)
+  local last_error = ARGV[down[#down] + 9]
+  flags[5], stale_flags, keep_probe = tostring(now) .. '|' .. string.format('%d', wait), true,
+    true
+  redis.call('SET', OUTAGE, flags[5])
+  redis.call('SET', PAUSED, 'outage: ' .. last_error, 'PX', wait)
+  redis.call('SET', PROBE, '1')
+  redis.call('DEL', PROBE_LOCK, OUTAGE_SEEN)
+  local given_back = {}
+  for _, member in ipairs(seen) do
+    local id, token = string.match(member, '^(.*)|(.*)$')
+    if id and not mine[member] then
+      local h = redis.pcall('HMGET', delivery_key(id), 's', 'c', 'k')
+      if not h['err'] and h[1] == 'p' and counter(h[2]) and (tonumber(h[2]) or 0) > 0 then
+        redis.call('HINCRBY', delivery_key(id), 'c', -1)
+        given_back[#given_back + 1] = id
+      end
+    end
+  end
+  events[#events + 1] = {'outage', '', cjson.encode({failures = #seen, deliveries = distinct,
+    window_ms = o_window, probe_ms = wait, last_error = last_error, given_back = given_back}),
+    '', '', '', '', '0'}
+end
+
+-- Record one attempt (the 15 values from ARGV[a]) and move its delivery on.
 local function finish(a)
   local id, token, outcome = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   local retry_ms, marker_ttl, keep = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]),
@@ -96,6 +212,18 @@ local function finish(a)
     redis.call('ZADD', lane, now, id)
     return 'released', 0
   end
+  if flags[5] and ARGV[a + 14] == '1' then
+    -- a failure during an outage hold: the outage's, not the record's; its count goes back
+    if ARGV[a + 4] == '1' then
+      attempts = attempts - 1
+    end
+    redis.call('RPUSH', attempts_key(id), ARGV[a + 3])
+    redis.call('LTRIM', attempts_key(id), -history, -1)
+    local resume = now + hold_probe(ARGV[a + 9])
+    redis.call('HSET', key, 'u', resume, 'l', 0, 'c', math.max(attempts, 0))
+    redis.call('ZADD', lane, resume, id)
+    return 'held', 0
+  end
   redis.call('RPUSH', attempts_key(id), ARGV[a + 3])
   redis.call('LTRIM', attempts_key(id), -history, -1)
   if hold_ms > 0 then
@@ -123,6 +251,7 @@ local function finish(a)
   end
   -- paused: the account is blocked (or the provider redirects); hold the whole fleet
   keep_probe = true  -- this batch ends in a pause: its probe flag stays
+  stale_flags = true
   local first = redis.call('SET', PAUSED, ARGV[a + 9], 'NX', 'PX', math.floor(pause_for))
   redis.call('SET', PROBE, '1')
   redis.call('DEL', PROBE_LOCK)
@@ -132,7 +261,6 @@ local function finish(a)
   return 'paused', first and 1 or 0
 end
 
-local events = {}
 local function drop(kind, id, detail, h)
   local attempts = '0'
   if h and h[4] and counter(h[4]) then
@@ -198,8 +326,9 @@ end
 
 -- Claim up to k due deliveries, live lane first (bulk first when asked); why it stopped.
 local function claim_batch(claims)
-  -- one call for the usual case: no pause, no probe (and the rate clock, read anyway)
-  local flags = redis.call('MGET', PAUSED, PROBE, RATE)
+  if stale_flags then
+    flags = redis.call('MGET', PAUSED, PROBE, RATE, RAMP, OUTAGE)
+  end
   local probing = false
   local want = k
   if flags[1] or flags[2] then
@@ -220,6 +349,17 @@ local function claim_batch(claims)
       want = 1  -- after a pause one delivery probes the account, alone
     end
   end
+  -- after a hold or a pause, sends ramp up: the start rate, doubled every ramp_ms (and
+  -- never above the configured rate), until it passes 256 times the start
+  local send_rate, send_burst, send_wait = rate, burst, max_wait
+  if flags[4] and ramp_start > 0 then
+    local step = math.floor(math.max(now - (tonumber(flags[4]) or now), 0) / ramp_ms)
+    local ramped = ramp_start * 2 ^ math.min(step, 30)
+    if ramped < ramp_start * 256 and (rate == 0 or ramped < rate) then
+      -- slots reserved at most one doubling ahead, so the next doubling takes effect
+      send_rate, send_burst, send_wait = ramped, 1, math.min(max_wait, ramp_ms / 2)
+    end
+  end
   local order = ARGV[c + 5] == 'b' and {'b', 'l'} or {'l', 'b'}
   for _, lane in ipairs(order) do
     local lk = lane_key(lane)
@@ -236,8 +376,8 @@ local function claim_batch(claims)
         local h = inspect(lane, id)
         if h then
           local wait = 0
-          if rate > 0 or flags[3] then
-            wait = rate_wait(RATE, now, rate, burst, max_wait)
+          if send_rate > 0 or flags[3] then
+            wait = rate_wait(RATE, now, send_rate, send_burst, send_wait)
           end
           if wait < 0 then
             if #leases > 0 then
@@ -271,6 +411,9 @@ local function claim_batch(claims)
 end
 
 local recorded = {}
+if n > 0 then
+  detect()
+end
 for i = 0, n - 1 do
   local verdict, first = finish(3 + i * W)
   recorded[#recorded + 1] = {verdict, first}
@@ -280,9 +423,15 @@ for lane, ids in pairs(unlane) do
     redis.call('ZREM', lane_key(lane), unpack(ids))
   end
 end
-if clear_probe and not keep_probe then
+if clear_probe and not keep_probe and flags[2] then
+  -- an answer proved the provider and the account work: the pause or hold is over, and
+  -- sends ramp up from here
   gone[#gone + 1] = PROBE
   gone[#gone + 1] = PROBE_LOCK
+  if ramp_start > 0 then
+    redis.call('SET', RAMP, tostring(now), 'PX', math.floor(ramp_ms * 9))
+  end
+  stale_flags = true
 end
 if #gone > 0 then
   redis.call('DEL', unpack(gone))
@@ -292,4 +441,4 @@ local status = {'none'}
 if k > 0 then
   status = claim_batch(claims)
 end
-return {recorded, status, claims, events}
+return {recorded, {status[1], status[2] or '', flags[5] and '1' or '0'}, claims, events}

@@ -1,0 +1,173 @@
+"""The web console in a real browser: headless Chromium (Selenium) against a real
+``backfill console`` process, a real worker, the stub and a Redis of the test's own.
+
+Debian's ``chromium`` and ``chromium-driver`` packages provide the browser (CI installs
+them, see .ci/run); without them the test is skipped, saying so.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+
+from tests.conftest import unique, wait_for
+from worker.connection import connect
+from worker.local import LocalRedis, WorkerProcess, free_port
+from worker.record import BackfillRecord
+from worker.store import Store
+from worker.stub import ProviderStub
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+USER, PASSWORD = "operator", "a-long-console-password"
+NUMBER = "8613512345678"
+
+pytestmark = pytest.mark.skipif(
+    not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
+    reason="needs Debian's chromium and chromium-driver (apt-get install chromium "
+    "chromium-driver; CI installs them)",
+)
+
+
+@pytest.fixture
+def console_url(
+    settings_env: dict[str, str], private_redis: LocalRedis, tmp_path: Path
+) -> Iterator[tuple[str, Path]]:
+    """A real ``backfill console`` on the test's Redis: its URL and its log file."""
+    port = free_port()
+    log_path = tmp_path / "console.log"
+    env = {
+        **os.environ,
+        **settings_env,
+        "BACKFILL_REDIS_URL": private_redis.url,
+        "BACKFILL_CONSOLE_USERS": f"{USER}:{PASSWORD}",
+    }
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "worker", "console", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _listening(url), 20, 0.1)
+        yield url, log_path
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _listening(url: str) -> bool:
+    try:
+        requests.get(url, timeout=1)
+    except requests.ConnectionError:
+        return False
+    return True
+
+
+@pytest.fixture
+def browser() -> Iterator[webdriver.Chrome]:
+    """Headless Chromium that sends the console user's Basic credentials with every request."""
+    options = Options()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                     "--disable-gpu", "--window-size=1280,1000"):  # fmt: skip
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    credentials = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    driver.execute_cdp_cmd("Network.enable", {})
+    driver.execute_cdp_cmd(
+        "Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {credentials}"}}
+    )
+    yield driver
+    driver.quit()
+
+
+def test_an_operator_finds_a_msgid_reads_its_attempts_and_replays_it_to_delivered(
+    browser: webdriver.Chrome,
+    console_url: tuple[str, Path],
+    private_redis: LocalRedis,
+    spawn_worker: Callable[..., WorkerProcess],
+    stub: ProviderStub,
+) -> None:
+    url, console_log = console_url
+    spawn_worker(private_redis.url)
+    store = Store(connect(private_redis.url), dedupe_ttl_s=3600)
+    msgid, other = unique("browser"), unique("browser")
+    stub.set_plan({msgid: ["503", "status:-24", "ok"], other: ["status:-24"]})
+    ids = [
+        store.enqueue(BackfillRecord.parse({"app_id": "app-browser", "msgid": m,
+                                            "number": NUMBER, "time": "1681184764000"}))[0]
+        for m in (msgid, other)
+    ]  # fmt: skip
+    wait_for(lambda: store.states(ids) == ["dead", "dead"], 20)
+    delivery_id = ids[0]
+
+    browser.get(url + "/")  # logged in: the overview, with the dead letters counted
+    assert "Overview" in browser.title or browser.find_element(By.TAG_NAME, "h1").text
+    counts = browser.find_element(By.ID, "counts").text
+    assert re.search(r"dead 2\b", counts), counts
+
+    search = browser.find_element(By.NAME, "q")  # the search box in the header
+    search.send_keys(msgid)
+    search.submit()
+    wait_for(lambda: "/deliveries?" in browser.current_url, 10)
+    link = browser.find_element(By.LINK_TEXT, delivery_id)
+    assert NUMBER not in browser.page_source
+    link.click()
+
+    wait_for(lambda: browser.current_url.endswith(f"/deliveries/{delivery_id}"), 10)
+    assert browser.find_element(By.ID, "state").text == "dead"
+    attempts = browser.find_elements(By.CSS_SELECTOR, "#attempts tr.attempt")
+    outcomes = [row.find_element(By.CLASS_NAME, "outcome").text for row in attempts]
+    assert outcomes == ["retry", "dead"]
+    assert "503" in attempts[0].text
+    assert "-24" in attempts[1].text
+    assert "*********5678" in browser.page_source
+    assert NUMBER not in browser.page_source
+
+    browser.find_element(By.ID, "replay").click()  # a form POST with its CSRF token
+    wait_for(lambda: "done=replayed" in browser.current_url, 10)
+    assert browser.find_element(By.ID, "done").text == "replayed"
+
+    def delivered() -> bool:
+        browser.refresh()
+        return browser.find_element(By.ID, "state").text == "delivered"
+
+    wait_for(delivered, 20, 0.3)
+    rows = browser.find_elements(By.CSS_SELECTOR, "#attempts tr.attempt")
+    assert rows[-1].find_element(By.CLASS_NAME, "outcome").text == "delivered"
+    assert store.states(ids) == ["delivered", "dead"]
+
+    browser.get(url + "/dead")  # the other letter: purge asks first, then purges
+    assert "status -24: injected" in browser.find_element(By.CSS_SELECTOR, "section h2").text
+    browser.find_element(By.CSS_SELECTOR, "section button.danger").click()
+    assert "Purge for good?" in browser.find_element(By.TAG_NAME, "h1").text
+    assert store.states([ids[1]]) == ["dead"]
+    browser.find_element(By.ID, "confirm").click()
+    wait_for(lambda: "done=purged" in browser.current_url, 10)
+    assert store.states([ids[1]]) == [None]
+
+    lines = [json.loads(line) for line in console_log.read_text().splitlines()
+             if line.startswith("{")]  # fmt: skip
+    replays = [e for e in lines if e.get("event") == "console.replay"]
+    purges = [e for e in lines if e.get("event") == "console.purge"]
+    assert [(e["user"], e["delivery_ids"]) for e in replays] == [(USER, [delivery_id])]
+    assert [(e["user"], e["delivery_ids"]) for e in purges] == [(USER, [ids[1]])]
+    assert PASSWORD not in console_log.read_text()

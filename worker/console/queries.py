@@ -1,0 +1,242 @@
+"""What the console's pages read from Redis, shaped for showing (numbers masked).
+
+Everything is bounded: a page reads a fixed number of keys whatever the size of the
+backlog, and says when a figure is an estimate. The Store's own reads (``gauges``,
+``status``, ``dead_page``, ``pause_state``, ``beats``) are used where they exist; the
+reads only the console needs live here, not in ``worker.store``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from worker import delivery, keys, lookup
+from worker.audit import redactor
+from worker.redact import mask_number, redact
+from worker.store import Store
+
+# Keys one overview may visit looking for delivered markers (SCAN), and the pending
+# deliveries whose creation time it reads looking for the oldest.
+MARKER_SCAN_BUDGET = 200_000
+PENDING_READ_BUDGET = 20_000
+SAMPLE_PER_LANE = 1_000
+# Dead letters the dead-letter page groups (the newest), and the rows it shows per group.
+DEAD_WINDOW = 1_000
+ROWS_PER_GROUP = 50
+TEXT_SHOWN = 300
+_DIGIT_RUN = re.compile(r"(?<![0-9])[0-9]{6,20}(?![0-9])")  # the shape of a number
+
+
+@dataclass(frozen=True, slots=True)
+class Recent:
+    """Deliveries in the last minute and hour, and in the dedupe window, from the markers."""
+
+    minute: int
+    hour: int
+    window: int
+    exact: bool  # False: extrapolated from the share of the keyspace scanned
+    scanned: int
+
+
+@dataclass(frozen=True, slots=True)
+class Oldest:
+    """The oldest pending delivery's age (s) and whether every pending one was read."""
+
+    age_s: float | None
+    delivery_id: str
+    exact: bool
+    read: int
+
+
+@dataclass(slots=True)
+class DeadGroup:
+    """Dead letters with the same last error, newest first."""
+
+    error: str
+    key: str
+    newest: str = ""
+    count: int = 0  # in the window grouped
+    rows: list[dict[str, Any]] = field(default_factory=list)  # the first ROWS_PER_GROUP
+
+
+def error_key(error: str) -> str:
+    """A short, form-safe name for a group of dead letters with the same last error."""
+    return hashlib.sha256(error.encode()).hexdigest()[:16]
+
+
+def shown_text(text: Any, number: str = "") -> str:
+    """Stored text made safe to show: this process's secrets, control characters,
+    Sign-shaped values, the record's number and any other run of 6 to 20 digits (last 4
+    shown: a pause reason is no one record's), and length (the template escapes the rest).
+    The worker redacted it before storing it: this is a second line."""
+    if text is None or text == "":
+        return ""
+    text = redact(redactor.scrub(str(text)), number=number or None, limit=TEXT_SHOWN)
+    return _DIGIT_RUN.sub(lambda run: mask_number(run.group()), text)
+
+
+def shown(doc: dict[str, Any]) -> dict[str, Any]:
+    """A delivery's readable document with its number masked and every text redacted."""
+    number = str(doc.get("number", ""))
+    out = dict(doc)
+    out["number"] = mask_number(number)
+    out["last_error"] = shown_text(doc.get("last_error"), number)
+    out["attempts_made"] = [
+        {
+            **attempt,
+            "api_reason": shown_text(attempt.get("api_reason"), number),
+            "error": shown_text(attempt.get("error"), number),
+        }
+        for attempt in doc.get("attempts_made", [])
+    ]
+    return out
+
+
+def summaries(client: redis.Redis, delivery_ids: Sequence[str]) -> list[dict[str, Any]]:
+    """One shown row per delivery still known (its last attempt only), in one round trip."""
+    pipe = client.pipeline(transaction=False)
+    for delivery_id in delivery_ids:
+        pipe.hgetall(keys.delivery(delivery_id))
+        pipe.lindex(keys.attempts(delivery_id), -1)
+        pipe.get(keys.marker(delivery_id))
+    flat = pipe.execute(raise_on_error=False)
+    rows = []
+    for i, delivery_id in enumerate(delivery_ids):
+        fields, last, marker = flat[3 * i : 3 * i + 3]
+        if isinstance(fields, Exception):  # a key of the wrong type: the claim buries it
+            rows.append({"delivery_id": delivery_id, "state": "unreadable", "number": ""})
+            continue
+        history = [last] if isinstance(last, str) else []
+        if fields:
+            rows.append(shown(_status(delivery_id, fields, history)))
+        elif isinstance(marker, str):
+            rows.append(shown(_compacted(delivery_id, marker)))
+    return rows
+
+
+def _status(delivery_id: str, fields: dict[str, str], history: list[str]) -> dict[str, Any]:
+    try:
+        return delivery.status(delivery_id, fields, history)
+    except (ValueError, TypeError):  # a hand-edited attempt document
+        return delivery.status(delivery_id, fields, [])
+
+
+def _compacted(delivery_id: str, marker: str) -> dict[str, Any]:
+    try:
+        return delivery.compacted_status(delivery_id, marker)
+    except (ValueError, OverflowError, OSError):
+        return {"delivery_id": delivery_id, "state": "delivered", "compacted": True}
+
+
+def record(store: Store, delivery_id: str) -> dict[str, Any] | None:
+    """The shown document of one delivery with every attempt it kept, or None."""
+    try:
+        found = store.status(delivery_id)
+    except (ValueError, TypeError):  # a hand-edited attempt document
+        rows = summaries(store.redis, [delivery_id])
+        return rows[0] if rows else None
+    return None if found is None else shown(found)
+
+
+def recent(client: redis.Redis, now_ms: int, budget: int = MARKER_SCAN_BUDGET) -> Recent:
+    """Deliveries in the last minute and hour, counted from the delivered markers.
+
+    The markers are found with SCAN (never KEYS), visiting at most ``budget`` keys; past
+    that the counts are extrapolated from the share of the keyspace visited.
+    """
+    cursor, visited, minute, hour, window = 0, 0, 0, 0, 0
+    while True:
+        cursor, found = client.scan(cursor, match=keys.marker("*"), count=5000)
+        visited += 5000
+        if found:
+            for value in client.mget(found):
+                at = _marker_ms(value)
+                if at is None:
+                    continue
+                window += 1
+                hour += at >= now_ms - 3_600_000
+                minute += at >= now_ms - 60_000
+        if cursor == 0 or visited >= budget:
+            break
+    if cursor == 0:
+        return Recent(minute, hour, window, True, visited)
+    share = min(visited / max(int(client.dbsize()), 1), 1.0)
+    return Recent(round(minute / share), round(hour / share), round(window / share), False, visited)
+
+
+def _marker_ms(value: Any) -> int | None:
+    if not isinstance(value, str):
+        return None
+    at = value.partition("|")[0]
+    return int(at) if at.isascii() and at.isdigit() else None
+
+
+def oldest_pending(client: redis.Redis, now_ms: int) -> Oldest:
+    """The oldest pending delivery by creation time: all of them when there are at most
+    PENDING_READ_BUDGET, else the SAMPLE_PER_LANE earliest due in each lane."""
+    sizes = [int(client.zcard(lane)) for lane in (keys.LIVE, keys.BULK)]
+    exact = sum(sizes) <= PENDING_READ_BUDGET
+    stop = -1 if exact else SAMPLE_PER_LANE - 1
+    ids = [str(m) for lane in (keys.LIVE, keys.BULK) for m in client.zrange(lane, 0, stop)]
+    oldest: tuple[int, str] | None = None
+    for start in range(0, len(ids), 1000):
+        chunk = ids[start : start + 1000]
+        pipe = client.pipeline(transaction=False)
+        for delivery_id in chunk:
+            pipe.hget(keys.delivery(delivery_id), "w")
+        for delivery_id, created in zip(chunk, pipe.execute(raise_on_error=False), strict=True):
+            if not (isinstance(created, str) and created.isascii() and created.isdigit()):
+                continue
+            if oldest is None or int(created) < oldest[0]:
+                oldest = (int(created), delivery_id)
+    if oldest is None:
+        return Oldest(None, "", exact, len(ids))
+    return Oldest(max(now_ms - oldest[0], 0) / 1000, oldest[1], exact, len(ids))
+
+
+def outage_since(client: redis.Redis) -> str:
+    """When the fleet's outage hold began (ISO time), or '' when it holds for none."""
+    value = client.get(keys.OUTAGE)
+    start = value.partition("|")[0] if isinstance(value, str) else ""
+    if not start.isascii() or not start.isdigit():
+        return "yes" if value else ""
+    return delivery.iso(int(start))
+
+
+def dead_groups(store: Store, window: int = DEAD_WINDOW) -> list[DeadGroup]:
+    """The newest ``window`` dead letters grouped by last error; groups newest first, each
+    with its count in the window and its first ROWS_PER_GROUP rows."""
+    ids = [delivery_id for delivery_id, _ in store.dead_page(limit=window)]
+    groups: dict[str, DeadGroup] = {}
+    for row in summaries(store.redis, ids):
+        error = row.get("last_error") or "(no error recorded)"
+        group = groups.setdefault(error, DeadGroup(error, error_key(error)))
+        group.newest = group.newest or str(row.get("dead_at", ""))
+        group.count += 1
+        if len(group.rows) < ROWS_PER_GROUP:
+            group.rows.append(row)
+    return list(groups.values())
+
+
+def dead_errors(client: redis.Redis, delivery_ids: Sequence[str]) -> list[str]:
+    """The shown last error of each dead letter (as ``dead_groups`` groups them)."""
+    rows = {row["delivery_id"]: row for row in summaries(client, delivery_ids)}
+    return [(rows.get(i, {}).get("last_error") or "(no error recorded)") for i in delivery_ids]
+
+
+def find_ids(
+    store: Store, by: str, text: str, cursor: str | None, limit: int
+) -> tuple[list[str], str | None]:
+    """A page of the delivery ids whose ``by`` (id, msgid, app_id) is ``text``, and the
+    cursor of the next page (None: no more)."""
+    if by == "id":
+        return ([text] if store.status(text) is not None else []), None
+    msgid, app_id = (text, None) if by == "msgid" else (None, text)
+    rows, more = lookup.find(store.redis, msgid, app_id, limit=limit, cursor=cursor)
+    return [str(row["delivery_id"]) for row in rows], more
