@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -99,6 +100,18 @@ def browser() -> Iterator[webdriver.Chrome]:
     driver.quit()
 
 
+def shows(browser: webdriver.Chrome, by: str, selector: str, text: str) -> None:
+    """Wait until the element's text contains ``text`` (a click's page may still be loading)."""
+
+    def found() -> bool:
+        try:
+            return text in browser.find_element(by, selector).text
+        except (NoSuchElementException, StaleElementReferenceException):
+            return False
+
+    wait_for(found, 10, 0.05)
+
+
 def test_an_operator_finds_a_msgid_reads_its_attempts_and_replays_it_to_delivered(
     browser: webdriver.Chrome,
     console_url: tuple[str, Path],
@@ -128,12 +141,13 @@ def test_an_operator_finds_a_msgid_reads_its_attempts_and_replays_it_to_delivere
     search.send_keys(msgid)
     search.submit()
     wait_for(lambda: "/deliveries?" in browser.current_url, 10)
+    shows(browser, By.TAG_NAME, "h2", "By delivery_id")
     link = browser.find_element(By.LINK_TEXT, delivery_id)
     assert NUMBER not in browser.page_source
     link.click()
 
     wait_for(lambda: browser.current_url.endswith(f"/deliveries/{delivery_id}"), 10)
-    assert browser.find_element(By.ID, "state").text == "dead"
+    shows(browser, By.ID, "state", "dead")
     attempts = browser.find_elements(By.CSS_SELECTOR, "#attempts tr.attempt")
     outcomes = [row.find_element(By.CLASS_NAME, "outcome").text for row in attempts]
     assert outcomes == ["retry", "dead"]
@@ -144,7 +158,7 @@ def test_an_operator_finds_a_msgid_reads_its_attempts_and_replays_it_to_delivere
 
     browser.find_element(By.ID, "replay").click()  # a form POST with its CSRF token
     wait_for(lambda: "done=replayed" in browser.current_url, 10)
-    assert browser.find_element(By.ID, "done").text == "replayed"
+    shows(browser, By.ID, "done", "replayed")
 
     def delivered() -> bool:
         browser.refresh()
@@ -158,7 +172,7 @@ def test_an_operator_finds_a_msgid_reads_its_attempts_and_replays_it_to_delivere
     browser.get(url + "/dead")  # the other letter: purge asks first, then purges
     assert "status -24: injected" in browser.find_element(By.CSS_SELECTOR, "section h2").text
     browser.find_element(By.CSS_SELECTOR, "section button.danger").click()
-    assert "Purge for good?" in browser.find_element(By.TAG_NAME, "h1").text
+    shows(browser, By.TAG_NAME, "h1", "Purge for good?")
     assert store.states([ids[1]]) == ["dead"]
     browser.find_element(By.ID, "confirm").click()
     wait_for(lambda: "done=purged" in browser.current_url, 10)

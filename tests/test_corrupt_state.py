@@ -199,18 +199,18 @@ def dump(client: redis.Redis) -> dict[str, Any]:
 
 
 P = keys.PREFIX
-GOOD_ENQUEUE = ["b", "", 0, "", "", "ID", "app-c", "MSG", NUMBER, "1681184764000", P]
+GOOD_ENQUEUE = ["b", "", 0, "", "", "1", "ID", "app-c", "MSG", NUMBER, "1681184764000", P]
 GOOD_IDS = ["ID", P]
 # enqueue, replay, purge: by position; a step: by what the argument is (its layout is the
 # store's business, so the good arguments are the ones Store.step sends, see step_args)
 BAD: dict[str, dict[Any, list[Any]]] = {
     "enqueue": {0: ["x", ""], 1: ["a,b", "a|b"], 2: [-1, "x", "inf", "nan", "1e300"],
-                3: ["backfill"], 5: ["", "a b", "a:b"], 6: [""], 8: [""],
-                9: ["", "x", "1.5", "-1"]},
+                3: ["backfill"], 5: ["", "2", "yes"], 6: ["", "a b", "a:b"], 7: [""],
+                9: [""], 10: ["", "x", "1.5", "-1"]},
     "step": {"n": ["", "x", -1, 0, 2, 65], "k": ["", "x", -1, 65], "id": [""],
              "outcome": ["bogus", ""], "document": ["x" * 70_000], "counted": ["2", ""],
              "retry_ms": [-1, "inf", "nan", "x", "1e12"], "marker_ttl_s": [0, "x", "1e300"],
-             "keep_s": [-1, "nan"], "pause_ms": [0, "inf", "1e9"],
+             "keep_s": [-1, "nan"],
              "hold_ms": [-1, "x", "1e9"], "history": [0, "x", 10_001],
              "finish_lane": ["x", ""], "callers": ["a|b"], "lease_ms": [0, "nan", -5],
              "rate": [-1, "inf"], "burst": [0, "x"], "max_wait_ms": [-1, "1e7"],
@@ -223,13 +223,13 @@ BAD: dict[str, dict[Any, list[Any]]] = {
     "purge": {0: ["", "a b", "a:b", "x\n"]},
 }  # fmt: skip
 # how each step argument is recognised among the ones Store.step sends (distinct values;
-# the pause appears twice: the finish's and the claim's)
+# the outage detector's arguments are told apart by their values too)
 STEP_ROLES = {"outcome": ("paused", 0), "counted": ("0", 0), "retry_ms": ("1250", 0),
-              "marker_ttl_s": ("3601", 0), "keep_s": ("61", 0), "pause_ms": ("1500", 0),
+              "marker_ttl_s": ("3601", 0), "keep_s": ("61", 0),
               "hold_ms": ("125", 0), "history": (str(HISTORY), 0), "finish_lane": ("b", 0),
               "callers": ("cA", 0), "lease_ms": ("5500", 0), "rate": ("0.5", 0),
               "burst": ("3", 0), "max_wait_ms": ("4750", 0), "max_attempts": ("6", 0),
-              "prefer": ("l", 0), "claim_pause_ms": ("1500", 1), "evidence": ("-", 0),
+              "prefer": ("l", 0), "claim_pause_ms": ("1500", 0), "evidence": ("-", 0),
               "o_failures": ("9", 0), "o_distinct": ("4", 0), "o_window_ms": ("61500", 0),
               "o_cap_ms": ("62500", 0), "ramp_start": ("7.5", 0),
               "ramp_ms": ("2250", 0)}  # fmt: skip

@@ -567,3 +567,22 @@ def test_the_intake_survives_huge_and_repeated_queries(intake: Intake) -> None:
         pass
     assert healthy(intake)
     assert intake.find(f"msgid={unique()}").json() == {"deliveries": [], "next_cursor": None}
+
+
+def test_with_the_index_off_enqueue_writes_no_index_and_find_finds_nothing(
+    server: LocalRedis,
+) -> None:
+    client = connect(server.url)
+    client.flushdb()
+    off = Store(client, dedupe_ttl_s=3600, keep_delivered_s=0, lookup_index=False)
+    on = Store(client, dedupe_ttl_s=3600, keep_delivered_s=0)
+    ((first, created),) = off.enqueue_many([rec("app-off", "m-off")])
+    assert created
+    assert not [k for k in client.scan_iter(keys.PREFIX + "x*")]
+    assert find(client, "m-off", "app-off")[0] == []
+    # the same tree with the index on indexes what it enqueues from then on
+    ((second, _),) = on.enqueue_many([rec("app-off", "m-on")])
+    assert [row["delivery_id"] for row in find(client, "m-on", "app-off")[0]] == [second]
+    assert first != second
+    client.flushdb()
+    client.close()

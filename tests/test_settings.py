@@ -98,6 +98,15 @@ BAD = [
     ("BACKFILL_RATE_BURST", "0"),
     ("BACKFILL_RATE_BURST", "10001"),
     ("BACKFILL_SLOWDOWN_S", "3601"),
+    ("BACKFILL_OUTAGE_FAILURES", "1"),
+    ("BACKFILL_OUTAGE_FAILURES", "1001"),
+    ("BACKFILL_OUTAGE_DELIVERIES", "0"),
+    ("BACKFILL_OUTAGE_WINDOW_S", "nan"),
+    ("BACKFILL_OUTAGE_WINDOW_S", "3601"),
+    ("BACKFILL_OUTAGE_PROBE_CAP_S", "0.5"),
+    ("BACKFILL_RAMP_START_PER_S", "-1"),
+    ("BACKFILL_RAMP_DOUBLE_S", "0"),
+    ("BACKFILL_LOOKUP_INDEX", "maybe"),
     ("BACKFILL_STALL_AFTER_S", "1e300"),
     ("BACKFILL_DEDUPE_TTL_S", "59"),
     ("BACKFILL_DEDUPE_TTL_S", str(90 * 86400 + 1)),
@@ -168,12 +177,23 @@ def test_every_problem_is_reported_at_once(clean_env: pytest.MonkeyPatch) -> Non
     assert "BACKFILL_REDIS_URL: " in str(caught.value)
 
 
+def test_outage_deliveries_cannot_exceed_failures(clean_env: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match="BACKFILL_OUTAGE_DELIVERIES must be <="):
+        load(clean_env, BACKFILL_OUTAGE_FAILURES="4", BACKFILL_OUTAGE_DELIVERIES="5")
+
+
 def test_defaults_and_the_documented_limits_are_accepted(clean_env: pytest.MonkeyPatch) -> None:
     defaults = load(clean_env)
     assert defaults.redis_url == "redis://localhost:6379/0"
     assert defaults.metrics_host == "0.0.0.0"
     assert defaults.keep_delivered_s == 900
     assert load(clean_env, BACKFILL_KEEP_DELIVERED_S="0").keep_delivered_s == 0
+    assert defaults.lookup_index is True
+    assert load(clean_env, BACKFILL_LOOKUP_INDEX="false").lookup_index is False
+    assert defaults.outage_rules.failures == 8
+    assert defaults.outage_rules.deliveries == 3
+    rules = load(clean_env, BACKFILL_OUTAGE_FAILURES="20", BACKFILL_OUTAGE_DELIVERIES="20")
+    assert rules.outage_rules.deliveries == 20
     limits = load(
         clean_env,
         BACKFILL_BACKOFF_BASE_S="3600",

@@ -96,6 +96,7 @@ def intake_store(settings: Settings) -> Store:
         dedupe_ttl_s=settings.dedupe_ttl_s,
         keep_delivered_s=settings.keep_delivered_s,
         pause_s=settings.pause_s,
+        lookup_index=settings.lookup_index,
     )
 
 

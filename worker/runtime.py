@@ -35,6 +35,7 @@ def get_store() -> Store:
         dedupe_ttl_s=settings.dedupe_ttl_s,
         keep_delivered_s=settings.keep_delivered_s,
         pause_s=settings.pause_s,
+        lookup_index=settings.lookup_index,
         outage=settings.outage_rules,
     )
 

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     # A delivered record keeps its attempts this long (for `status` and operators), then
     # only the marker idempotent enqueue needs is kept, for the dedupe window.
     keep_delivered_s: int = Field(900, ge=0, le=DAY)
+    # Enqueue keeps an index by msgid and app_id for `backfill find`, the intake's GET
+    # /v1/backfills and the console's search (README "Finding a delivery by msgid").
+    lookup_index: bool = True
     # Overrides of the provider code table, e.g. "-16:bad_record,-99:transient".
     codes: str = ""
     concurrency: int = Field(16, ge=1, le=512)

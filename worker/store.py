@@ -129,8 +129,10 @@ class Store:
         keep_delivered_s: int = 0,
         pause_s: float = 60.0,
         outage: OutageRules = DEFAULT_OUTAGE,
+        lookup_index: bool = True,
     ) -> None:
         self.redis = client
+        self.lookup_index = lookup_index
         self.outage = outage
         self._outage_args = [
             outage.failures, outage.deliveries, max(int(outage.window_s * 1000), 1),
@@ -182,7 +184,9 @@ class Store:
         """
         if not records:
             return []
-        args: list[Any] = [lane, caller or "", int(due_in_s * 1000), wake_queue, wake]
+        args: list[Any] = [
+            lane, caller or "", int(due_in_s * 1000), wake_queue, wake, int(self.lookup_index),
+        ]  # fmt: skip
         for record in records:
             args += [
                 delivery.delivery_id(record), record.app_id, record.msgid or "",
@@ -223,7 +227,7 @@ class Store:
         args += [
             int(lease_s * 1000), rate_per_s, burst, int(max_wait_s * 1000), max_attempts,
             BULK if prefer_bulk else LIVE, self._pause_ms, int(gap_s * 1000),
-            *self._outage_args, keys.PREFIX,
+            self.dedupe_ttl_s, self.keep_delivered_s, HISTORY, *self._outage_args, keys.PREFIX,
         ]  # fmt: skip
         try:
             reply = self._run_step(args)
@@ -263,9 +267,8 @@ class Store:
         return [
             done.claim.delivery_id, done.claim.token, done.outcome, doc,
             "0" if done.outcome in (Outcome.PAUSED, RELEASE) else "1",
-            int((done.retry_in_s or 0.0) * 1000), self.dedupe_ttl_s, self.keep_delivered_s,
-            self._pause_ms, done.last_error, int(done.hold_s * 1000), HISTORY, done.claim.lane,
-            done.claim.callers,
+            int((done.retry_in_s or 0.0) * 1000), done.last_error, int(done.hold_s * 1000),
+            done.claim.lane, done.claim.callers,
             NO_EVIDENCE if done.outcome == RELEASE else outage_evidence(
                 answer.http_status, answer.api_status, answer.error
             ),

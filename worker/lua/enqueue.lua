@@ -3,7 +3,8 @@
 -- once delivered, its marker) is the idempotency key: nothing is stored twice. One call
 -- takes one record or a whole batch. lib.lua is prepended.
 -- ARGV: 1 lane (l/b)  2 caller ('' for none)  3 due in ms  4 queue ('' for no wake-up)
---       5 wake-up message, then per record: id, app_id, msgid ('' for none), number, time;
+--       5 wake-up message  6 '1' to keep the lookup index (BACKFILL_LOOKUP_INDEX), '0'
+--       not, then per record: id, app_id, msgid ('' for none), number, time;
 --       last: the key prefix
 -- Returns per record {created (1/0), delivery_id}, flattened. A record that is dead is
 -- brought back (same delivery_id, a fresh attempt budget). A caller (an intake token's
@@ -13,15 +14,16 @@
 -- sweep below. An index key of the wrong type is left alone (not indexed, logged by Redis):
 -- the lookup index never stops a delivery.
 -- Every argument and every key's type is checked before the first write.
-local n = (#ARGV - 6) / 5
+local n = (#ARGV - 7) / 5
 local lane, caller, due_in = ARGV[1], ARGV[2], num(ARGV[3], 0, 1e11)
 if n < 1 or n ~= math.floor(n) or (lane ~= 'l' and lane ~= 'b') or not due_in
-    or string.find(caller, '[,|]') or (ARGV[4] ~= '' and ARGV[5] == '') then
+    or string.find(caller, '[,|]') or (ARGV[4] ~= '' and ARGV[5] == '')
+    or (ARGV[6] ~= '0' and ARGV[6] ~= '1') then
   return redis.error_reply('enqueue: bad argument')
 end
 local states = {}  -- each record's current state ('p', 'x', 'd', or false when new)
 for i = 0, n - 1 do
-  local a = 6 + 5 * i
+  local a = 7 + 5 * i
   if not string.match(ARGV[a], '^[%w_-]+$') or ARGV[a + 1] == '' or ARGV[a + 3] == ''
       or not string.match(ARGV[a + 4], '^%d+$')
       or string.find(ARGV[a + 1] .. ARGV[a + 2], '\0', 1, true) then
@@ -43,10 +45,10 @@ local function typed(key, want)
   redis.log(redis.LOG_WARNING, 'backfill enqueue: ' .. key .. ' is a ' .. kind .. ': not indexed')
   return false
 end
-local indexing = typed(INDEX_APPS, 'zset') and typed(INDEX_HAND, 'hash')
+local indexing = ARGV[6] == '1' and typed(INDEX_APPS, 'zset') and typed(INDEX_HAND, 'hash')
 local indexable = {}  -- app_id -> whether its index may be written
 for i = 0, n - 1 do
-  local app = ARGV[7 + 5 * i]
+  local app = ARGV[8 + 5 * i]
   if indexable[app] == nil then
     indexable[app] = indexing and typed(index_key(app), 'zset')
   end
@@ -107,7 +109,7 @@ local due = now + due_in
 local entries, apps = {}, {}  -- app_id -> {0, member, 0, member, ...}; apps in order
 local out, created, scheduled, seen = {}, 0, {}, {}
 for i = 0, n - 1 do
-  local a = 6 + 5 * i
+  local a = 7 + 5 * i
   local id = ARGV[a]
   local key = delivery_key(id)
   local state = states[i]

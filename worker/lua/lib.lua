@@ -4,6 +4,7 @@
 --   s state (p pending, x dead)              q lane (l live, b bulk)
 --   u due (ms)  l lease until (ms)           c attempts counted  k claims (the claim token)
 --   w created (ms)  z dead at (ms)           r 1 after a replay  i callers (intake tokens)
+--   y delivered at (ms)
 local function finite(x)
   return x ~= nil and x == x and x ~= math.huge and x ~= -math.huge
 end

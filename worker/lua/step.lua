@@ -1,17 +1,17 @@
 -- One round trip per batch of deliveries: record the attempts just made (if any), then
 -- claim the next due deliveries (if asked). lib.lua is prepended.
 -- ARGV: 1 n (attempts to record)  2 k (deliveries to claim, 0 for none)
---   then n times 15 values: id, token, outcome (or 'release': claimed, never sent),
---     attempt document (JSON), counted (1/0), retry_ms, marker_ttl_s, keep_s, pause_ms,
---     pause reason (the last error), hold_ms, history (attempt documents kept), lane
---     (l/b), callers, evidence ('1' points at a provider outage, '0' the provider
---     answered, '-' neither: policy.outage_evidence)
---   then the claim's: lease_ms (also the probe's), rate per s, burst, max_wait_ms,
---     max_attempts, prefer (l/b: the lane looked at first), pause_ms, gap_ms (how much
---     later each next delivery of the batch may start: the worker sends them in turn, and
---     gives the rest back as soon as one attempt is slow), then the outage detector's:
---     failures, distinct deliveries, window_ms, probe cap ms, ramp start (per s, 0 for
---     none), ramp doubling ms
+--   then n times 11 values: id, token, outcome (or 'release': claimed, never sent),
+--     attempt document (JSON), counted (1/0), retry_ms, the last error (a pause's
+--     reason), hold_ms, lane (l/b), callers, evidence ('1' points at a provider outage,
+--     '0' the provider answered, '-' neither: policy.outage_evidence)
+--   then: lease_ms (also the probe's), rate per s, burst, max_wait_ms, max_attempts,
+--     prefer (l/b: the lane looked at first), pause_ms, gap_ms (how much later each next
+--     delivery of the batch may start: the worker sends them in turn, and gives the rest
+--     back as soon as one attempt is slow), marker_ttl_s, keep_s (how long a delivered
+--     record keeps its hash; 0: compacted at once), history (attempt documents kept),
+--     then the outage detector's: failures, distinct deliveries, window_ms, probe cap ms,
+--     ramp start (per s, 0 for none), ramp doubling ms
 --   last: the key prefix
 -- Returns {recorded, status, claims, events}: recorded is {verdict, first pause} per
 -- attempt (verdict 'held': a failure during an outage hold, its count given back);
@@ -25,7 +25,7 @@
 -- i-th (from 0) is leased for one attempt lease plus i gaps.
 -- Every argument is checked before the first write.
 local n, k = num(ARGV[1], 0, 64), num(ARGV[2], 0, 64)
-local W = 15
+local W = 11
 local outcomes = {delivered = true, duplicate = true, retry = true, dead = true, paused = true,
   release = true}
 local c = 3 + (n or 0) * W
@@ -33,21 +33,23 @@ local lease_ms, rate, burst = num(ARGV[c], 1, 864e5), num(ARGV[c + 1], 0, 1e6),
   num(ARGV[c + 2], 1, 1e6)
 local max_wait, max_attempts = num(ARGV[c + 3], 0, 36e5), num(ARGV[c + 4], 1, 1000)
 local pause_ms, gap_ms = num(ARGV[c + 6], 1, 864e5), num(ARGV[c + 7], 0, 864e5)
-local o_failures, o_distinct = num(ARGV[c + 8], 1, 1000), num(ARGV[c + 9], 1, 1000)
-local o_window, o_cap = num(ARGV[c + 10], 1, 864e5), num(ARGV[c + 11], 1, 864e5)
-local ramp_start, ramp_ms = num(ARGV[c + 12], 0, 1e6), num(ARGV[c + 13], 1, 864e5)
-local ok = n and k and n == math.floor(n) and k == math.floor(k) and #ARGV == c + 14 and gap_ms
+local marker_ttl, keep, history = num(ARGV[c + 8], 1, 1e9), num(ARGV[c + 9], 0, 1e9),
+  num(ARGV[c + 10], 1, 10000)
+local o_failures, o_distinct = num(ARGV[c + 11], 1, 1000), num(ARGV[c + 12], 1, 1000)
+local o_window, o_cap = num(ARGV[c + 13], 1, 864e5), num(ARGV[c + 14], 1, 864e5)
+local ramp_start, ramp_ms = num(ARGV[c + 15], 0, 1e6), num(ARGV[c + 16], 1, 864e5)
+local ok = n and k and n == math.floor(n) and k == math.floor(k) and #ARGV == c + 17 and gap_ms
+  and marker_ttl and keep and history
   and lease_ms and rate and burst and max_wait and max_attempts and pause_ms
   and (ARGV[c + 5] == 'l' or ARGV[c + 5] == 'b') and o_failures and o_distinct and o_window
   and o_cap and ramp_start and ramp_ms
 for i = 0, (ok and n or 0) - 1 do
   local a = 3 + i * W
   ok = ok and ARGV[a] ~= '' and outcomes[ARGV[a + 2]] and (ARGV[a + 4] == '0' or ARGV[a + 4] == '1')
-    and string.len(ARGV[a + 3]) <= 65536 and num(ARGV[a + 5], 0, 1e11) and num(ARGV[a + 6], 1, 1e9)
-    and num(ARGV[a + 7], 0, 1e9) and num(ARGV[a + 8], 1, 864e5) and num(ARGV[a + 10], 0, 864e5)
-    and num(ARGV[a + 11], 1, 10000) and (ARGV[a + 12] == 'l' or ARGV[a + 12] == 'b')
-    and not string.find(ARGV[a + 13], '|', 1, true)
-    and (ARGV[a + 14] == '1' or ARGV[a + 14] == '0' or ARGV[a + 14] == '-')
+    and string.len(ARGV[a + 3]) <= 65536 and num(ARGV[a + 5], 0, 1e11)
+    and num(ARGV[a + 7], 0, 864e5) and (ARGV[a + 8] == 'l' or ARGV[a + 8] == 'b')
+    and not string.find(ARGV[a + 9], '|', 1, true)
+    and (ARGV[a + 10] == '1' or ARGV[a + 10] == '0' or ARGV[a + 10] == '-')
 end
 if not ok then
   return redis.error_reply('step: bad argument')
@@ -62,6 +64,13 @@ local events = {}
 -- What recording the batch leaves for one call each at the end: lane entries to remove,
 -- keys to delete, whether the probe flags go.
 local unlane, gone, clear_probe, keep_probe = {l = {}, b = {}}, {}, false, false
+
+-- Append an attempt document to a delivery's history, keeping the last `history`.
+local function remember(id, doc)
+  if redis.call('RPUSH', attempts_key(id), doc) > history then
+    redis.call('LTRIM', attempts_key(id), -history, -1)
+  end
+end
 
 -- During an outage hold: the ms until the next probe may go. When the hold's pause has
 -- ended, this failure was the probe's: pause again, the wait doubled up to the cap.
@@ -89,9 +98,9 @@ local function detect()
   local up, down = false, {}
   for i = 0, n - 1 do
     local a = 3 + i * W
-    if ARGV[a + 14] == '0' then
+    if ARGV[a + 10] == '0' then
       up = true
-    elseif ARGV[a + 14] == '1' then
+    elseif ARGV[a + 10] == '1' then
       down[#down + 1] = a
     end
   end
@@ -138,7 +147,7 @@ local function detect()
   end
   -- the fleet holds: no claims but one probe at a time, first after 1 s (or the cap)
   local wait = math.min(1000, o_cap)
-  local last_error = ARGV[down[#down] + 9]
+  local last_error = ARGV[down[#down] + 6]
   flags[5], stale_flags, keep_probe = tostring(now) .. '|' .. string.format('%d', wait), true,
     true
   redis.call('SET', OUTAGE, flags[5])
@@ -164,27 +173,29 @@ end
 -- Record one attempt (the 15 values from ARGV[a]) and move its delivery on.
 local function finish(a)
   local id, token, outcome = ARGV[a], ARGV[a + 1], ARGV[a + 2]
-  local retry_ms, marker_ttl, keep = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]),
-    tonumber(ARGV[a + 7])
-  local pause_for, hold_ms, history = tonumber(ARGV[a + 8]), tonumber(ARGV[a + 10]),
-    tonumber(ARGV[a + 11])
-  local key, lane = delivery_key(id), lane_key(ARGV[a + 12])
+  local retry_ms, hold_ms = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 7])
+  local key, lane = delivery_key(id), lane_key(ARGV[a + 8])
   if outcome == 'delivered' or outcome == 'duplicate' then
     -- whoever's claim it was, the provider has it: what idempotent enqueue needs for the
     -- dedupe window is that it was delivered, when, and who may read it
     local marker = tostring(now)
-    if ARGV[a + 13] ~= '' then
-      marker = marker .. '|' .. ARGV[a + 13]
+    if ARGV[a + 9] ~= '' then
+      marker = marker .. '|' .. ARGV[a + 9]
     end
     redis.call('SET', P .. 'k:' .. id, marker, 'EX', marker_ttl)
-    unlane[ARGV[a + 12]][#unlane[ARGV[a + 12]] + 1] = id
+    unlane[ARGV[a + 8]][#unlane[ARGV[a + 8]] + 1] = id
     clear_probe = true  -- any answer but "account blocked" proves the account works
-    if keep > 0 and redis.call('EXISTS', key) == 1 then
-      redis.call('RPUSH', attempts_key(id), ARGV[a + 3])
-      redis.call('LTRIM', attempts_key(id), -history, -1)
-      redis.call('HSET', key, 's', 'd', 'y', now, 'l', 0)
-      redis.call('EXPIRE', key, keep)
-      redis.call('EXPIRE', attempts_key(id), keep)
+    if keep > 0 then
+      -- kept a while for `status` and operators; a delivery gone since its claim has all
+      -- three fields new, and goes again
+      local added = redis.pcall('HSET', key, 's', 'd', 'y', now, 'l', 0)
+      if added == 3 then
+        gone[#gone + 1] = key
+      elseif type(added) == 'number' then
+        remember(id, ARGV[a + 3])
+        redis.call('EXPIRE', key, keep)
+        redis.call('EXPIRE', attempts_key(id), keep)
+      end
     else
       gone[#gone + 1] = key
       gone[#gone + 1] = attempts_key(id)
@@ -197,8 +208,7 @@ local function finish(a)
   end
   if h[1] ~= token then
     if outcome ~= 'release' then
-      redis.call('RPUSH', attempts_key(id), ARGV[a + 3])  -- kept in the history only
-      redis.call('LTRIM', attempts_key(id), -history, -1)
+      remember(id, ARGV[a + 3])  -- kept in the history only
     end
     return 'stale', 0
   end
@@ -212,20 +222,18 @@ local function finish(a)
     redis.call('ZADD', lane, now, id)
     return 'released', 0
   end
-  if flags[5] and ARGV[a + 14] == '1' then
+  if flags[5] and ARGV[a + 10] == '1' then
     -- a failure during an outage hold: the outage's, not the record's; its count goes back
     if ARGV[a + 4] == '1' then
       attempts = attempts - 1
     end
-    redis.call('RPUSH', attempts_key(id), ARGV[a + 3])
-    redis.call('LTRIM', attempts_key(id), -history, -1)
-    local resume = now + hold_probe(ARGV[a + 9])
+    remember(id, ARGV[a + 3])
+    local resume = now + hold_probe(ARGV[a + 6])
     redis.call('HSET', key, 'u', resume, 'l', 0, 'c', math.max(attempts, 0))
     redis.call('ZADD', lane, resume, id)
     return 'held', 0
   end
-  redis.call('RPUSH', attempts_key(id), ARGV[a + 3])
-  redis.call('LTRIM', attempts_key(id), -history, -1)
+  remember(id, ARGV[a + 3])
   if hold_ms > 0 then
     -- "too frequent": no worker sends before now + hold
     local until_ = now + hold_ms
@@ -252,7 +260,7 @@ local function finish(a)
   -- paused: the account is blocked (or the provider redirects); hold the whole fleet
   keep_probe = true  -- this batch ends in a pause: its probe flag stays
   stale_flags = true
-  local first = redis.call('SET', PAUSED, ARGV[a + 9], 'NX', 'PX', math.floor(pause_for))
+  local first = redis.call('SET', PAUSED, ARGV[a + 6], 'NX', 'PX', math.floor(pause_ms))
   redis.call('SET', PROBE, '1')
   redis.call('DEL', PROBE_LOCK)
   local resume = now + math.max(redis.call('PTTL', PAUSED), 0)
