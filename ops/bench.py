@@ -418,7 +418,7 @@ def fail_all(store: Store, count: int, retry_in_s: float) -> None:
     """Claim ``count`` due deliveries in batches and record a failed attempt (the transient
     provider code -18) for each, through the real step script, as a worker would. (Not HTTP
     503: that many of them with no success between is an outage, and the fleet holds.)"""
-    from worker.policy import AnswerClass, Outcome
+    from worker.policy import AnswerClass, Evidence, Outcome, Verdict
     from worker.provider import Answer
     from worker.store import Finish
 
@@ -435,7 +435,8 @@ def fail_all(store: Store, count: int, retry_in_s: float) -> None:
             return
         if len(step.claims) < want:
             raise BackfillError(f"nothing to claim for the memory figure ({step.status})")
-        done = [Finish(c, answer, Outcome.RETRY, retry_in_s) for c in step.claims]
+        verdict = Verdict(Outcome.RETRY, retry_in_s, evidence=Evidence.UP)
+        done = [Finish(c, answer, verdict) for c in step.claims]
         left -= len(done)
 
 

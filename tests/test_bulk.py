@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from tests.conftest import unique, wait_for
-from tests.test_cli import backfill, snapshot
+from tests.helpers import backfill, snapshot
 from worker.bulk import UnreadableInput, count_lines, read_rows
 from worker.delivery import delivery_id
 from worker.errors import InvalidRecord

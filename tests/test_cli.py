@@ -16,35 +16,10 @@ import redis
 import requests
 
 from tests.conftest import API_KEY, API_SECRET, unique, wait_for
-from worker import enqueue_backfill, keys
+from tests.helpers import backfill, snapshot
+from worker import enqueue_backfill
 from worker.local import free_port
 from worker.provider import build_headers
-
-
-def backfill(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def snapshot(r: redis.Redis) -> set[str]:
-    """What an enqueue writes: the id of every delivery hash.
-
-    Workers change deliveries' fields and attempt lists while they run, but only an enqueue
-    creates a delivery, and the test workers keep a delivered record's hash for an hour
-    (BACKFILL_KEEP_DELIVERED_S=3600), so this proves "nothing was enqueued" even while a
-    worker is busy with earlier tests' deliveries. Delivered markers are left out: a worker
-    finishing an attempt whose delivery an earlier test's clean-up removed still writes one.
-    """
-    prefix = keys.delivery("")
-    return {k.removeprefix(prefix) for k in r.scan_iter(keys.delivery("*"), count=1000)}
 
 
 @pytest.mark.parametrize(

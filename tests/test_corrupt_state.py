@@ -18,7 +18,7 @@ from tests.conftest import read_log, unique, wait_for
 from worker import keys
 from worker.connection import connect
 from worker.local import LocalRedis
-from worker.policy import AnswerClass, OutageRules, Outcome
+from worker.policy import AnswerClass, OutageRules, Outcome, Verdict
 from worker.provider import Answer
 from worker.record import BackfillRecord
 from worker.runtime import get_store
@@ -281,11 +281,10 @@ def step_args(store: Store, delivery_id: str, second_outcome: str = "") -> list[
     done = Finish(
         claim=Claim("claimed", delivery_id, "7", 1, record, lane=BULK, callers="cA"),
         answer=Answer(AnswerClass.BLOCKED, http_status=302, error="E-held"),
-        outcome=Outcome.PAUSED,
-        retry_in_s=1.25,
-        hold_s=0.125,
+        verdict=Verdict(Outcome.PAUSED, 1.25, counted=False, hold_s=0.125),
     )
-    finished = [done, replace(done, outcome=second_outcome)] if second_outcome else [done]
+    second = replace(done, verdict=replace(done.verdict, outcome=second_outcome))
+    finished = [done, second] if second_outcome else [done]
     with pytest.raises(_Captured):
         capturing.step(finished, claim=True, prefer_bulk=False, lease_s=5.5, max_attempts=6,
                        rate_per_s=0.5, burst=3, max_wait_s=4.75)  # fmt: skip

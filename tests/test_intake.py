@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import read_log, unique, wait_for
-from tests.test_cli import backfill
+from tests.helpers import backfill
 from worker import keys
 from worker.local import LocalRedis, WorkerProcess, free_port
 

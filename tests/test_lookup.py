@@ -25,7 +25,7 @@ from worker.connection import connect
 from worker.delivery import delivery_id as id_of
 from worker.local import LocalRedis, free_port
 from worker.lookup import InvalidQuery, find, parse_query
-from worker.policy import AnswerClass, Outcome
+from worker.policy import AnswerClass, Outcome, Verdict
 from worker.provider import Answer
 from worker.record import BackfillRecord
 from worker.store import Finish, Store
@@ -78,7 +78,7 @@ def settle(store: Store, outcome: Outcome) -> list[str]:
         if not step.claims:
             return settled
         retry = 3600.0 if outcome == Outcome.RETRY else None
-        done = [Finish(claim, ANSWERS[outcome], outcome, retry) for claim in step.claims]
+        done = [Finish(claim, ANSWERS[outcome], Verdict(outcome, retry)) for claim in step.claims]
 
 
 def entries(client: redis.Redis, app: str) -> set[tuple[str, str]]:
@@ -578,7 +578,7 @@ def test_with_the_index_off_enqueue_writes_no_index_and_find_finds_nothing(
     on = Store(client, dedupe_ttl_s=3600, keep_delivered_s=0)
     ((first, created),) = off.enqueue_many([rec("app-off", "m-off")])
     assert created
-    assert not [k for k in client.scan_iter(keys.PREFIX + "x*")]
+    assert not list(client.scan_iter(keys.PREFIX + "x*"))
     assert find(client, "m-off", "app-off")[0] == []
     # the same tree with the index on indexes what it enqueues from then on
     ((second, _),) = on.enqueue_many([rec("app-off", "m-on")])

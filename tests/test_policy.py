@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import pytest
 
 from worker.policy import (
+    RELEASE,
     AnswerClass,
+    Evidence,
     Outcome,
+    RetryRules,
+    Verdict,
     backoff_ceiling,
     classify_code,
     classify_http,
     decide,
+    judge,
     parse_code_table,
     retry_delay,
     retry_window,
@@ -102,3 +108,45 @@ def test_code_table_overrides_parse_and_reject_nonsense() -> None:
         parse_code_table("-16:fatal")
     with pytest.raises(ValueError, match="CODE:CLASS"):
         parse_code_table("sixteen")
+
+
+RULES = RetryRules(max_attempts=3, backoff_base_s=1, backoff_cap_s=8, pause_s=60, slowdown_s=2)
+
+
+@dataclass(frozen=True)
+class _Answer:
+    kind: AnswerClass
+    http_status: int | None = 200
+    api_status: str | None = None
+    error: str | None = None
+    retry_after_s: float | None = None
+
+
+def test_one_verdict_says_everything_an_answer_decides() -> None:
+    ok = judge(_Answer(AnswerClass.SUCCESS, api_status="0"), 1, RULES)
+    assert ok == Verdict(Outcome.DELIVERED, evidence=Evidence.UP)
+    busy = judge(_Answer(AnswerClass.TRANSIENT, api_status="-18"), 1, RULES, rng=random.Random(1))
+    assert busy.outcome is Outcome.RETRY
+    assert busy.counted
+    assert 0 <= (busy.retry_in_s or 0) <= 1
+    assert busy.evidence is Evidence.UP
+    assert busy.hold_s == 0
+    # "too frequent": a retry, and the whole fleet holds for slowdown_s
+    fast = judge(_Answer(AnswerClass.TRANSIENT, api_status="-27"), 1, RULES)
+    assert fast.hold_s == 2
+    # the last attempt's transient failure is dead
+    assert judge(_Answer(AnswerClass.TRANSIENT, api_status="-18"), 3, RULES).outcome is Outcome.DEAD
+    # account blocked: the fleet pauses for pause_s, the attempt gives its count back
+    blocked = judge(_Answer(AnswerClass.BLOCKED, api_status="-2"), 1, RULES)
+    assert blocked == Verdict(Outcome.PAUSED, 60, counted=False, evidence=Evidence.UP)
+    # a 503 points at the provider: counted as usual, unless the fleet holds for an outage
+    down = _Answer(AnswerClass.TRANSIENT, http_status=503, error="HTTP 503")
+    assert judge(down, 1, RULES).evidence is Evidence.DOWN
+    assert judge(down, 1, RULES).counted
+    held = judge(down, 3, RULES, holding=True)
+    assert held == Verdict(Outcome.PAUSED, None, counted=False, evidence=Evidence.DOWN)
+    # holding changes nothing for an answer from the provider itself
+    busy_last = judge(_Answer(AnswerClass.TRANSIENT, api_status="-18"), 3, RULES, holding=True)
+    assert busy_last.outcome is Outcome.DEAD
+    assert RELEASE.released
+    assert not RELEASE.counted

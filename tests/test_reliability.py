@@ -17,12 +17,12 @@ import pytest
 import redis
 
 from tests.conftest import read_log, unique, wait_for
-from tests.test_cli import backfill
+from tests.helpers import backfill
 from worker import enqueue_backfill, keys
 from worker.connection import connect
 from worker.local import LocalRedis, WorkerProcess, free_port
 from worker.messages import wake_message as legacy_message
-from worker.policy import AnswerClass, Outcome
+from worker.policy import AnswerClass, Outcome, Verdict
 from worker.provider import Answer
 from worker.record import BackfillRecord
 from worker.runtime import get_settings, get_store, wake, wake_message
@@ -212,7 +212,7 @@ def bury_due(store: Store) -> list[str]:
         if step.claim.verdict != "claimed":
             assert step.claim.verdict == "idle"
             return buried
-        done = Finish(step.claim, answer, Outcome.DEAD, None)
+        done = Finish(step.claim, answer, Verdict(Outcome.DEAD))
 
 
 def dead_letters(store: Store, app_id: str, count: int) -> list[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.test_cli import backfill
+from tests.helpers import backfill
 from worker.app import celery_config
 from worker.errors import ConfigError
 from worker.local import LocalRedis, WorkerProcess, free_port

@@ -21,11 +21,11 @@ import structlog
 from worker import metrics
 from worker.audit import log_attempt
 from worker.heartbeat import progress
-from worker.policy import SLOWDOWN_CODES, AnswerClass, Evidence, Outcome, decide, outage_evidence
+from worker.policy import RELEASE, AnswerClass, Evidence, Outcome, judge
 from worker.provider import Answer, ProviderClient
 from worker.record import BackfillRecord
 from worker.settings import DRAIN_BUDGET_S, Settings
-from worker.store import RELEASE, Claim, Finish, StepResult, Store
+from worker.store import Claim, Finish, StepResult, Store
 
 log = structlog.get_logger("worker.drain")
 # A drain returns after this many attempts or seconds, so the task's message is acked
@@ -119,7 +119,7 @@ def _drain(ctx: Context) -> int:
                 # claimed in this batch, never sent: given back, due at once and uncounted
                 # (the worker is stopping, or the provider got slow and other threads
                 # should take these rather than wait behind this one)
-                done.append(Finish(claim, RELEASED, RELEASE, None))
+                done.append(Finish(claim, RELEASED, RELEASE))
                 continue
             item = attempt(ctx, claim, claimed_at, holding=step.outage)
             done.append(item)
@@ -130,10 +130,7 @@ def _drain(ctx: Context) -> int:
 def _stop_batch(item: Finish) -> bool:
     """Whether the rest of a batch goes back after this attempt: it was slow, or it points
     at a provider outage (the rest would most likely fail the same way)."""
-    answer = item.answer
-    return answer.latency_ms > QUICK_MS or (
-        outage_evidence(answer.http_status, answer.api_status, answer.error) is Evidence.DOWN
-    )
+    return item.answer.latency_ms > QUICK_MS or item.verdict.evidence is Evidence.DOWN
 
 
 def _batch_size(done: Sequence[Finish]) -> int:
@@ -156,8 +153,6 @@ def attempt(ctx: Context, claim: Claim, claimed_at: float, *, holding: bool = Fa
     settings = ctx.settings
     if claim.record is None:  # the stored record no longer validates: never sent
         answer = Answer(AnswerClass.BAD_RECORD, error=claim.detail)
-        outcome: Outcome = Outcome.DEAD
-        retry_in_s: float | None = None
     else:
         try:
             if claim.wait_s > 0:
@@ -167,49 +162,27 @@ def attempt(ctx: Context, claim: Claim, claimed_at: float, *, holding: bool = Fa
                 if left > 0:
                     time.sleep(left)
             answer = ctx.client.send(claim.record)
-            outcome, retry_in_s = decide(
-                answer.kind, claim.attempts, settings.max_attempts,
-                settings.backoff_base_s, settings.backoff_cap_s, answer.retry_after_s,
-            )  # fmt: skip
         except Exception as exc:  # whatever fails, the attempt is audited and counted
             answer = Answer(AnswerClass.TRANSIENT, error=f"unexpected error: {type(exc).__name__}")
-            outcome, retry_in_s = decide(
-                answer.kind, claim.attempts, settings.max_attempts,
-                settings.backoff_base_s, settings.backoff_cap_s,
-            )  # fmt: skip
         metrics.ATTEMPT_SECONDS.observe(answer.latency_ms / 1000.0)
-    if (
-        holding
-        and outcome in (Outcome.RETRY, Outcome.DEAD)
-        and outage_evidence(answer.http_status, answer.api_status, answer.error)
-        is Evidence.DOWN
-    ):
-        outcome, retry_in_s = Outcome.PAUSED, None  # the step sets when the next probe goes
-    elif outcome is Outcome.PAUSED:
-        retry_in_s = settings.pause_s
+    verdict = judge(answer, claim.attempts, settings.retry_rules, holding=holding)
     log_attempt(
         delivery_id=claim.delivery_id,
         attempt=claim.attempts,
         max_attempts=settings.max_attempts,
         record=claim.record,
         answer=answer,
-        outcome=outcome,
-        retry_in_s=retry_in_s,
+        outcome=verdict.outcome,
+        retry_in_s=verdict.retry_in_s,
         replay=claim.replay,
     )
-    return Finish(
-        claim=claim,
-        answer=answer,
-        outcome=outcome,
-        retry_in_s=retry_in_s,
-        hold_s=settings.slowdown_s if answer.api_status in SLOWDOWN_CODES else 0.0,
-    )
+    return Finish(claim, answer, verdict)
 
 
 def _after(step: StepResult, done: Sequence[Finish], settings: Settings) -> None:
     """Log what the step did beyond the claims: the outcomes' consequences and the events."""
     for item, (verdict, first_pause) in zip(done, step.recorded, strict=False):
-        if item.outcome == RELEASE:
+        if item.verdict.released:
             continue
         progress.finished()
         metrics.ATTEMPTS.labels(item.outcome).inc()

@@ -1,4 +1,6 @@
-"""What an answer means and how long to wait: status-code classes and backoff (pure)."""
+"""What an answer means and what follows from it (pure): status-code classes, backoff,
+the outage evidence, and ``judge``, which turns one attempt's answer into one ``Verdict``
+that the store records as it is. The one place to change a retry decision."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 
 class AnswerClass(StrEnum):
@@ -142,6 +145,73 @@ def parse_code_table(spec: str) -> dict[str, AnswerClass]:
             choices = ", ".join(c.value for c in AnswerClass)
             raise ValueError(f"unknown class {name.strip()!r} (one of {choices})") from None
     return table
+
+
+class Observed(Protocol):
+    """What ``judge`` reads of an attempt's answer (``provider.Answer`` is one)."""
+
+    @property
+    def kind(self) -> AnswerClass: ...
+    @property
+    def http_status(self) -> int | None: ...
+    @property
+    def api_status(self) -> str | None: ...
+    @property
+    def error(self) -> str | None: ...
+    @property
+    def retry_after_s(self) -> float | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RetryRules:
+    """The settings a verdict depends on."""
+
+    max_attempts: int = 16
+    backoff_base_s: float = 2.0
+    backoff_cap_s: float = 1800.0
+    pause_s: float = 60.0  # an account-blocked answer pauses the fleet this long
+    slowdown_s: float = 1.0  # a "too frequent" answer holds every worker this long
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Everything one attempt's answer decides, recorded as it is by the store."""
+
+    outcome: Outcome
+    retry_in_s: float | None = None  # retry: the wait before the next attempt; paused: pause
+    counted: bool = True  # whether the attempt uses up one of the delivery's attempts
+    hold_s: float = 0.0  # fleet-wide: no worker sends before this has passed
+    evidence: Evidence = Evidence.NONE  # what it says about the provider being down
+    released: bool = False  # claimed in a batch, never sent: given back, due at once
+
+
+# A delivery claimed in a batch and never sent (the worker stopped, or an attempt before it
+# was slow or met an outage): given back, uncounted, due at once; nothing is logged.
+RELEASE = Verdict(Outcome.RETRY, counted=False, released=True)
+
+
+def judge(
+    answer: Observed,
+    attempt: int,
+    rules: RetryRules,
+    *,
+    holding: bool = False,
+    rng: random.Random | None = None,
+) -> Verdict:
+    """The verdict on counted attempt ``attempt``; ``holding``: the fleet holds for a
+    provider outage (the attempt is its probe), so a failure that points at the provider
+    is the outage's, not the record's: paused, uncounted."""
+    evidence = outage_evidence(answer.http_status, answer.api_status, answer.error)
+    outcome, delay = decide(
+        answer.kind, attempt, rules.max_attempts, rules.backoff_base_s, rules.backoff_cap_s,
+        answer.retry_after_s, rng,
+    )  # fmt: skip
+    if holding and evidence is Evidence.DOWN and outcome in (Outcome.RETRY, Outcome.DEAD):
+        return Verdict(Outcome.PAUSED, counted=False, evidence=evidence)  # step sets the probe
+    if outcome is Outcome.PAUSED:
+        return Verdict(outcome, rules.pause_s, counted=False, evidence=evidence)
+    hold_s = rules.slowdown_s if answer.api_status in SLOWDOWN_CODES else 0.0
+    return Verdict(outcome, delay, hold_s=hold_s, evidence=evidence)
 
 
 def decide(

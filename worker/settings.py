@@ -21,6 +21,7 @@ from worker.policy import (
     DEFAULT_CODE_CLASSES,
     AnswerClass,
     OutageRules,
+    RetryRules,
     parse_code_table,
     retry_window,
 )
@@ -184,6 +185,17 @@ class Settings(BaseSettings):
     def code_table(self) -> dict[str, AnswerClass]:
         """The provider code table in force: the default plus configured overrides."""
         return {**DEFAULT_CODE_CLASSES, **parse_code_table(self.codes)}
+
+    @cached_property
+    def retry_rules(self) -> RetryRules:
+        """What a verdict on an answer depends on (``policy.judge``)."""
+        return RetryRules(
+            max_attempts=self.max_attempts,
+            backoff_base_s=self.backoff_base_s,
+            backoff_cap_s=self.backoff_cap_s,
+            pause_s=self.pause_s,
+            slowdown_s=self.slowdown_s,
+        )
 
     @property
     def outage_rules(self) -> OutageRules:

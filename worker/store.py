@@ -19,7 +19,7 @@ import redis
 from worker import delivery, keys
 from worker.connection import TRANSIENT_REDIS, persist
 from worker.errors import InvalidRecord
-from worker.policy import Evidence, OutageRules, Outcome, outage_evidence
+from worker.policy import OutageRules, Outcome, Verdict
 from worker.provider import Answer
 from worker.record import BackfillRecord
 
@@ -28,7 +28,6 @@ HISTORY = 50
 LIVE, BULK = "l", "b"
 # The outcome of a delivery claimed in a batch and never sent (the worker is stopping).
 RELEASE = "release"
-NO_EVIDENCE = Evidence.NONE
 DEFAULT_OUTAGE = OutageRules()
 
 
@@ -51,13 +50,22 @@ class Claim:
 
 @dataclass(frozen=True, slots=True)
 class Finish:
-    """An attempt made, to be recorded: the claim it used, the answer, what follows."""
+    """An attempt made, to be recorded: the claim it used, the answer, and the verdict on
+    it (``policy.judge``; ``policy.RELEASE`` for a delivery claimed and never sent)."""
 
     claim: Claim
     answer: Answer
-    outcome: str  # an Outcome, or RELEASE: claimed in a batch and never sent
-    retry_in_s: float | None
-    hold_s: float = 0.0
+    verdict: Verdict
+
+    @property
+    def outcome(self) -> str:
+        """The verdict's outcome, or RELEASE (claimed in a batch and never sent)."""
+        return RELEASE if self.verdict.released else self.verdict.outcome
+
+    @property
+    def retry_in_s(self) -> float | None:
+        """The verdict's wait before the next attempt (a pause's length when paused)."""
+        return self.verdict.retry_in_s
 
     @property
     def last_error(self) -> str:
@@ -266,12 +274,10 @@ class Store:
             )  # fmt: skip
         return [
             done.claim.delivery_id, done.claim.token, done.outcome, doc,
-            "0" if done.outcome in (Outcome.PAUSED, RELEASE) else "1",
-            int((done.retry_in_s or 0.0) * 1000), done.last_error, int(done.hold_s * 1000),
-            done.claim.lane, done.claim.callers,
-            NO_EVIDENCE if done.outcome == RELEASE else outage_evidence(
-                answer.http_status, answer.api_status, answer.error
-            ),
+            "1" if done.verdict.counted else "0",
+            int((done.retry_in_s or 0.0) * 1000), done.last_error,
+            int(done.verdict.hold_s * 1000), done.claim.lane, done.claim.callers,
+            done.verdict.evidence,
         ]  # fmt: skip
 
     @property
