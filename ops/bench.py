@@ -420,7 +420,7 @@ def fail_all(store: Store, count: int, retry_in_s: float) -> None:
     503: that many of them with no success between is an outage, and the fleet holds.)"""
     from worker.policy import AnswerClass, Evidence, Outcome, Verdict
     from worker.provider import Answer
-    from worker.store import Finish
+    from worker.steps import Finish
 
     answer = Answer(
         AnswerClass.TRANSIENT, http_status=200, api_status="-18", api_reason="system busy",

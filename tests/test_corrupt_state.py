@@ -22,7 +22,8 @@ from worker.policy import AnswerClass, OutageRules, Outcome, Verdict
 from worker.provider import Answer
 from worker.record import BackfillRecord
 from worker.runtime import get_store
-from worker.store import BULK, HISTORY, Claim, Finish, Store
+from worker.steps import BULK, Claim, Finish
+from worker.store import HISTORY, Store
 from worker.stub import ProviderStub
 
 pytestmark = pytest.mark.usefixtures("worker")

@@ -342,7 +342,7 @@ def _two_record_call() -> list[Any]:
     from worker.delivery import delivery_id
     from worker.record import BackfillRecord
 
-    args: list[Any] = ["b", "", 0, "", ""]
+    args: list[Any] = ["b", "", 0, "", "", "1"]
     for _ in range(2):
         record = BackfillRecord.parse(rec())
         args += [delivery_id(record), record.app_id, record.msgid, record.number, record.time]
@@ -361,10 +361,11 @@ SPOILERS = {
     "due infinite": lambda a: _with(a, 2, "1e999"),
     "due negative": lambda a: _with(a, 2, -1),
     "wake queue without a message": lambda a: _with(a, 3, "backfill"),
+    "index flag unknown": lambda a: _with(a, 5, "yes"),
     "an argument short": lambda a: [*a[:-2], a[-1]],
-    "id with a space": lambda a: _with(a, 10, "bad id"),
-    "app_id empty": lambda a: _with(a, 11, ""),
-    "time fractional": lambda a: _with(a, 14, "1681184764000.5"),
+    "id with a space": lambda a: _with(a, 11, "bad id"),
+    "app_id empty": lambda a: _with(a, 12, ""),
+    "time fractional": lambda a: _with(a, 15, "1681184764000.5"),
 }
 
 
@@ -375,10 +376,18 @@ def test_enqueue_script_checks_every_argument_before_writing(
     from worker.runtime import get_store
 
     store = get_store()
-    before = sorted(r.scan_iter(f"{keys.PREFIX}*"))
+    call = _two_record_call()
+    ids, apps = [call[6], call[11]], {call[7], call[12]}
+    index_before = {app: r.zcard(keys.index(app)) for app in apps}
     with pytest.raises(redis.ResponseError, match="enqueue: bad argument"):
-        store._enqueue([], spoil(_two_record_call()))
-    assert sorted(r.scan_iter(f"{keys.PREFIX}*")) == before
+        store._enqueue([], spoil(call))
+    # nothing of either record was written: no delivery, no lane entry, no index entry
+    # (the session worker may change other tests' keys meanwhile, so only these are read)
+    for delivery in ids:
+        assert not r.exists(keys.delivery(delivery), keys.attempts(delivery))
+        assert r.zscore(keys.LIVE, delivery) is None
+        assert r.zscore(keys.BULK, delivery) is None
+    assert {app: r.zcard(keys.index(app)) for app in apps} == index_before
     created = store._enqueue([], _two_record_call())  # the unspoilt call passes
     assert created[0::2] == [1, 1]
 

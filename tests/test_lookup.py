@@ -28,7 +28,8 @@ from worker.lookup import InvalidQuery, find, parse_query
 from worker.policy import AnswerClass, Outcome, Verdict
 from worker.provider import Answer
 from worker.record import BackfillRecord
-from worker.store import Finish, Store
+from worker.steps import Finish
+from worker.store import Store
 
 NUMBER = "8613512345678"
 SHOWN = "*********5678"

@@ -26,7 +26,8 @@ from worker.policy import AnswerClass, Outcome, Verdict
 from worker.provider import Answer
 from worker.record import BackfillRecord
 from worker.runtime import get_settings, get_store, wake, wake_message
-from worker.store import Finish, Store
+from worker.steps import Finish
+from worker.store import Store
 from worker.stub import ProviderStub
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -25,7 +25,8 @@ from worker.policy import RELEASE, AnswerClass, Evidence, Outcome, judge
 from worker.provider import Answer, ProviderClient
 from worker.record import BackfillRecord
 from worker.settings import DRAIN_BUDGET_S, Settings
-from worker.store import Claim, Finish, StepResult, Store
+from worker.steps import Claim, Finish, StepResult
+from worker.store import Store
 
 log = structlog.get_logger("worker.drain")
 # A drain returns after this many attempts or seconds, so the task's message is acked

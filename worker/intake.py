@@ -242,6 +242,21 @@ def create_app(
         description="Enqueue postback backfill records over HTTP. Bearer token required.",
         lifespan=lifespan,
     )
+    _enqueue_route(app, store, tokens, limits, pool, batches)
+    _read_routes(app, store, tokens)
+    _health_route(app, RedisCheck(health))
+    return app
+
+
+def _enqueue_route(
+    app: FastAPI,
+    store: Store,
+    tokens: Mapping[str, str],
+    limits: Limits,
+    pool: ThreadPoolExecutor,
+    batches: ProcessPoolExecutor,
+) -> None:
+    """POST /v1/backfills: small bodies in a thread, larger ones in a body process."""
 
     @app.post(
         "/v1/backfills",
@@ -273,6 +288,11 @@ def create_app(
             return _refused(exc, caller)
         except redis.RedisError as exc:
             return _unavailable(exc)
+
+
+def _read_routes(app: FastAPI, store: Store, tokens: Mapping[str, str]) -> None:
+    """GET /v1/backfills (lookup by msgid, app_id) and GET /v1/backfills/{id}: the
+    caller's deliveries only."""
 
     @app.get("/v1/backfills", responses={400: {}, 401: {}, 503: {}})
     async def find_backfills(request: Request) -> Response:
@@ -307,7 +327,9 @@ def create_app(
         status["number"] = mask_number(status.get("number", ""))
         return JSONResponse(status)
 
-    redis_check = RedisCheck(health)
+
+def _health_route(app: FastAPI, redis_check: RedisCheck) -> None:
+    """GET /healthz: Redis answers within HEALTH_TIMEOUT_S (else 503)."""
 
     @app.get("/healthz", responses={503: {}})
     async def healthz() -> Response:
@@ -315,5 +337,3 @@ def create_app(
         if problem:
             return _error(503, f"redis: {problem}")
         return JSONResponse({"ok": True})
-
-    return app

@@ -9,8 +9,7 @@ never half-written, and the scripts read Redis's own clock, so worker clocks may
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -18,112 +17,19 @@ import redis
 
 from worker import delivery, keys
 from worker.connection import TRANSIENT_REDIS, persist
-from worker.errors import InvalidRecord
-from worker.policy import OutageRules, Outcome, Verdict
-from worker.provider import Answer
+from worker.policy import OutageRules, Outcome
 from worker.record import BackfillRecord
+from worker.steps import BULK, LIVE, Finish, StepResult, parse_step_reply
 
 # How many attempt documents a delivery keeps (the audit log has every one).
 HISTORY = 50
-LIVE, BULK = "l", "b"
-# The outcome of a delivery claimed in a batch and never sent (the worker is stopping).
-RELEASE = "release"
 DEFAULT_OUTAGE = OutageRules()
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """The answer to "which delivery may I attempt now?": one claimed, or why none."""
-
-    verdict: str  # claimed, idle, paused, probing, throttled, again, none
-    delivery_id: str = ""
-    token: str = ""
-    attempts: int = 0  # this attempt's number: counted at the claim
-    record: BackfillRecord | None = None
-    replay: bool = False
-    wait_s: float = 0.0  # a rate-limit slot was reserved this far ahead
-    resume_in_s: float = 0.0  # paused or throttled: for this long
-    detail: str = ""  # why a claimed record cannot be sent
-    lane: str = LIVE  # the lane it was claimed from
-    callers: str = ""  # the intake tokens that may read it
-
-
-@dataclass(frozen=True, slots=True)
-class Finish:
-    """An attempt made, to be recorded: the claim it used, the answer, and the verdict on
-    it (``policy.judge``; ``policy.RELEASE`` for a delivery claimed and never sent)."""
-
-    claim: Claim
-    answer: Answer
-    verdict: Verdict
-
-    @property
-    def outcome(self) -> str:
-        """The verdict's outcome, or RELEASE (claimed in a batch and never sent)."""
-        return RELEASE if self.verdict.released else self.verdict.outcome
-
-    @property
-    def retry_in_s(self) -> float | None:
-        """The verdict's wait before the next attempt (a pause's length when paused)."""
-        return self.verdict.retry_in_s
-
-    @property
-    def last_error(self) -> str:
-        """The error the delivery shows after this attempt (empty after a success)."""
-        if self.answer.error:
-            return self.answer.error
-        if self.answer.api_status not in (None, "0"):
-            return f"status {self.answer.api_status}: {self.answer.api_reason or ''}".strip()
-        return ""
-
-
-@dataclass(frozen=True, slots=True)
-class StepResult:
-    """What one step did: each attempt's recorded verdict (and whether it began a pause),
-    the deliveries claimed, why the claiming stopped, and the events met on the way."""
-
-    recorded: list[tuple[str, bool]]
-    claims: list[Claim]
-    status: str  # idle, full, paused, probing, throttled, again, none
-    resume_in_s: float = 0.0  # paused or throttled: for this long
-    events: list[dict[str, Any]] = field(default_factory=list)
-    outage: bool = False  # the fleet holds for a provider outage
-
-    @property
-    def claim(self) -> Claim:
-        """The first delivery claimed, or a Claim whose verdict says why there is none."""
-        if self.claims:
-            return self.claims[0]
-        return Claim(self.status, resume_in_s=self.resume_in_s)
-
-    @property
-    def finished(self) -> str:
-        """The verdict of the first attempt recorded ('' when none was)."""
-        return self.recorded[0][0] if self.recorded else ""
-
-    @property
-    def first_pause(self) -> bool:
-        """Whether recording the first attempt began a pause."""
-        return bool(self.recorded and self.recorded[0][1])
 
 
 def _script(*names: str) -> str:
     return "\n".join(
         resources.files("worker").joinpath(f"lua/{name}.lua").read_text() for name in names
     )
-
-
-def stored_record(
-    app_id: str, msgid: str, number: str, time_: str
-) -> tuple[BackfillRecord | None, str]:
-    """The stored record, validated again: a hand-edited one may no longer be sendable."""
-    try:
-        record = BackfillRecord.parse(
-            {"app_id": app_id, "msgid": msgid or None, "number": number, "time": time_}
-        )
-    except InvalidRecord as exc:
-        return None, "corrupt state: " + ", ".join(sorted(exc.errors))
-    return record, ""
 
 
 class Store:
@@ -139,23 +45,19 @@ class Store:
         outage: OutageRules = DEFAULT_OUTAGE,
         lookup_index: bool = True,
     ) -> None:
-        self.redis = client
-        self.lookup_index = lookup_index
-        self.outage = outage
+        self.redis, self.lookup_index, self.outage = client, lookup_index, outage
         self._outage_args = [
             outage.failures, outage.deliveries, max(int(outage.window_s * 1000), 1),
             max(int(outage.probe_cap_s * 1000), 1), outage.ramp_start_per_s,
             max(int(outage.ramp_double_s * 1000), 1),
         ]  # fmt: skip
-        self.dedupe_ttl_s = dedupe_ttl_s
-        self.keep_delivered_s = keep_delivered_s
-        self.pause_s = pause_s
-        self._enqueue = client.register_script(_script("lib", "enqueue"))
-        self._step = client.register_script(_script("lib", "step"))
-        self._replay = client.register_script(_script("lib", "replay"))
-        self._purge = client.register_script(_script("lib", "purge"))
-
-    # -- producers --------------------------------------------------------------------
+        self.dedupe_ttl_s, self.keep_delivered_s, self.pause_s = (
+            dedupe_ttl_s, keep_delivered_s, pause_s,
+        )  # fmt: skip
+        self._enqueue, self._step, self._replay, self._purge = (
+            client.register_script(_script("lib", name))
+            for name in ("enqueue", "step", "replay", "purge")
+        )
 
     def enqueue(
         self, record: BackfillRecord, *, caller: str | None = None, wake_queue: str = "",
@@ -203,8 +105,6 @@ class Store:
         flat = self._enqueue([], [*args, keys.PREFIX])
         return [(str(flat[i + 1]), bool(int(flat[i]))) for i in range(0, len(flat), 2)]
 
-    # -- workers ----------------------------------------------------------------------
-
     def step(
         self,
         done: Finish | Sequence[Finish] | None,
@@ -245,15 +145,7 @@ class Store:
             args[1] = 0  # record the attempts alone; the drain asks for a claim again
             reply = persist(lambda: self._run_step(args), deadline_s)
             reply[1] = ["again"]
-        recorded, status, claims, events = reply
-        return StepResult(
-            [(str(v), bool(int(f))) for v, f in recorded],
-            [_claim(row) for row in claims],
-            str(status[0]),
-            float(status[1]) / 1000 if len(status) > 1 and status[1] else 0.0,
-            _events(events),
-            outage=len(status) > 2 and status[2] == "1",
-        )
+        return parse_step_reply(reply)
 
     def _run_step(self, args: list[Any]) -> Any:
         # EVALSHA straight away: redis-py's Script wrapper costs ~2% of a worker's CPU
@@ -319,8 +211,6 @@ class Store:
             pipe.hgetall(name)
         found = zip(names, pipe.execute(), strict=True)
         return {name[len(keys.WORKER) :]: beat for name, beat in found if beat}
-
-    # -- reading ----------------------------------------------------------------------
 
     def status(self, delivery_id: str) -> dict[str, Any] | None:
         """The delivery's readable document with its attempts (delivery.status), or None."""
@@ -408,8 +298,6 @@ class Store:
         live, bulk, dead = pipe.execute()
         return {"pending": int(live) + int(bulk), "dead": int(dead)}
 
-    # -- dead letters -----------------------------------------------------------------
-
     def dead_page(
         self, *, limit: int = 50, before: float | None = None, since: float | None = None,
         app_id: str | None = None,
@@ -455,33 +343,3 @@ class Store:
         if not delivery_ids:
             return 0
         return int(self._purge([], [*delivery_ids, keys.PREFIX]))
-
-
-def _claim(raw: Sequence[Any]) -> Claim:
-    delivery_id, token, attempts, app, msgid, number, time_, replay, wait, lane, callers = raw
-    record, problem = stored_record(app, msgid, number, time_)
-    return Claim(
-        "claimed", str(delivery_id), str(token), int(attempts), record, replay == "1",
-        wait_s=float(wait) / 1000, detail=problem, lane=str(lane), callers=str(callers),
-    )  # fmt: skip
-
-
-def _count(value: Any) -> int:
-    try:
-        return int(value or 0)
-    except (TypeError, ValueError):
-        return 0  # a corrupt count: the event still gets logged
-
-
-def _events(raw: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
-    events = []
-    for row in raw:
-        kind, delivery_id, detail, app_id, msgid, number, time_, attempts = list(row)
-        record = None
-        if app_id and number and time_:
-            record = BackfillRecord(str(app_id), str(number), str(time_), msgid=msgid or None)
-        events.append(
-            {"kind": str(kind), "delivery_id": str(delivery_id), "detail": str(detail),
-             "record": record, "attempts": _count(attempts)}
-        )  # fmt: skip
-    return events

@@ -1,0 +1,151 @@
+"""The console's pages (GET) and actions (POST), over ``queries`` and ``actions``.
+
+Pages read through ``queries`` (bounded reads, numbers masked). Actions change state
+only through ``actions`` (one audit line per batch, naming the user), after
+``posted_form`` has proven the form's CSRF token, and answer with a redirect (303) to a
+page that says what was done.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from urllib.parse import quote, urlencode
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from worker.console import actions, queries
+from worker.console.app import Refused, console_of, posted_form
+from worker.lookup import InvalidQuery
+
+PAGE = 50
+_ID = re.compile(r"[\x21-\x7e]{1,128}")
+_QUERY = re.compile(r"[\x21-\x7e]{1,128}")
+_CURSOR = re.compile(r"[\x21-\x7e]{1,200}")
+_GROUP = re.compile(r"[0-9a-f]{16}")
+_KINDS = ("id", "msgid", "app_id")
+DONE = {  # what a redirect after an action may say (nothing else is ever shown)
+    "replayed": "replayed",
+    "purged": "purged",
+    "not-dead": "not replayed: the delivery is not dead (any more)",
+}
+router = APIRouter()
+
+
+@router.get("/", response_class=HTMLResponse)
+def overview(request: Request) -> Response:
+    """Counts by state, pause or outage, deliveries lately, the oldest pending."""
+    console = console_of(request)
+    store, now = console.store, time.time()
+    pause = store.pause_state()
+    return console.render(
+        request, "overview.html", figures=store.gauges(console.queue, now),
+        pause=(queries.shown_text(pause[0]), pause[1]) if pause else None,
+        outage=queries.outage_since(store.redis), workers=len(store.beats()),
+        recent=queries.recent(store.redis, int(now * 1000)),
+        oldest=queries.oldest_pending(store.redis, int(now * 1000)),
+    )  # fmt: skip
+
+
+@router.get("/deliveries", response_class=HTMLResponse)
+def deliveries(request: Request, q: str = "", by: str = "", cursor: str = "") -> Response:
+    """Search by delivery_id, msgid or app_id (``by``: just one), a page at a time."""
+    console = console_of(request)
+    if not q:
+        return console.render(request, "deliveries.html", q="", sections=[])
+    if not _QUERY.fullmatch(q):
+        raise Refused(400, "search: 1 to 128 printable ASCII characters without spaces")
+    if (by and by not in _KINDS) or (cursor and not _CURSOR.fullmatch(cursor)):
+        raise Refused(400, "search: bad 'by' or 'cursor'")
+    sections = []
+    for kind in (by,) if by else _KINDS:
+        try:
+            ids, more = queries.find_ids(console.store, kind, q, cursor or None, PAGE)
+        except InvalidQuery as exc:
+            if by:  # asked for this kind: say why; else q just cannot be one of these
+                raise Refused(400, f"search: {exc}") from None
+            continue
+        rows = queries.summaries(console.store.redis, ids)
+        next_page = urlencode({"q": q, "by": kind, "cursor": more}) if more else ""
+        sections.append({"by": kind, "rows": rows, "next": next_page})
+    return console.render(request, "deliveries.html", q=q, sections=sections)
+
+
+@router.get("/deliveries/{delivery_id}", response_class=HTMLResponse)
+def one_delivery(request: Request, delivery_id: str, done: str = "") -> Response:
+    """One delivery with every attempt it kept."""
+    console = console_of(request)
+    found = queries.record(console.store, delivery_id) if _ID.fullmatch(delivery_id) else None
+    if found is None:
+        raise Refused(404, "no such delivery")
+    return console.render(request, "delivery.html", d=found, done=DONE.get(done, ""))
+
+
+@router.post("/deliveries/{delivery_id}/replay")
+async def replay_one(request: Request, delivery_id: str) -> Response:
+    """Replay one dead letter."""
+    await posted_form(request)
+    if not _ID.fullmatch(delivery_id):
+        raise Refused(404, "no such delivery")
+    store, user = console_of(request).store, request.state.user
+    replayed = await run_in_threadpool(actions.replay, store, user, [delivery_id])
+    done = "replayed" if replayed else "not-dead"
+    return _see(f"/deliveries/{quote(delivery_id, safe='')}?" + urlencode({"done": done}))
+
+
+@router.get("/dead", response_class=HTMLResponse)
+def dead(request: Request, done: str = "", n: str = "") -> Response:
+    """The newest dead letters grouped by last error, with replay and purge buttons."""
+    console = console_of(request)
+    groups = queries.dead_groups(console.store)
+    return console.render(
+        request, "dead.html", groups=groups, shown=sum(g.count for g in groups),
+        total=console.store.counts()["dead"], done=DONE.get(done, ""),
+        n=int(n) if n.isascii() and n.isdigit() and len(n) < 10 else 0,
+    )  # fmt: skip
+
+
+@router.post("/dead/replay")
+async def replay_many(request: Request) -> Response:
+    """Replay a group of dead letters, or all."""
+    group = _group(await posted_form(request))
+    store, user = console_of(request).store, request.state.user
+    count = await run_in_threadpool(actions.replay_group, store, user, group)
+    return _see("/dead?" + urlencode({"done": "replayed", "n": count}))
+
+
+@router.post("/dead/purge")
+async def purge(request: Request) -> Response:
+    """Purge one dead letter, a group or all: a page asking to confirm, then the purge."""
+    form = await posted_form(request)
+    console, user = console_of(request), request.state.user
+    target = form.get("delivery_id", "")
+    if target and not _ID.fullmatch(target):
+        raise Refused(400, "purge: bad delivery_id")
+    group = "" if target else _group(form)
+    if form.get("confirm") != "yes":
+        count = 1 if target else await run_in_threadpool(actions.count_group, console.store, group)
+        return console.render(request, "confirm.html", target=target,
+                              group=form.get("group", ""), count=count)  # fmt: skip
+    if target:
+        count = await run_in_threadpool(actions.purge, console.store, user, [target])
+    else:
+        count = await run_in_threadpool(actions.purge_group, console.store, user, group)
+    return _see("/dead?" + urlencode({"done": "purged", "n": count}))
+
+
+def _group(form: dict[str, str]) -> str:
+    """The group a form names: an error key, or ``actions.ALL`` for "all"."""
+    group = form.get("group", "")
+    if group == "all":
+        return actions.ALL
+    if not _GROUP.fullmatch(group):
+        raise Refused(400, "expected a group of dead letters, or all")
+    return group
+
+
+def _see(location: str) -> Response:
+    return RedirectResponse(location, status_code=303)
