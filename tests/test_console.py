@@ -292,6 +292,8 @@ def test_overview_counts_states_flow_pause_and_the_oldest_pending(
     now = int(time.time() * 1000)
     for age_ms in (30_000, 1_800_000, 7_200_000):  # delivered 30 s, 30 min, 2 h ago
         r.set(keys.marker(unique("d")), f"{now - age_ms}|", ex=3600)
+        # the step script's 10 s counters (the 2 h old one would have expired: not counted)
+        r.incr(keys.delivered_in((now - age_ms) // keys.COUNTED_EVERY_MS))
     r.zadd(keys.DEAD, {"gone-1": now, "gone-2": now})
     r.hset(keys.delivery(oldest), "w", now - 90_000)  # created 90 s ago
 

@@ -18,6 +18,8 @@ Short names: there is one delivery key per record, millions of them in a backfil
                        outage (no TTL: the hold lasts as long as the outage)
 - ``bf:outage:seen``   sorted set: recent failures that point at the provider, as
                        "<id>|<claim>" by time (ms); cleared by any answer from it
+- ``bf:n:<t>``         counter with a TTL of an hour: deliveries recorded in the 10 s
+                       from t * 10 s (epoch), for the console's recent figures
 - ``bf:ramp``          string with a TTL: when sends began to ramp up after a hold (ms)
 - ``bf:worker:<node>`` hash with a TTL: one worker's heartbeat (see heartbeat.py)
 - ``bf:x:<a>``         sorted set, by name (scores 0): one app's deliveries as
@@ -43,6 +45,14 @@ RATE = PREFIX + "rate"
 OUTAGE = PREFIX + "outage"
 OUTAGE_SEEN = PREFIX + "outage:seen"
 RAMP = PREFIX + "ramp"
+COUNTED_EVERY_MS = 10_000  # the span of one ``delivered_in`` counter
+
+
+def delivered_in(span: int) -> str:
+    """The counter of deliveries recorded in the 10 s span ``span`` (epoch ms // 10,000)."""
+    return f"{PREFIX}n:{span}"
+
+
 WORKER = PREFIX + "worker:"
 INDEX_APPS = PREFIX + "xa"
 INDEX_HAND = PREFIX + "xh"

@@ -145,29 +145,30 @@ def record(store: Store, delivery_id: str) -> dict[str, Any] | None:
 
 
 def recent(client: redis.Redis, now_ms: int, budget: int = MARKER_SCAN_BUDGET) -> Recent:
-    """Deliveries in the last minute and hour, counted from the delivered markers.
+    """Deliveries in the last minute and hour, from the 10 s counters the step script
+    keeps (``keys.delivered_in``: exact to within one 10 s span), and those kept for the
+    dedupe window, counted from the delivered markers.
 
     The markers are found with SCAN (never KEYS), visiting at most ``budget`` keys; past
-    that the counts are extrapolated from the share of the keyspace visited.
+    that the window's count is extrapolated from the share of the keyspace visited.
     """
-    cursor, visited, minute, hour, window = 0, 0, 0, 0, 0
+    span = now_ms // keys.COUNTED_EVERY_MS
+    spans = 3_600_000 // keys.COUNTED_EVERY_MS
+    values = client.mget([keys.delivered_in(span - i) for i in range(spans)])
+    counts = [int(v) if isinstance(v, str) and v.isascii() and v.isdigit() else 0 for v in values]
+    minute, hour = sum(counts[: 60_000 // keys.COUNTED_EVERY_MS]), sum(counts)
+    cursor, visited, window = 0, 0, 0
     while True:
         cursor, found = client.scan(cursor, match=keys.marker("*"), count=5000)
         visited += 5000
         if found:
-            for value in client.mget(found):
-                at = _marker_ms(value)
-                if at is None:
-                    continue
-                window += 1
-                hour += at >= now_ms - 3_600_000
-                minute += at >= now_ms - 60_000
+            window += sum(_marker_ms(value) is not None for value in client.mget(found))
         if cursor == 0 or visited >= budget:
             break
     if cursor == 0:
         return Recent(minute, hour, window, True, visited)
     share = min(visited / max(int(client.dbsize()), 1), 1.0)
-    return Recent(round(minute / share), round(hour / share), round(window / share), False, visited)
+    return Recent(minute, hour, round(window / share), False, visited)
 
 
 def _marker_ms(value: Any) -> int | None:

@@ -64,6 +64,7 @@ local events = {}
 -- What recording the batch leaves for one call each at the end: lane entries to remove,
 -- keys to delete, whether the probe flags go.
 local unlane, gone, clear_probe, keep_probe = {l = {}, b = {}}, {}, false, false
+local delivered_n = 0  -- deliveries recorded by this step, for the 10 s counters
 
 -- Append an attempt document to a delivery's history, keeping the last `history`.
 local function remember(id, doc)
@@ -184,6 +185,7 @@ local function finish(a)
     end
     redis.call('SET', P .. 'k:' .. id, marker, 'EX', marker_ttl)
     unlane[ARGV[a + 8]][#unlane[ARGV[a + 8]] + 1] = id
+    delivered_n = delivered_n + 1
     clear_probe = true  -- any answer but "account blocked" proves the account works
     if keep > 0 then
       -- kept a while for `status` and operators; a delivery gone since its claim has all
@@ -425,6 +427,13 @@ end
 for i = 0, n - 1 do
   local verdict, first = finish(3 + i * W)
   recorded[#recorded + 1] = {verdict, first}
+end
+if delivered_n > 0 then
+  -- deliveries per 10 s (bf:n:<ms / 10,000>), kept an hour: the console's recent figures
+  local counter_key = P .. 'n:' .. math.floor(now / 10000)
+  if redis.call('INCRBY', counter_key, delivered_n) == delivered_n then
+    redis.call('EXPIRE', counter_key, 3610)
+  end
 end
 for lane, ids in pairs(unlane) do
   if #ids > 0 then
