@@ -44,7 +44,7 @@ from typing import TextIO
 
 from worker.audit import configure_logging
 from worker.errors import BackfillError
-from worker.local import LocalRedis, WorkerProcess, free_port, local_env
+from worker.local.processes import LocalRedis, WorkerProcess, free_port, local_env
 from worker.provider import PATH, ProviderClient, build_body, build_headers
 from worker.record import BackfillRecord
 from worker.settings import ENV_PREFIX

@@ -27,7 +27,7 @@ from typing import Any
 
 import requests
 
-from worker.local import LocalRedis, free_port
+from worker.local.processes import LocalRedis, free_port
 
 TOKEN = "bench-token-0123456789abcdef"  # noqa: S105 - a throwaway token for this run
 INTAKE = [sys.executable, "-m", "worker", "intake"]

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from worker.connection import connect
-from worker.local import LocalRedis, WorkerProcess, local_env
+from worker.local.processes import LocalRedis, WorkerProcess, local_env
+from worker.local.stub import ProviderStub
 from worker.record import BackfillRecord
 from worker.store import Store
-from worker.stub import ProviderStub
 
 KEY, SECRET = "outage-key", "outage-secret"
 

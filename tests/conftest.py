@@ -19,8 +19,8 @@ import pytest
 import redis
 
 from worker import keys
-from worker.local import LocalRedis, WorkerProcess, local_env
-from worker.stub import ProviderStub
+from worker.local.processes import LocalRedis, WorkerProcess, local_env
+from worker.local.stub import ProviderStub
 
 API_KEY = "test-key-0001"
 API_SECRET = "s3cret-value-that-must-never-be-logged"

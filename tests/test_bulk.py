@@ -18,7 +18,7 @@ from tests.helpers import backfill, snapshot
 from worker.bulk import UnreadableInput, count_lines, read_rows
 from worker.delivery import delivery_id
 from worker.errors import InvalidRecord
-from worker.local import WorkerProcess
+from worker.local.processes import WorkerProcess
 from worker.record import FIELDS, BackfillRecord
 from worker.runtime import get_store
 

@@ -18,7 +18,7 @@ import requests
 from tests.conftest import API_KEY, API_SECRET, unique, wait_for
 from tests.helpers import backfill, snapshot
 from worker import enqueue_backfill
-from worker.local import free_port
+from worker.local.processes import free_port
 from worker.provider import build_headers
 
 

@@ -35,10 +35,10 @@ from worker.connection import connect
 from worker.console.app import create_app
 from worker.console.auth import Guard, parse_users, same_origin
 from worker.errors import ConfigError
-from worker.local import LocalRedis, WorkerProcess, free_port
+from worker.local.processes import LocalRedis, WorkerProcess, free_port
+from worker.local.stub import ProviderStub
 from worker.record import BackfillRecord
 from worker.store import Store
-from worker.stub import ProviderStub
 
 USERS = {"alice": "correct-horse-battery", "bob": "another-long-password"}
 NUMBER = "8613512345678"

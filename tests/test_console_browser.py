@@ -27,10 +27,10 @@ from selenium.webdriver.common.by import By
 
 from tests.conftest import unique, wait_for
 from worker.connection import connect
-from worker.local import LocalRedis, WorkerProcess, free_port
+from worker.local.processes import LocalRedis, WorkerProcess, free_port
+from worker.local.stub import ProviderStub
 from worker.record import BackfillRecord
 from worker.store import Store
-from worker.stub import ProviderStub
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

@@ -17,14 +17,14 @@ import redis
 from tests.conftest import read_log, unique, wait_for
 from worker import keys
 from worker.connection import connect
-from worker.local import LocalRedis
+from worker.local.processes import LocalRedis
+from worker.local.stub import ProviderStub
 from worker.policy import AnswerClass, OutageRules, Outcome, Verdict
 from worker.provider import Answer
 from worker.record import BackfillRecord
 from worker.runtime import get_store
 from worker.steps import BULK, Claim, Finish
 from worker.store import HISTORY, Store
-from worker.stub import ProviderStub
 
 pytestmark = pytest.mark.usefixtures("worker")
 NUMBER = "8613512345678"

@@ -8,10 +8,10 @@ from collections.abc import Callable
 
 from tests.conftest import unique, wait_for
 from worker.connection import connect
-from worker.local import LocalRedis, WorkerProcess
+from worker.local.processes import LocalRedis, WorkerProcess
+from worker.local.stub import ProviderStub
 from worker.record import BackfillRecord
 from worker.store import Store
-from worker.stub import ProviderStub
 
 Spawn = Callable[..., WorkerProcess]
 

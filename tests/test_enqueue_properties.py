@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from worker import InvalidRecord, enqueue_backfill, enqueue_record, keys, producer
 from worker.connection import connect
-from worker.local import LocalRedis
+from worker.local.processes import LocalRedis
 from worker.record import EARLIEST_TIME_MS, FIELDS, BackfillRecord
 from worker.runtime import wake_message
 from worker.store import Store

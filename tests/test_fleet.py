@@ -9,10 +9,10 @@ import requests
 
 from tests.conftest import unique, wait_for
 from worker.connection import connect
-from worker.local import LocalRedis, WorkerProcess, free_port
+from worker.local.processes import LocalRedis, WorkerProcess, free_port
+from worker.local.stub import ProviderStub
 from worker.record import BackfillRecord
 from worker.store import Store
-from worker.stub import ProviderStub
 
 Spawn = Callable[..., WorkerProcess]
 

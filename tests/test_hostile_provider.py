@@ -21,7 +21,7 @@ from tests.certs import CA
 from tests.conftest import API_KEY, API_SECRET, read_log, unique, wait_for
 from worker import keys
 from worker.connection import connect
-from worker.local import LocalRedis, WorkerProcess, local_env
+from worker.local.processes import LocalRedis, WorkerProcess, local_env
 from worker.policy import AnswerClass
 from worker.provider import ProviderClient
 from worker.record import BackfillRecord

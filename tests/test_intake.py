@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from tests.conftest import read_log, unique, wait_for
 from tests.helpers import backfill
 from worker import keys
-from worker.local import LocalRedis, WorkerProcess, free_port
+from worker.local.processes import LocalRedis, WorkerProcess, free_port
 
 TOKEN = "intake-token-php-shop-0123456789"
 OTHER = "intake-token-java-crm-9876543210"

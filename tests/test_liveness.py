@@ -14,11 +14,11 @@ import redis
 from tests.conftest import read_log, unique, wait_for
 from worker.connection import connect
 from worker.heartbeat import stalled
-from worker.local import LocalRedis, WorkerProcess
+from worker.local.processes import LocalRedis, WorkerProcess
+from worker.local.stub import ProviderStub
 from worker.messages import wake_message
 from worker.record import BackfillRecord
 from worker.store import Store
-from worker.stub import ProviderStub
 
 
 def health(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -23,7 +23,7 @@ from worker import enqueue_backfill, keys, lookup
 from worker.cli import main
 from worker.connection import connect
 from worker.delivery import delivery_id as id_of
-from worker.local import LocalRedis, free_port
+from worker.local.processes import LocalRedis, free_port
 from worker.lookup import InvalidQuery, find, parse_query
 from worker.policy import AnswerClass, Outcome, Verdict
 from worker.provider import Answer

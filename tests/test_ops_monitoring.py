@@ -18,10 +18,10 @@ import yaml
 
 from tests.conftest import unique, wait_for
 from worker.connection import connect
-from worker.local import LocalRedis, WorkerProcess, free_port
+from worker.local.processes import LocalRedis, WorkerProcess, free_port
+from worker.local.stub import ProviderStub
 from worker.record import BackfillRecord
 from worker.store import Store
-from worker.stub import ProviderStub
 
 OPS = Path(__file__).resolve().parent.parent / "ops"
 ALERTS = OPS / "prometheus" / "alerts.yml"

@@ -20,11 +20,11 @@ import pytest
 from tests.conftest import API_KEY, API_SECRET, read_log, wait_for
 from worker import keys
 from worker.connection import connect
-from worker.local import LocalRedis, WorkerProcess
+from worker.local.processes import LocalRedis, WorkerProcess
+from worker.local.stub import ProviderStub
 from worker.policy import Evidence, outage_evidence, retry_window
 from worker.record import BackfillRecord
 from worker.store import Store
-from worker.stub import ProviderStub
 
 # A short retry window: 3 attempts, 0.2 s then 0.4 s at most between them (0.6 s in all).
 SHORT = {

@@ -24,11 +24,11 @@ from kombu import Connection as KombuConnection
 from tests.conftest import read_log, unique, wait_for
 from worker.app import app as celery_app
 from worker.connection import connect
-from worker.local import LocalRedis, WorkerProcess
+from worker.local.processes import LocalRedis, WorkerProcess
+from worker.local.stub import ProviderStub
 from worker.messages import wake_message
 from worker.record import BackfillRecord
 from worker.store import Store
-from worker.stub import ProviderStub
 from worker.transport import (
     EXCERPT_CHARS,
     SENTINEL_TRANSPORT,

@@ -20,7 +20,8 @@ from tests.conftest import read_log, unique, wait_for
 from tests.helpers import backfill
 from worker import enqueue_backfill, keys
 from worker.connection import connect
-from worker.local import LocalRedis, WorkerProcess, free_port
+from worker.local.processes import LocalRedis, WorkerProcess, free_port
+from worker.local.stub import ProviderStub
 from worker.messages import wake_message as legacy_message
 from worker.policy import AnswerClass, Outcome, Verdict
 from worker.provider import Answer
@@ -28,7 +29,6 @@ from worker.record import BackfillRecord
 from worker.runtime import get_settings, get_store, wake, wake_message
 from worker.steps import Finish
 from worker.store import Store
-from worker.stub import ProviderStub
 
 ROOT = Path(__file__).resolve().parent.parent
 Spawn = Callable[..., WorkerProcess]

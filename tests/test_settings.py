@@ -21,7 +21,7 @@ import requests
 from tests.helpers import backfill
 from worker.app import celery_config
 from worker.errors import ConfigError
-from worker.local import LocalRedis, WorkerProcess, free_port
+from worker.local.processes import LocalRedis, WorkerProcess, free_port
 from worker.settings import ENV_PREFIX, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent

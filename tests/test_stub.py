@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import requests
 
-from worker.stub import FAULT_KINDS, ProviderStub, parse_step
+from worker.local.stub import FAULT_KINDS, ProviderStub, parse_step
 
 # The provider's published test vector (SPEC section 1).
 VECTOR_KEY = "bDqJFiq9"

@@ -16,9 +16,9 @@ import redis
 from tests.conftest import API_KEY, API_SECRET, read_log, unique, wait_for
 from worker import enqueue_backfill, keys
 from worker.delivery import delivery_id as delivery_id_of
+from worker.local.stub import ProviderStub
 from worker.record import BackfillRecord
 from worker.runtime import get_store
-from worker.stub import ProviderStub
 
 Audit = Callable[[str], list[dict[str, Any]]]
 pytestmark = pytest.mark.usefixtures("worker")

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from worker.audit import configure_logging
-from worker.local import LocalRedis, WorkerProcess, local_env
+from worker.local.processes import LocalRedis, WorkerProcess, local_env
 
 DEMO_KEY, DEMO_SECRET = "demo-key", "demo-secret-not-for-production"
 BAD_SHARE = 0.02
@@ -33,7 +33,7 @@ DEMO_SETTINGS: dict[str, object] = {
 
 def run_demo(*, records: int, fault_rate: float, workdir: str | None) -> int:
     """Run the demo; returns the exit code (0 when every record reached a final state)."""
-    from worker.stub import ProviderStub
+    from worker.local.stub import ProviderStub
 
     root = Path(workdir or tempfile.mkdtemp(prefix="backfill-demo-"))
     root.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,176 @@
+"""``backfill dead``: list, show, replay and purge the dead letters."""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+
+from worker.cli.common import exits
+from worker.cli.records import status
+
+
+@click.group()
+def dead() -> None:
+    """The dead-letter store: list, show, replay, purge."""
+
+
+@dead.command("list")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--before", "cursor", help="Cursor: the 'next page' value printed by the "
+              "previous page; or epoch seconds: only letters older than that.")  # fmt: skip
+@click.option("--since", help="Only letters that died at or after this (ISO date or epoch s).")
+@click.option("--app-id", help="Only this app's letters (read from its own index).")
+@exits
+def dead_list(limit: int, cursor: str | None, since: str | None, app_id: str | None) -> None:
+    """Dead letters, newest first, a page at a time: id, app, masked number, attempts, error."""
+    from worker.redact import mask_number
+    from worker.runtime import get_store
+
+    store = get_store()
+    rows = _dead_page(store, limit, _cursor(cursor), _epoch(since), app_id)
+    click.echo(f"{'delivery_id':16}  {'app_id':16}  {'number':20}  att  {'when':20}  last_error")
+    for delivery_id, died in rows:
+        info = store.status(delivery_id) or {}
+        click.echo(
+            f"{delivery_id:16}  {info.get('app_id', '')[:16]:16}  "
+            f"{mask_number(info.get('number', ''))[:20]:20}  {info.get('attempts', '?'):>3}  "
+            f"{_when(died):20}  {info.get('last_error', '')}"
+        )
+    more = f"; next page: --before {rows[-1][1]!r}:{rows[-1][0]}" if len(rows) == limit else ""
+    click.echo(f"{len(rows)} shown, {store.counts()['dead']} dead in all{more}", err=True)
+
+
+def _dead_page(
+    store: Any, limit: int, cursor: tuple[float, str] | None, since: float | None,
+    app_id: str | None,
+) -> list[tuple[str, float]]:  # fmt: skip
+    """A page of dead letters after ``cursor`` (the last row shown: when it died, its id).
+
+    Letters often die in the same millisecond, and a page may end inside such a group: the
+    rest of the group comes first on the next page. An index lists one millisecond's
+    letters by id, descending, so those already shown are the ones from the cursor's id up.
+    """
+    if cursor is None or not cursor[1]:
+        before = cursor[0] if cursor else None
+        rows: list[tuple[str, float]] = store.dead_page(
+            limit=limit, before=before, since=since, app_id=app_id
+        )
+        return rows
+    ms, last = round(cursor[0] * 1000), cursor[1]
+    want = limit + 16
+    while True:  # read the cursor's millisecond too, and skip what was shown of it
+        rows = store.dead_page(limit=want, before=(ms + 1) / 1000, since=since, app_id=app_id)
+        fresh = [(i, t) for i, t in rows if not (round(t * 1000) == ms and i >= last)]
+        if len(fresh) >= limit or len(rows) < want:
+            return fresh[:limit]
+        want *= 2
+
+
+def _cursor(text: str | None) -> tuple[float, str] | None:
+    """--before: "<epoch s>:<delivery_id>" as a page prints it, or epoch seconds alone."""
+    if text is None:
+        return None
+    at, _, last = text.partition(":")
+    try:
+        value = float(at)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or (last and not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", last)):
+        raise click.BadParameter(
+            "expected the 'next page' value a page printed, or epoch seconds",
+            param_hint="--before",
+        )
+    return value, last
+
+
+@dead.command("show")
+@click.argument("delivery_id")
+@click.pass_context
+def dead_show(ctx: click.Context, delivery_id: str) -> None:
+    """Every attempt of one dead letter (JSON)."""
+    ctx.invoke(status, delivery_id=delivery_id)
+
+
+@dead.command("replay")
+@click.argument("delivery_id", required=False)
+@click.option("--all", "everything", is_flag=True, help="Replay every dead letter.")
+@click.option("--app-id", help="With --all: only this app's dead letters.")
+@exits
+def dead_replay(delivery_id: str | None, everything: bool, app_id: str | None) -> None:
+    """Re-enqueue dead letters (bulk lane, fresh attempt budget, same delivery_id).
+
+    --all works through the letters 1,000 at a time, in constant memory; the workers'
+    wakers pick the replays up at the pace of the fleet, behind live records.
+    """
+    from worker.runtime import get_store
+
+    store = get_store()
+    replayed = seen = 0
+    for ids in _chosen(store, delivery_id, everything, app_id):
+        seen += len(ids)
+        replayed += len(store.replay(ids))
+    click.echo(f"replayed {replayed} of {seen}")
+    if delivery_id and not replayed:
+        sys.exit(1)
+
+
+@dead.command("purge")
+@click.argument("delivery_id", required=False)
+@click.option("--all", "everything", is_flag=True, help="Purge every dead letter.")
+@click.option("--app-id", help="With --all: only this app's dead letters.")
+@click.option("--yes", is_flag=True, help="Confirm --all.")
+@exits
+def dead_purge(delivery_id: str | None, everything: bool, app_id: str | None, yes: bool) -> None:
+    """Delete dead letters for good (--all needs --yes; 1,000 per script run)."""
+    from worker.runtime import get_store
+
+    if everything and not yes:
+        raise click.UsageError("--all deletes every dead letter: add --yes to confirm")
+    store = get_store()
+    purged = seen = 0
+    for ids in _chosen(store, delivery_id, everything, app_id):
+        seen += len(ids)
+        purged += store.purge(ids)
+    click.echo(f"purged {purged} of {seen}")
+    if delivery_id and not purged:
+        sys.exit(1)
+
+
+def _chosen(
+    store: Any, delivery_id: str | None, everything: bool, app_id: str | None
+) -> Iterator[list[str]]:
+    if bool(delivery_id) == everything:
+        raise click.UsageError("give one DELIVERY_ID or --all")
+    if delivery_id:
+        return iter([[delivery_id]])
+    return store.dead_batches(app_id)  # type: ignore[no-any-return]
+
+
+def _epoch(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        pass
+    else:
+        if not math.isfinite(value):
+            raise click.BadParameter("expected a finite epoch", param_hint="--since")
+        return value
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(
+            "expected an ISO date or epoch seconds", param_hint="--since"
+        ) from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def _when(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
