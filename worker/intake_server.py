@@ -26,6 +26,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from worker.connection import connect, sentinel_nodes
 from worker.intake import HEALTH_TIMEOUT_S, Limits
+from worker.runtime import build_store
 from worker.settings import Settings
 from worker.store import Store
 
@@ -91,13 +92,7 @@ def intake_store(settings: Settings) -> Store:
         timeout_s=2.0,
         retries=1,
     )
-    return Store(
-        client,
-        dedupe_ttl_s=settings.dedupe_ttl_s,
-        keep_delivered_s=settings.keep_delivered_s,
-        pause_s=settings.pause_s,
-        lookup_index=settings.lookup_index,
-    )
+    return build_store(settings, client)
 
 
 def health_client(settings: Settings) -> aioredis.Redis:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from functools import cache
 
+import redis
+
 from worker.audit import redactor
 from worker.connection import connect
 from worker.errors import ConfigError
@@ -30,8 +32,14 @@ def get_settings() -> Settings:
 def get_store() -> Store:
     """The process's Store on ``BACKFILL_REDIS_URL``."""
     settings = get_settings()
+    return build_store(settings, connect(settings.redis_url, settings.redis_master_name))
+
+
+def build_store(settings: Settings, client: redis.Redis) -> Store:
+    """A Store over ``client`` with what ``settings`` say (the intake's and the console's
+    fail-fast clients get theirs here too)."""
     return Store(
-        connect(settings.redis_url, settings.redis_master_name),
+        client,
         dedupe_ttl_s=settings.dedupe_ttl_s,
         keep_delivered_s=settings.keep_delivered_s,
         pause_s=settings.pause_s,

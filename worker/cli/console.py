@@ -50,8 +50,7 @@ def _application() -> FastAPI:
     from worker.connection import connect
     from worker.console.app import create_app
     from worker.console.auth import VARIABLE, Guard, parse_users
-    from worker.runtime import get_settings
-    from worker.store import Store
+    from worker.runtime import build_store, get_settings
 
     settings = get_settings()
     spec = settings.console_users.get_secret_value() if settings.console_users else ""
@@ -66,5 +65,5 @@ def _application() -> FastAPI:
         settings.redis_url, settings.redis_master_name, connect_timeout_s=1.0, timeout_s=10.0,
         retries=1,
     )  # fmt: skip
-    store = Store(client, dedupe_ttl_s=settings.dedupe_ttl_s, pause_s=settings.pause_s)
+    store = build_store(settings, client)
     return create_app(store, Guard(users), settings.queue)
