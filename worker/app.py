@@ -1,4 +1,4 @@
-"""The Celery app: broker settings for at-least-once delivery, and logging wired to structlog.
+"""The Celery app: broker settings for at-least-once delivery (its signals: ``lifecycle.py``).
 
 Configuration is read lazily from the environment (``BACKFILL_*``), so importing the
 package in a web app costs nothing until the first enqueue. The broker transport is
@@ -9,18 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import structlog
-from celery import Celery, signals
-from celery.apps import worker as celery_worker_module
+from celery import Celery
 
-from worker import metrics
+from worker import lifecycle  # Celery's signals for this app's workers are handled there
 from worker import transport as transport_module
-from worker.audit import configure_logging
-from worker.errors import ConfigError
 from worker.runtime import get_settings
 from worker.settings import Settings
-
-log = structlog.get_logger("worker.app")
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -74,61 +68,5 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 app = Celery("backfill", include=["worker.tasks"], amqp="worker.transport:AMQP")
 app.add_defaults(lambda: celery_config(get_settings()))
-# the worker this process runs, once Celery has built it (for its exit status)
-_workers: list[Any] = []
 
-
-def worker_exit_status() -> int:
-    """The status Celery's own ``celery worker`` command exits with for this process's worker.
-
-    ``app.worker_main`` drops it, so an "Unrecoverable error" would otherwise exit 0.
-    """
-    if not _workers:
-        return 1  # Celery returned before it built a worker: not a clean stop
-    code = _workers[-1].exitcode
-    if code is None or isinstance(code, int):
-        return code or 0
-    return 1  # SystemExit with a message
-
-
-@signals.worker_init.connect
-def _worker_init(sender: Any = None, **_: Any) -> None:
-    _workers.append(sender)
-    settings = get_settings()
-    if settings.metrics_port is None:
-        return
-    # `backfill worker` has bound the port already (a no-op then); under
-    # `celery -A worker worker` this is the first chance, before the worker consumes.
-    from worker.runtime import get_store
-
-    try:
-        metrics.serve(settings.metrics_port, get_store(), settings.queue, settings.metrics_host)
-    except ConfigError as exc:
-        # Celery sets logging up after worker_init: make this line JSON too
-        configure_logging(settings.log_format, settings.log_level)
-        log.critical("worker.config_error", error=str(exc))
-        raise SystemExit(2) from None
-
-
-@signals.setup_logging.connect
-def _setup_logging(**_: Any) -> None:
-    # While this handler is connected Celery leaves logging alone; ours renders it all.
-    settings = get_settings()
-    configure_logging(settings.log_format, settings.log_level)
-    # Celery prints shutdown notices straight to stdout; make them JSON lines as well.
-    celery_worker_module.safe_say = _say
-
-
-def _say(message: str, _file: Any = None) -> None:
-    structlog.get_logger("celery.apps.worker").warning(message.strip())
-
-
-@signals.task_prerun.connect
-def _bind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(task_id=task_id, task=getattr(task, "name", None))
-
-
-@signals.task_postrun.connect
-def _unbind_task(**_: Any) -> None:
-    structlog.contextvars.clear_contextvars()
+__all__ = ["app", "celery_config", "lifecycle"]

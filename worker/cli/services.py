@@ -18,8 +18,9 @@ from worker.errors import ConfigError
 def worker(concurrency: int | None, hostname: str | None) -> None:
     """Run a worker (threads pool) with the project's defaults."""
     from worker import metrics
-    from worker.app import app, worker_exit_status
+    from worker.app import app
     from worker.audit import configure_logging
+    from worker.lifecycle import worker_exit_status
     from worker.runtime import get_client, get_settings, get_store
 
     settings = get_settings()
