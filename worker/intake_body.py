@@ -15,7 +15,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from worker.errors import InvalidRecord
-from worker.record import FIELDS, BackfillRecord
+from worker.record import FIELDS, PATTERNS, BackfillRecord
 
 MAX_BODY = 1024 * 1024
 MAX_RECORDS = 1000
@@ -31,12 +31,12 @@ RECORD_SCHEMA: dict[str, Any] = {
     "required": ["app_id", "number", "time"],
     "additionalProperties": False,
     "properties": {
-        "app_id": {**_STRING, "pattern": "^[!-~]{1,64}$"},
-        "msgid": {**_STRING, "pattern": "^[!-~]{1,64}$"},
-        "number": {**_STRING, "pattern": "^\\+?[0-9]{6,20}$"},
+        "app_id": {**_STRING, "pattern": f"^{PATTERNS['app_id']}$"},
+        "msgid": {**_STRING, "pattern": f"^{PATTERNS['msgid']}$"},
+        "number": {**_STRING, "pattern": f"^{PATTERNS['number']}$"},
         "time": {
             "oneOf": [
-                {**_STRING, "pattern": "^[0-9]{13}$"},
+                {**_STRING, "pattern": f"^{PATTERNS['time']}$"},
                 {"type": "integer", "minimum": 10**12, "maximum": 10**13 - 1},
             ]
         },

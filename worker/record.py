@@ -20,6 +20,13 @@ FIELDS = ("app_id", "msgid", "number", "time")
 _TOKEN = re.compile(r"[\x21-\x7e]{1,64}")
 _NUMBER = re.compile(r"\+?([0-9]{6,20})")
 _EPOCH_MS = re.compile(r"[0-9]{13}")
+# The string forms each field accepts, whole (the intake's JSON schema says the same).
+PATTERNS = {
+    "app_id": _TOKEN.pattern,
+    "msgid": _TOKEN.pattern,
+    "number": _NUMBER.pattern,
+    "time": _EPOCH_MS.pattern,
+}
 # A verification older than the provider's records or in the future is a producer's bug
 # (seconds for milliseconds, a zero default, a bad clock), not a code to report.
 EARLIEST_TIME_MS = 1_262_304_000_000  # 2010-01-01T00:00:00Z
