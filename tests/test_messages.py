@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from kombu import Connection, Consumer, Exchange, Message, Queue
 
-from worker.local import LocalRedis
+from worker.local.processes import LocalRedis
 from worker.messages import DELIVER_TASK, wake_message, wake_messages
 
 EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
@@ -44,7 +44,8 @@ def test_a_wake_up_is_a_protocol_2_deliver_task_in_kombu_s_redis_envelope() -> N
     task_id = headers["id"]
     assert uuid.UUID(task_id).version == 4
     assert headers["root_id"] == properties["correlation_id"] == task_id
-    assert headers["parent_id"] is None and headers["group"] is None
+    assert headers["parent_id"] is None
+    assert headers["group"] is None
     assert (headers["eta"], headers["expires"], headers["retries"]) == (None, None, 0)
     assert (headers["argsrepr"], headers["kwargsrepr"]) == ("()", "{}")
     assert headers["ignore_result"] is True
@@ -55,7 +56,11 @@ def test_a_wake_up_is_a_protocol_2_deliver_task_in_kombu_s_redis_envelope() -> N
 
 @pytest.mark.parametrize(
     ("args", "argsrepr"),
-    [(("a",), "('a',)"), (("a", 1, None), "('a', 1, None)"), ([["x"], {"k": 2}], "(['x'], {'k': 2})")],
+    [
+        (("a",), "('a',)"),
+        (("a", 1, None), "('a', 1, None)"),
+        ([["x"], {"k": 2}], "(['x'], {'k': 2})"),
+    ],
 )
 def test_given_arguments_the_body_and_its_repr_carry_them(args: Any, argsrepr: str) -> None:
     doc = parsed(wake_message("backfill", "me@host", args))
@@ -80,7 +85,8 @@ def test_wake_messages_gives_count_messages_from_this_process_each_with_its_own_
     assert len(docs) == 5
     task_ids = {d["headers"]["id"] for d in docs}
     tags = {d["properties"]["delivery_tag"] for d in docs}
-    assert len(task_ids) == len(tags) == 5 and task_ids.isdisjoint(tags)
+    assert len(task_ids) == len(tags) == 5
+    assert task_ids.isdisjoint(tags)
     assert {d["headers"]["origin"] for d in docs} == {ORIGIN}
     assert all(d["properties"]["delivery_info"]["routing_key"] == "backfill" for d in docs)
 

@@ -23,7 +23,7 @@ from structlog.testing import capture_logs
 from worker import keys, metrics
 from worker.connection import connect
 from worker.errors import ConfigError
-from worker.local import LocalRedis, free_port
+from worker.local.processes import LocalRedis, free_port
 from worker.policy import AnswerClass, Outcome, Verdict
 from worker.provider import Answer
 from worker.record import BackfillRecord
@@ -65,11 +65,9 @@ def scrape(collector: metrics.FleetCollector) -> dict[Sample, float]:
 
 
 def test_an_empty_fleet_reads_zero_in_every_family(store: Store) -> None:
-    assert scrape(metrics.FleetCollector(store, QUEUE)) == {
-        **{(f"backfill_{name}", ()): 0 for name in GAUGES},
-        ("backfill_overdue_seconds", (("lane", "live"),)): 0.0,
-        ("backfill_overdue_seconds", (("lane", "bulk"),)): 0.0,
-    }
+    zero: dict[Sample, float] = {(f"backfill_{name}", ()): 0 for name in GAUGES}
+    zero |= {("backfill_overdue_seconds", (("lane", lane),)): 0.0 for lane in ("live", "bulk")}
+    assert scrape(metrics.FleetCollector(store, QUEUE)) == zero
 
 
 def test_each_gauge_reads_the_fleet_s_figure(store: Store) -> None:
@@ -153,7 +151,9 @@ def test_serving_on_a_port_in_use_is_a_config_error_naming_the_setting(store: St
     port = free_port()
     with listening(port), pytest.raises(ConfigError) as raised:
         metrics.serve(port, store, QUEUE, host="127.0.0.1")
-    assert str(raised.value).startswith(f"BACKFILL_METRICS_PORT: port {port} on 127.0.0.1 is in use")
+    assert str(raised.value).startswith(
+        f"BACKFILL_METRICS_PORT: port {port} on 127.0.0.1 is in use"
+    )
     assert metrics._serving == []
     assert set(REGISTRY._collector_to_names) == registered  # no collector left registered
 
@@ -207,4 +207,4 @@ def test_serve_serves_the_fleet_gauges_once_per_process(store: Store, server: Lo
     assert text.count("# TYPE backfill_pending gauge") == 1  # the collector registered once
     assert "\nbackfill_pending 2.0\n" in text
     assert "\nbackfill_queue_depth 1.0\n" in text
-    assert "# TYPE backfill_attempts counter" in text  # and the worker's own counters
+    assert "# TYPE backfill_attempts_total counter" in text  # and the worker's own counters

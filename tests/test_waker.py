@@ -16,7 +16,7 @@ from worker import keys
 from worker.connection import connect
 from worker.drain import fleet
 from worker.heartbeat import BEAT_TTL_S, progress
-from worker.local import LocalRedis, free_port
+from worker.local.processes import LocalRedis, free_port
 from worker.record import BackfillRecord
 from worker.store import Store
 from worker.waker import Waker
@@ -57,9 +57,7 @@ class Published(list[int]):
 
 
 def make_waker(store: Store, published: Published, node: str = "node-1") -> Waker:
-    return Waker(
-        store, published, queue=QUEUE, tick_s=0.01, concurrency=CONCURRENCY, node=node
-    )
+    return Waker(store, published, queue=QUEUE, tick_s=0.01, concurrency=CONCURRENCY, node=node)
 
 
 def due(store: Store, count: int, *, later: int = 0) -> None:
@@ -152,7 +150,8 @@ def test_the_tick_notes_since_when_work_has_waited(store: Store) -> None:
     before = time.time()
     waker.wake()
     since = progress.due_since
-    assert since is not None and before <= since <= time.time()
+    assert since is not None
+    assert before <= since <= time.time()
     waker.wake()
     assert progress.due_since == since  # still waiting since then
     store.redis.set(keys.PAUSED, "blocked", px=5000)
@@ -183,7 +182,8 @@ def test_the_thread_wakes_beats_and_rides_out_a_redis_that_is_down(store: Store)
         deadline = time.monotonic() + 5
         while not (published and store.beats()) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert published and published[0] == 2
+        assert published
+        assert published[0] == 2
         assert set(store.beats()) == {"node-1"}
     finally:
         waker.stop()
