@@ -196,6 +196,7 @@ def test_the_deployment_files_run_the_expected_commands() -> None:
         assert commands[where][1:] == ["health", "--node", "celery@%h"], where
     assert found["compose:intake:command"] == ["intake"]
     assert found["compose:stub:command"] == ["stub"]
+    assert found["compose:console:command"] == ["console"]
     assert found["Dockerfile:CMD"] == ["worker"]
     assert found["systemd:ExecStart"] == ["worker"]
     assert found["k8s:command"] == ["worker"]
@@ -263,12 +264,21 @@ def test_redis_uses_ops_redis_conf_and_has_a_healthcheck() -> None:
     assert "appendonly yes" in (ROOT / "ops" / "redis.conf").read_text()
 
 
-def test_stub_and_flower_only_run_under_their_profiles() -> None:
+def test_stub_console_and_flower_only_run_under_their_profiles() -> None:
     assert services()["stub"]["profiles"] == ["local"]
     assert services()["flower"]["profiles"] == ["monitoring"]
+    assert services()["console"]["profiles"] == ["monitoring"]
     for name, service in services().items():
-        if name not in {"stub", "flower"}:
+        if name not in {"stub", "flower", "console"}:
             assert "profiles" not in service, name
+
+
+def test_the_console_listens_on_loopback_only_and_waits_for_redis() -> None:
+    console = services()["console"]
+    assert console["ports"] == ["127.0.0.1:5557:5557"]
+    assert console["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert console["environment"]["BACKFILL_REDIS_URL"] == "redis://redis:6379/0"
+    assert "BACKFILL_CONSOLE_USERS" not in console.get("environment", {})  # from .env
 
 
 def test_intake_publishes_8080_and_waits_for_redis() -> None:
