@@ -35,10 +35,13 @@ BUDGET_ATTEMPTS = 500
 BUDGET_S = DRAIN_BUDGET_S
 # Every tenth step of a drain looks at the bulk lane first: live cannot starve bulk.
 BULK_EVERY = 10
-# Deliveries claimed in one step (one Redis round trip) while attempts are quick: up to
-# BATCH quick attempts (QUICK_MS each) are all a live record can wait behind.
-BATCH = 8
-QUICK_MS = 100.0
+# Deliveries claimed in one step (one Redis round trip): as many as, at the latency just
+# seen, take at most LIVE_WAIT_MS, up to MAX_BATCH. That is all a live record can wait
+# behind (besides one slow attempt): an attempt slower than its share of LIVE_WAIT_MS
+# gives the rest of its batch back. Bigger batches cost Redis less per delivery (the
+# step's fixed cost is shared).
+LIVE_WAIT_MS = 800.0
+MAX_BATCH = 32
 # An attempt waits at most this long for a rate-limit slot; beyond, the drain ends.
 MAX_RATE_WAIT_S = 5.0
 
@@ -94,16 +97,17 @@ def _drain(ctx: Context) -> int:
     attempts = steps = 0
     while True:
         stop = fleet.stopping.is_set() or attempts >= BUDGET_ATTEMPTS or time.monotonic() > until
+        size = _batch_size(done)
         step = ctx.store.step(
             done,
-            claim=0 if stop else _batch_size(done),
+            claim=0 if stop else size,
             prefer_bulk=steps % BULK_EVERY == BULK_EVERY - 1,
             lease_s=settings.attempt_lease_s,
             max_attempts=settings.max_attempts,
             rate_per_s=settings.rate_limit,
             burst=settings.rate_burst,
             max_wait_s=MAX_RATE_WAIT_S,
-            gap_s=2 * QUICK_MS / 1000,
+            gap_s=2 * LIVE_WAIT_MS / size / 1000,  # the i-th starts by i shares of the wait
         )
         claimed_at = time.monotonic()
         steps += 1
@@ -115,6 +119,7 @@ def _drain(ctx: Context) -> int:
             return attempts
         done = []
         slow = False
+        share_ms = LIVE_WAIT_MS / len(claims)
         for claim in claims:
             if fleet.stopping.is_set() or slow:
                 # claimed in this batch, never sent: given back, due at once and uncounted
@@ -125,22 +130,26 @@ def _drain(ctx: Context) -> int:
             item = attempt(ctx, claim, claimed_at, holding=step.outage)
             done.append(item)
             attempts += 1
-            slow = _stop_batch(item)
+            slow = _stop_batch(item, share_ms)
 
 
-def _stop_batch(item: Finish) -> bool:
-    """Whether the rest of a batch goes back after this attempt: it was slow, or it points
-    at a provider outage (the rest would most likely fail the same way)."""
-    return item.answer.latency_ms > QUICK_MS or item.verdict.evidence is Evidence.DOWN
+def _stop_batch(item: Finish, share_ms: float) -> bool:
+    """Whether the rest of a batch goes back after this attempt: it took more than its
+    share of LIVE_WAIT_MS, or it points at a provider outage (the rest would most likely
+    fail the same way)."""
+    return item.answer.latency_ms > share_ms or item.verdict.evidence is Evidence.DOWN
 
 
 def _batch_size(done: Sequence[Finish]) -> int:
-    """How many deliveries to claim next: a batch while attempts are quick, else one, so a
-    live record never waits behind more than BATCH quick bulk attempts or one slow one.
-    A drain's first claim is one: it has not seen how quick the provider is yet."""
-    if not done or any(_stop_batch(item) for item in done):
+    """How many deliveries to claim next: as many as take LIVE_WAIT_MS at the slowest
+    latency of the batch just sent (at most MAX_BATCH), so a live record never waits
+    behind more than that or one slow attempt. One after a failure that points at the
+    provider, and for a drain's first claim (it has not seen how quick the provider is)."""
+    sent = [item for item in done if not item.verdict.released]
+    if not sent or any(item.verdict.evidence is Evidence.DOWN for item in sent):
         return 1
-    return BATCH
+    slowest = max(item.answer.latency_ms for item in sent)
+    return int(max(1, min(MAX_BATCH, LIVE_WAIT_MS // max(slowest, 1.0))))
 
 
 def attempt(ctx: Context, claim: Claim, claimed_at: float, *, holding: bool = False) -> Finish:
