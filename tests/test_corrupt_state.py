@@ -19,7 +19,7 @@ from worker import keys
 from worker.connection import connect
 from worker.local.processes import LocalRedis
 from worker.local.stub import ProviderStub
-from worker.policy import AnswerClass, OutageRules, Outcome, Verdict
+from worker.policy import AnswerClass, Evidence, OutageRules, Outcome, Verdict
 from worker.provider import Answer
 from worker.record import BackfillRecord
 from worker.runtime import get_store
@@ -371,3 +371,34 @@ def test_a_script_given_a_bad_argument_changes_nothing(
     with pytest.raises(redis.ResponseError, match=f"{script}: bad argument"):
         getattr(quiet, f"_{script}")([], args)
     assert dump(quiet.redis) == before
+
+
+def test_corrupt_outage_evidence_and_counter_keys_do_not_stop_a_step(quiet: Store) -> None:
+    """The fleet's own bookkeeping keys overwritten with the wrong type (by hand, or by an
+    older tool) must not make every step fail: the evidence set is rebuilt, the 10 s
+    counter skipped, and the attempts are recorded."""
+    r = quiet.redis
+    r.flushdb()
+    rows = [BackfillRecord("app-c", NUMBER, str(1681184764000 + i), msgid=unique()) for i in (0, 1)]
+    quiet.enqueue_many(rows)
+    r.set(keys.OUTAGE_SEEN, "not a sorted set")
+    seconds, _ = r.time()
+    for span in range(int(seconds) // 10 - 1, int(seconds) // 10 + 3):
+        r.hset(keys.delivered_in(span), "x", "1")
+    down = Answer(AnswerClass.TRANSIENT, http_status=503, error="HTTP 503")
+    up = Answer(AnswerClass.SUCCESS, http_status=200, api_status="0", api_reason="success")
+    first = quiet.step([], claim=2, prefer_bulk=True, lease_s=30, max_attempts=6)
+    failed = [
+        Finish(c, down, Verdict(Outcome.RETRY, 0.0, evidence=Evidence.DOWN)) for c in first.claims
+    ]
+    second = quiet.step(failed, claim=2, prefer_bulk=True, lease_s=30, max_attempts=6)
+    assert second.recorded == [("retry", False), ("retry", False)]
+    assert r.type(keys.OUTAGE_SEEN) == "zset"  # rebuilt with this step's evidence
+    assert r.zcard(keys.OUTAGE_SEEN) == 2
+    delivered = [
+        Finish(c, up, Verdict(Outcome.DELIVERED, evidence=Evidence.UP)) for c in second.claims
+    ]
+    third = quiet.step(delivered, claim=0, prefer_bulk=True, lease_s=30, max_attempts=6)
+    assert third.recorded == [("delivered", False), ("delivered", False)]
+    assert quiet.states([c.delivery_id for c in second.claims]) == ["delivered", "delivered"]
+    r.flushdb()

@@ -123,6 +123,9 @@ local function detect()
   if #down == 0 or flags[5] then
     return
   end
+  if redis.call('TYPE', OUTAGE_SEEN)['ok'] ~= 'zset' then
+    redis.call('DEL', OUTAGE_SEEN)  -- missing, or overwritten by hand: only recent evidence
+  end
   local mine = {}
   for _, a in ipairs(down) do
     local member = ARGV[a] .. '|' .. ARGV[a + 1]
@@ -431,7 +434,8 @@ end
 if delivered_n > 0 then
   -- deliveries per 10 s (bf:n:<ms / 10,000>), kept an hour: the console's recent figures
   local counter_key = P .. 'n:' .. math.floor(now / 10000)
-  if redis.call('INCRBY', counter_key, delivered_n) == delivered_n then
+  -- pcall: a counter overwritten with another type is skipped, never fails the step
+  if redis.pcall('INCRBY', counter_key, delivered_n) == delivered_n then
     redis.call('EXPIRE', counter_key, 3610)
   end
 end
