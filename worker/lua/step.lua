@@ -73,6 +73,17 @@ local function remember(id, doc)
   end
 end
 
+-- Hold the fleet for an outage begun at `start` (ms): no claims but one probe, `wait` ms
+-- from now; the pause carries the reason every reader shows.
+local function hold(start, wait, last_error)
+  flags[5] = start .. '|' .. string.format('%d', wait)
+  redis.call('SET', OUTAGE, flags[5])
+  redis.call('SET', PAUSED, 'outage: ' .. last_error, 'PX', wait)
+  redis.call('SET', PROBE, '1')
+  redis.call('DEL', PROBE_LOCK)
+  keep_probe, stale_flags = true, true
+end
+
 -- During an outage hold: the ms until the next probe may go. When the hold's pause has
 -- ended, this failure was the probe's: pause again, the wait doubled up to the cap.
 local function hold_probe(last_error)
@@ -82,12 +93,7 @@ local function hold_probe(last_error)
   end
   local start, wait = string.match(flags[5], '^(%d+)|(%d+)$')
   wait = math.min(math.max((tonumber(wait) or 1000) * 2, 1000), o_cap)
-  flags[5] = (start or tostring(now)) .. '|' .. string.format('%d', wait)
-  redis.call('SET', OUTAGE, flags[5])
-  redis.call('SET', PAUSED, 'outage: ' .. last_error, 'PX', wait)
-  redis.call('SET', PROBE, '1')
-  redis.call('DEL', PROBE_LOCK)
-  keep_probe, stale_flags = true, true
+  hold(start or tostring(now), wait, last_error)
   return wait
 end
 
@@ -152,17 +158,13 @@ local function detect()
   -- the fleet holds: no claims but one probe at a time, first after 1 s (or the cap)
   local wait = math.min(1000, o_cap)
   local last_error = ARGV[down[#down] + 6]
-  flags[5], stale_flags, keep_probe = tostring(now) .. '|' .. string.format('%d', wait), true,
-    true
-  redis.call('SET', OUTAGE, flags[5])
-  redis.call('SET', PAUSED, 'outage: ' .. last_error, 'PX', wait)
-  redis.call('SET', PROBE, '1')
-  redis.call('DEL', PROBE_LOCK, OUTAGE_SEEN)
+  hold(tostring(now), wait, last_error)
+  redis.call('DEL', OUTAGE_SEEN)
   local given_back = {}
   for _, member in ipairs(seen) do
-    local id, token = string.match(member, '^(.*)|(.*)$')
+    local id = string.match(member, '^(.*)|')
     if id and not mine[member] then
-      local h = redis.pcall('HMGET', delivery_key(id), 's', 'c', 'k')
+      local h = redis.pcall('HMGET', delivery_key(id), 's', 'c')
       if not h['err'] and h[1] == 'p' and counter(h[2]) and (tonumber(h[2]) or 0) > 0 then
         redis.call('HINCRBY', delivery_key(id), 'c', -1)
         given_back[#given_back + 1] = id
