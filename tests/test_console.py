@@ -315,6 +315,11 @@ def test_overview_counts_states_flow_pause_and_the_oldest_pending(
     r.set(keys.OUTAGE, f"{now}|1000")
     text = _text(client.get("/").text)
     assert "holds for a provider outage (since " + delivery.iso(now) in text
+    for unreadable in ("garbage", "9" * 400 + "|1000", "9" * 18 + "|1000"):  # past year 9999
+        r.set(keys.OUTAGE, unreadable)
+        page = client.get("/")
+        assert page.status_code == 200
+        assert "holds for a provider outage (since yes)" in _text(page.text)
 
 
 def _text(html: str) -> str:

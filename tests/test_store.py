@@ -385,6 +385,8 @@ def test_pause_and_outage_state_read_the_fleet_flags(store: Store) -> None:
     assert store.outage_state() == (1681184764.0, 2.0)
     store.redis.set(keys.OUTAGE, "garbage")
     assert store.outage_state() == (0.0, 0.0)  # unreadable, but the fleet holds
+    store.redis.set(keys.OUTAGE, "9" * 400 + "|1000")  # digits past any float
+    assert store.outage_state() == (0.0, 0.0)
 
 
 # -- dead letters

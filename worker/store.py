@@ -259,7 +259,7 @@ class Store:
         start, _, wait = str(value).partition("|")
         try:
             return int(start) / 1000, int(wait) / 1000
-        except ValueError:
+        except (ValueError, OverflowError):  # hand-edited: not digits, or past any float
             return 0.0, 0.0  # unreadable, but the fleet holds all the same
 
     def gauges(self, queue: str, now: float) -> dict[str, float]:

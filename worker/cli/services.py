@@ -214,10 +214,8 @@ def _holding() -> str:
     if outage is not None:
         since, wait = outage
         reason = pause[0].removeprefix("outage: ") if pause else "no answer from the provider"
-        return (
-            f"; HOLDING for a provider outage for {max(time.time() - since, 0):.0f} s "
-            f"(probe every {wait:g} s): {reason}"
-        )
+        lasted = f"for {max(time.time() - since, 0):.0f} s" if since > 0 else "since ?"
+        return f"; HOLDING for a provider outage {lasted} (probe every {wait:g} s): {reason}"
     if pause is not None:
         return f"; PAUSED for {pause[1]:.0f} s more: {pause[0]}"
     return ""

@@ -201,13 +201,16 @@ def oldest_pending(client: redis.Redis, now_ms: int) -> Oldest:
     return Oldest(max(now_ms - oldest[0], 0) / 1000, oldest[1], exact, len(ids))
 
 
-def outage_since(client: redis.Redis) -> str:
-    """When the fleet's outage hold began (ISO time), or '' when it holds for none."""
-    value = client.get(keys.OUTAGE)
-    start = value.partition("|")[0] if isinstance(value, str) else ""
-    if not start.isascii() or not start.isdigit():
-        return "yes" if value else ""
-    return delivery.iso(int(start))
+def outage_since(store: Store) -> str:
+    """When the fleet's outage hold began (ISO time), 'yes' when that is unreadable, or ''
+    when it holds for none."""
+    state = store.outage_state()
+    if state is None:
+        return ""
+    try:
+        return delivery.iso(round(state[0] * 1000)) if state[0] > 0 else "yes"
+    except (ValueError, OverflowError, OSError):  # a hand-edited start far off the calendar
+        return "yes"
 
 
 def dead_groups(store: Store, window: int = DEAD_WINDOW) -> list[DeadGroup]:

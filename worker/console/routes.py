@@ -44,7 +44,7 @@ def overview(request: Request) -> Response:
     return console.render(
         request, "overview.html", figures=store.gauges(console.queue, now),
         pause=(queries.shown_text(pause[0]), pause[1]) if pause else None,
-        outage=queries.outage_since(store.redis), workers=len(store.beats()),
+        outage=queries.outage_since(store), workers=len(store.beats()),
         recent=queries.recent(store.redis, int(now * 1000)),
         oldest=queries.oldest_pending(store.redis, int(now * 1000)),
     )  # fmt: skip
