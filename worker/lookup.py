@@ -31,6 +31,7 @@ import redis
 
 from worker import delivery, keys
 from worker.errors import BackfillError
+from worker.record import PATTERNS
 from worker.redact import cap, mask_number
 
 MAX_LIMIT = 1000
@@ -39,7 +40,7 @@ APP_CHUNK = 100  # apps probed in one round trip by a msgid looked up without it
 MAX_CURSOR = 400
 PARAMS = ("msgid", "app_id", "limit", "cursor")  # of a URL's query (the intake's GET)
 MAX_UNKNOWN_NAMED = 8
-_TOKEN = re.compile(r"[\x21-\x7e]{1,64}")  # app_id and msgid, as record.py takes them
+_TOKEN = re.compile(PATTERNS["app_id"])  # app_id and msgid, as record.py takes them
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _CURSOR = re.compile(r"[A-Za-z0-9_-]+")
 _FIELD_RULE = "expected 1 to 64 printable ASCII characters without spaces"
