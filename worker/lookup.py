@@ -30,6 +30,7 @@ from typing import Any
 import redis
 
 from worker import delivery, keys
+from worker.briefs import read_briefs
 from worker.errors import BackfillError
 from worker.record import PATTERNS
 from worker.redact import cap, mask_number
@@ -219,22 +220,16 @@ def _summaries(
     if not members:
         return []
     ids = [member.partition("\0")[2] for member in members]
-    pipe = client.pipeline(transaction=False)
-    pipe.time()
-    for delivery_id in ids:
-        pipe.hgetall(keys.delivery(delivery_id))
-        pipe.lrange(keys.attempts(delivery_id), -1, -1)  # the last attempt: its error
-        pipe.get(keys.marker(delivery_id))
-    replies = pipe.execute(raise_on_error=False)
-    seconds, micros = replies[0]
-    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    now_ms, found = read_briefs(client, ids, with_time=True)
+    assert now_ms is not None
     out: list[dict[str, Any] | None] = []
-    for i, (member, delivery_id) in enumerate(zip(members, ids, strict=True)):
-        fields, history, marker = replies[1 + 3 * i : 4 + 3 * i]
-        if any(isinstance(reply, Exception) for reply in (fields, history, marker)):
+    for member, delivery_id, brief in zip(members, ids, found, strict=True):
+        fields, last, marker = brief
+        if any(isinstance(reply, Exception) for reply in brief):
             out.append(None)  # a key of the wrong type: the next claim deals with it
         elif fields:
-            out.append(_summary(delivery_id, _decoded(fields), _texts(history), now_ms))
+            history = [] if last is None else [_text(last)]  # the last attempt: its error
+            out.append(_summary(delivery_id, _decoded(fields), history, now_ms))
         elif marker:
             msgid = member.partition("\0")[0]
             out.append(_compacted(delivery_id, app, msgid, _text(marker)))
@@ -337,10 +332,6 @@ def _int(value: str | None) -> int:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _texts(values: Sequence[Any]) -> list[str]:
-    return [_text(value) for value in values]
 
 
 def _decoded(fields: Mapping[Any, Any]) -> dict[str, str]:

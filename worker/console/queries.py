@@ -18,6 +18,7 @@ import redis
 
 from worker import delivery, keys, lookup
 from worker.audit import redactor
+from worker.briefs import read_briefs
 from worker.redact import mask_number, redact
 from worker.store import Store
 
@@ -100,15 +101,10 @@ def shown(doc: dict[str, Any]) -> dict[str, Any]:
 
 def summaries(client: redis.Redis, delivery_ids: Sequence[str]) -> list[dict[str, Any]]:
     """One shown row per delivery still known (its last attempt only), in one round trip."""
-    pipe = client.pipeline(transaction=False)
-    for delivery_id in delivery_ids:
-        pipe.hgetall(keys.delivery(delivery_id))
-        pipe.lindex(keys.attempts(delivery_id), -1)
-        pipe.get(keys.marker(delivery_id))
-    flat = pipe.execute(raise_on_error=False)
     rows = []
-    for i, delivery_id in enumerate(delivery_ids):
-        fields, last, marker = flat[3 * i : 3 * i + 3]
+    for delivery_id, (fields, last, marker) in zip(
+        delivery_ids, read_briefs(client, delivery_ids)[1], strict=True
+    ):
         if isinstance(fields, Exception):  # a key of the wrong type: the claim buries it
             rows.append({"delivery_id": delivery_id, "state": "unreadable", "number": ""})
             continue
