@@ -17,8 +17,9 @@ from worker.provider import Answer
 from worker.record import BackfillRecord
 
 LIVE, BULK = "l", "b"
-# The outcome of a delivery claimed in a batch and never sent (the worker is stopping).
-RELEASE = "release"
+# What step.lua is told of a delivery claimed in a batch and never sent (a Verdict of
+# policy.RELEASE).
+RELEASED_OUTCOME = "release"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +50,8 @@ class Finish:
 
     @property
     def outcome(self) -> str:
-        """The verdict's outcome, or RELEASE (claimed in a batch and never sent)."""
-        return RELEASE if self.verdict.released else self.verdict.outcome
+        """The verdict's outcome, or RELEASED_OUTCOME (claimed in a batch and never sent)."""
+        return RELEASED_OUTCOME if self.verdict.released else self.verdict.outcome
 
     @property
     def retry_in_s(self) -> float | None:
