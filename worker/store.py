@@ -45,7 +45,7 @@ class Store:
         outage: OutageRules = DEFAULT_OUTAGE,
         lookup_index: bool = True,
     ) -> None:
-        self.redis, self.lookup_index, self.outage = client, lookup_index, outage
+        self.redis, self.lookup_index = client, lookup_index
         self._outage_args = [
             outage.failures, outage.deliveries, max(int(outage.window_s * 1000), 1),
             max(int(outage.probe_cap_s * 1000), 1), outage.ramp_start_per_s,
