@@ -402,3 +402,20 @@ def test_corrupt_outage_evidence_and_counter_keys_do_not_stop_a_step(quiet: Stor
     assert third.recorded == [("delivered", False), ("delivered", False)]
     assert quiet.states([c.delivery_id for c in second.claims]) == ["delivered", "delivered"]
     r.flushdb()
+
+
+def test_a_ramp_clock_that_is_not_a_time_is_dropped_not_obeyed_forever(quiet: Store) -> None:
+    """bf:ramp set by hand (no TTL, not a time, or in the future) would hold the fleet at
+    the ramp's first rate for good: the claim drops it and sends at full speed."""
+    r = quiet.redis
+    for stored in ("garbage", str(10**15)):  # not a number; a start far in the future
+        r.flushdb()
+        quiet.enqueue_many(
+            [BackfillRecord("app-c", NUMBER, str(1681184764000 + i)) for i in range(16)]
+        )
+        r.set(keys.RAMP, stored)
+        step = quiet.step([], claim=16, prefer_bulk=True, lease_s=30, max_attempts=6)
+        assert len(step.claims) == 16, step.status
+        assert all(c.wait_s == 0 for c in step.claims)
+        assert not r.exists(keys.RAMP)
+    r.flushdb()

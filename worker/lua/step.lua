@@ -367,8 +367,13 @@ local function claim_batch(claims)
   -- after a hold or a pause, sends ramp up: the start rate, doubled every ramp_ms (and
   -- never above the configured rate), until it passes 256 times the start
   local send_rate, send_burst, send_wait = rate, burst, max_wait
-  if flags[4] and ramp_start > 0 then
-    local step = math.floor(math.max(now - (tonumber(flags[4]) or now), 0) / ramp_ms)
+  local ramp_from = tonumber(flags[4])
+  if flags[4] and not (finite(ramp_from) and ramp_from <= now) then
+    redis.call('DEL', RAMP)  -- not a time we wrote (set by hand): no ramp, not one for good
+    ramp_from = nil
+  end
+  if ramp_from and ramp_start > 0 then
+    local step = math.floor((now - ramp_from) / ramp_ms)
     local ramped = ramp_start * 2 ^ math.min(step, 30)
     if ramped < ramp_start * 256 and (rate == 0 or ramped < rate) then
       -- slots reserved at most one doubling ahead, so the next doubling takes effect
