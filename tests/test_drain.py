@@ -100,5 +100,11 @@ def test_a_batch_is_sized_to_the_live_wait_at_the_latency_just_seen() -> None:
         size = _batch_size([_sent(latency)])
         assert size * latency <= LIVE_WAIT_MS
         share = LIVE_WAIT_MS / size
-        assert not _stop_batch(_sent(latency), share)
-        assert _stop_batch(_sent(share + 1), share)  # slower than its share: rest go back
+        assert not _stop_batch(_sent(latency), share, [])
+        assert _stop_batch(_sent(share + 1), share, [])  # slower than its share: rest go back
+    # a failure that points at the provider gives the rest back, unless the same batch
+    # already proved the provider up (then it is one record's failure)
+    down = _sent(3.0, Evidence.DOWN)
+    assert _stop_batch(down, 100.0, [down])
+    assert not _stop_batch(down, 100.0, [_sent(3.0, Evidence.UP), down])
+    assert _batch_size([_sent(3.0, Evidence.UP), down]) == MAX_BATCH

@@ -130,14 +130,20 @@ def _drain(ctx: Context) -> int:
             item = attempt(ctx, claim, claimed_at, holding=step.outage)
             done.append(item)
             attempts += 1
-            slow = _stop_batch(item, share_ms)
+            slow = _stop_batch(item, share_ms, done)
 
 
-def _stop_batch(item: Finish, share_ms: float) -> bool:
+def _stop_batch(item: Finish, share_ms: float, batch: Sequence[Finish]) -> bool:
     """Whether the rest of a batch goes back after this attempt: it took more than its
-    share of LIVE_WAIT_MS, or it points at a provider outage (the rest would most likely
-    fail the same way)."""
-    return item.answer.latency_ms > share_ms or item.verdict.evidence is Evidence.DOWN
+    share of LIVE_WAIT_MS, or it points at a provider outage and nothing of this batch
+    proved the provider up (the rest would most likely fail the same way)."""
+    if item.answer.latency_ms > share_ms:
+        return True
+    return item.verdict.evidence is Evidence.DOWN and not _answered(batch)
+
+
+def _answered(batch: Sequence[Finish]) -> bool:
+    return any(item.verdict.evidence is Evidence.UP for item in batch)
 
 
 def _batch_size(done: Sequence[Finish]) -> int:
@@ -146,7 +152,9 @@ def _batch_size(done: Sequence[Finish]) -> int:
     behind more than that or one slow attempt. One after a failure that points at the
     provider, and for a drain's first claim (it has not seen how quick the provider is)."""
     sent = [item for item in done if not item.verdict.released]
-    if not sent or any(item.verdict.evidence is Evidence.DOWN for item in sent):
+    if not sent:
+        return 1
+    if any(item.verdict.evidence is Evidence.DOWN for item in sent) and not _answered(sent):
         return 1
     slowest = max(item.answer.latency_ms for item in sent)
     return int(max(1, min(MAX_BATCH, LIVE_WAIT_MS // max(slowest, 1.0))))
@@ -175,7 +183,9 @@ def attempt(ctx: Context, claim: Claim, claimed_at: float, *, holding: bool = Fa
         except Exception as exc:  # whatever fails, the attempt is audited and counted
             answer = Answer(AnswerClass.TRANSIENT, error=f"unexpected error: {type(exc).__name__}")
         metrics.ATTEMPT_SECONDS.observe(answer.latency_ms / 1000.0)
-    verdict = judge(answer, claim.attempts, settings.retry_rules, holding=holding)
+    verdict = judge(
+        answer, claim.attempts, settings.retry_rules, holding=holding, suspect=claim.suspect
+    )
     log_attempt(
         delivery_id=claim.delivery_id,
         attempt=claim.attempts,

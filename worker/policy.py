@@ -51,16 +51,24 @@ TRANSIENT_HTTP = frozenset({408, 429})
 _DOWN_ERRORS = ("connection error", "tls error", "timeout", "deadline exceeded", "transport error")
 
 
+# Provider codes that blame our clock, not the record: "timestamp expired". The whole
+# fleet signs with the same (corrected) clock, so a run of them holds it like an outage.
+CLOCK_CODES = frozenset({"-16"})
+
+
 class Evidence(StrEnum):
     """What one attempt says about the provider itself (the outage detector's input)."""
 
-    DOWN = "1"  # no answer, or HTTP 5xx/429/408: points at the provider, not the record
+    DOWN = "1"  # no answer, HTTP 5xx/429/408, or our clock refused: not the record's fault
     UP = "0"  # the provider answered (any status code, any 4xx): it is up
     NONE = "-"  # says nothing either way (never sent, a redirect, an unreadable body)
 
 
 def outage_evidence(http_status: int | None, api_status: str | None, error: str | None) -> Evidence:
-    """Whether an attempt points at a provider outage, proves the provider up, or neither."""
+    """Whether an attempt points at a provider outage (or at our clock: ``-16``), proves
+    the provider up, or neither."""
+    if api_status in CLOCK_CODES:
+        return Evidence.DOWN
     if api_status is not None:
         return Evidence.UP
     if http_status is None:
@@ -84,6 +92,8 @@ class OutageRules:
     probe_cap_s: float = 60.0  # the probe's wait doubles from 1 s up to this
     ramp_start_per_s: float = 5.0  # after a hold or pause: sends per second at first (0: off)
     ramp_double_s: float = 2.0  # ... doubled this often, until past 256 times the start
+    retried: int = 1  # ... and at least this many of them failed a retry too (0: no need)
+    short_s: float = 30.0  # a hold or pause this short resumes near the rate before it
 
 
 def classify_code(
@@ -173,6 +183,14 @@ class RetryRules:
     slowdown_s: float = 1.0  # a "too frequent" answer holds every worker this long
 
 
+class Suspect(StrEnum):
+    """A delivery's mark once a pause or hold it began or kept was ended by the provider
+    answering other records (the step script sets it; a replay clears it)."""
+
+    PAUSE = "p"  # its account-blocked answers (or redirects) are its own, not the account's
+    OUTAGE = "o"  # its failures that point at the provider are its own, not an outage's
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     """Everything one attempt's answer decides, recorded as it is by the store."""
@@ -196,14 +214,24 @@ def judge(
     rules: RetryRules,
     *,
     holding: bool = False,
+    suspect: str = "",
     rng: random.Random | None = None,
 ) -> Verdict:
     """The verdict on counted attempt ``attempt``; ``holding``: the fleet holds for a
     provider outage (the attempt is its probe), so a failure that points at the provider
-    is the outage's, not the record's: paused, uncounted."""
+    is the outage's, not the record's: paused, uncounted.
+
+    ``suspect`` (the delivery's mark, see ``Suspect``): this record already kept a pause
+    ('p') or a hold ('o') that other records' answers ended, so such failures of its own
+    are its own: counted, with backoff, and no evidence for the fleet."""
     evidence = outage_evidence(answer.http_status, answer.api_status, answer.error)
+    kind = answer.kind
+    if (Suspect.PAUSE in suspect and kind is AnswerClass.BLOCKED) or (
+        Suspect.OUTAGE in suspect and evidence is Evidence.DOWN
+    ):
+        kind, evidence = AnswerClass.TRANSIENT, Evidence.NONE
     outcome, delay = decide(
-        answer.kind, attempt, rules.max_attempts, rules.backoff_base_s, rules.backoff_cap_s,
+        kind, attempt, rules.max_attempts, rules.backoff_base_s, rules.backoff_cap_s,
         answer.retry_after_s, rng,
     )  # fmt: skip
     if holding and evidence is Evidence.DOWN and outcome in (Outcome.RETRY, Outcome.DEAD):

@@ -94,10 +94,23 @@ class Settings(BaseSettings):
     outage_deliveries: int = Field(3, ge=1, le=1000)
     outage_window_s: float = Field(60.0, ge=1, le=HOUR)
     outage_probe_cap_s: float = Field(60.0, ge=1, le=HOUR)
+    # ... and at least this many of those deliveries failed a retry too (0: not needed): a
+    # provider that drops only each record's first request is no outage.
+    outage_retried: int = Field(1, ge=0, le=1000)
     # After a hold (or a pause) ends, sends ramp up from this rate (per second), doubling
     # every RAMP_DOUBLE_S, until it passes 256 times the start; 0 = no ramp.
     ramp_start_per_s: float = Field(5.0, ge=0, le=1e5)
     ramp_double_s: float = Field(2.0, gt=0, le=HOUR)
+    # A hold or pause no longer than this resumes near the rate before it, not at the start.
+    ramp_short_hold_s: float = Field(30.0, ge=0, le=DAY)
+    # Sign with the shared clock (Redis TIME): the worker's offset from it is measured at
+    # start-up and with every heartbeat. Off: sign with this host's clock as it is.
+    clock_correction: bool = True
+    # An offset larger than this is logged as an error (and, uncorrected, fails `health`).
+    clock_max_offset_s: float = Field(30.0, gt=0, le=DAY)
+    # Run against a Redis whose maxmemory-policy evicts keys (records can vanish): only
+    # when the operator accepts that loss.
+    accept_eviction: bool = False
 
     @field_validator("log_format", "log_level", mode="before")
     @classmethod
@@ -198,6 +211,8 @@ class Settings(BaseSettings):
             probe_cap_s=self.outage_probe_cap_s,
             ramp_start_per_s=self.ramp_start_per_s,
             ramp_double_s=self.ramp_double_s,
+            retried=self.outage_retried,
+            short_s=self.ramp_short_hold_s,
         )
 
     def retry_window_s(self) -> float:

@@ -37,6 +37,7 @@ class Claim:
     detail: str = ""  # why a claimed record cannot be sent
     lane: str = LIVE  # the lane it was claimed from
     callers: str = ""  # the intake tokens that may read it
+    suspect: str = ""  # policy.Suspect marks: failures of its own that no longer hold the fleet
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,11 +113,12 @@ def stored_record(
 
 
 def _claim(raw: Sequence[Any]) -> Claim:
-    delivery_id, token, attempts, app, msgid, number, time_, replay, wait, lane, callers = raw
+    delivery_id, token, attempts, app, msgid, number, time_, replay, wait, lane, callers = raw[:11]
     record, problem = stored_record(app, msgid, number, time_)
     return Claim(
         "claimed", str(delivery_id), str(token), int(attempts), record, replay == "1",
         wait_s=float(wait) / 1000, detail=problem, lane=str(lane), callers=str(callers),
+        suspect=str(raw[11]) if len(raw) > 11 else "",
     )  # fmt: skip
 
 

@@ -49,7 +49,8 @@ class Store:
         self._outage_args = [
             outage.failures, outage.deliveries, max(int(outage.window_s * 1000), 1),
             max(int(outage.probe_cap_s * 1000), 1), outage.ramp_start_per_s,
-            max(int(outage.ramp_double_s * 1000), 1),
+            max(int(outage.ramp_double_s * 1000), 1), outage.retried,
+            max(int(outage.short_s * 1000), 0),
         ]  # fmt: skip
         self.dedupe_ttl_s, self.keep_delivered_s, self.pause_s = (
             dedupe_ttl_s, keep_delivered_s, pause_s,
@@ -256,7 +257,8 @@ class Store:
         value = self.redis.get(keys.OUTAGE)
         if value is None:
             return None
-        start, _, wait = str(value).partition("|")
+        start, _, rest = str(value).partition("|")
+        wait = rest.partition("|")[0]  # "<start>|<wait>|<probes sent>"
         try:
             return int(start) / 1000, int(wait) / 1000
         except (ValueError, OverflowError):  # hand-edited: not digits, or past any float

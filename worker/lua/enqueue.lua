@@ -132,7 +132,7 @@ for i = 0, n - 1 do
   elseif state == 'x' then
     local app = redis.call('HGET', key, 'a') or ''
     redis.call('HSET', key, 's', 'p', 'c', 0, 'u', due, 'l', 0, 'r', 1, 'q', lane)
-    redis.call('HDEL', key, 'z')
+    redis.call('HDEL', key, 'z', 'g')
     redis.call('ZREM', DEAD, id)
     redis.call('ZREM', dead_app_key(app), id)
     new = 1

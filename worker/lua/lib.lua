@@ -4,7 +4,9 @@
 --   s state (p pending, x dead)              q lane (l live, b bulk)
 --   u due (ms)  l lease until (ms)           c attempts counted  k claims (the claim token)
 --   w created (ms)  z dead at (ms)           r 1 after a replay  i callers (intake tokens)
---   y delivered at (ms)
+--   y delivered at (ms)                     g suspect: 'p' its account-blocked answers and
+--                                            'o' its outage-like failures are its own (a
+--                                            pause or hold it kept was ended by others)
 local function finite(x)
   return x ~= nil and x == x and x ~= math.huge and x ~= -math.huge
 end
@@ -59,6 +61,7 @@ local function lane_key(lane) return P .. (lane == 'b' and 'q:bulk' or 'q:live')
 local DEAD, PAUSED, PROBE, PROBE_LOCK, RATE = P .. 'dead', P .. 'paused', P .. 'probe',
   P .. 'probe:lock', P .. 'rate'
 local OUTAGE, OUTAGE_SEEN, RAMP = P .. 'outage', P .. 'outage:seen', P .. 'ramp'
+local OUTAGE_LAST, HELD_BY, BEFORE = P .. 'outage:last', P .. 'held:by', P .. 'before'
 local function dead_app_key(app) return P .. 'dead:app:' .. app end
 -- The lookup index (keys.py, lookup.py): one app's deliveries as '<msgid>\0<id>', the apps
 -- indexed, and where the enqueue's sweep of each app stopped.

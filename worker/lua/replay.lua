@@ -15,7 +15,7 @@ for i = 1, #ARGV - 1 do
   if redis.call('TYPE', key)['ok'] == 'hash' and redis.call('HGET', key, 's') == 'x' then
     local app = redis.call('HGET', key, 'a') or ''
     redis.call('HSET', key, 's', 'p', 'c', 0, 'u', now, 'l', 0, 'r', 1, 'q', 'b')
-    redis.call('HDEL', key, 'z')
+    redis.call('HDEL', key, 'z', 'g')  -- a replay is a fresh start: no suspicion kept
     redis.call('ZADD', lane_key('b'), now, id)
     redis.call('ZREM', DEAD, id)
     redis.call('ZREM', dead_app_key(app), id)

@@ -11,14 +11,16 @@
 --     back as soon as one attempt is slow), marker_ttl_s, keep_s (how long a delivered
 --     record keeps its hash; 0: compacted at once), history (attempt documents kept),
 --     then the outage detector's: failures, distinct deliveries, window_ms, probe cap ms,
---     ramp start (per s, 0 for none), ramp doubling ms
+--     ramp start (per s, 0 for none), ramp doubling ms, retried (deliveries whose retry
+--     failed too), short_ms (a hold or pause no longer than this resumes near the rate
+--     before it, not at the ramp's start)
 --   last: the key prefix
 -- Returns {recorded, status, claims, events}: recorded is {verdict, first pause} per
 -- attempt (verdict 'held': a failure during an outage hold, its count given back);
 -- status is {why the claims stopped ('idle', 'paused', 'probing', 'throttled', 'again',
 -- 'full', 'none'), the ms to wait when paused or throttled (else ''), '1' while the fleet
 -- holds for an outage (else '0')}; each claim is {id,
--- token, attempt, app_id, msgid, number, time, replay, wait_ms, lane, callers}; events are
+-- token, attempt, app_id, msgid, number, time, replay, wait_ms, lane, callers, suspect}; events are
 -- the deliveries dead-lettered or dropped on the way: {kind, id, detail, app_id, msgid,
 -- number, time, attempts}, and 'outage' / 'outage_over' {kind, '', JSON detail, ...}.
 -- A claimed delivery's lease covers its place in the batch: the
@@ -38,11 +40,12 @@ local marker_ttl, keep, history = num(ARGV[c + 8], 1, 1e9), num(ARGV[c + 9], 0, 
 local o_failures, o_distinct = num(ARGV[c + 11], 1, 1000), num(ARGV[c + 12], 1, 1000)
 local o_window, o_cap = num(ARGV[c + 13], 1, 864e5), num(ARGV[c + 14], 1, 864e5)
 local ramp_start, ramp_ms = num(ARGV[c + 15], 0, 1e6), num(ARGV[c + 16], 1, 864e5)
-local ok = n and k and n == math.floor(n) and k == math.floor(k) and #ARGV == c + 17 and gap_ms
+local o_retried, short_ms = num(ARGV[c + 17], 0, 1000), num(ARGV[c + 18], 0, 864e5)
+local ok = n and k and n == math.floor(n) and k == math.floor(k) and #ARGV == c + 19 and gap_ms
   and marker_ttl and keep and history
   and lease_ms and rate and burst and max_wait and max_attempts and pause_ms
   and (ARGV[c + 5] == 'l' or ARGV[c + 5] == 'b') and o_failures and o_distinct and o_window
-  and o_cap and ramp_start and ramp_ms
+  and o_cap and ramp_start and ramp_ms and o_retried and short_ms
 for i = 0, (ok and n or 0) - 1 do
   local a = 3 + i * W
   ok = ok and ARGV[a] ~= '' and outcomes[ARGV[a + 2]] and (ARGV[a + 4] == '0' or ARGV[a + 4] == '1')
@@ -65,6 +68,7 @@ local events = {}
 -- keys to delete, whether the probe flags go.
 local unlane, gone, clear_probe, keep_probe = {l = {}, b = {}}, {}, false, false
 local delivered_n = 0  -- deliveries recorded by this step, for the 10 s counters
+local answered, settled = {}, false  -- deliveries the provider answered; suspects marked
 
 -- Append an attempt document to a delivery's history, keeping the last `history`.
 local function remember(id, doc)
@@ -73,13 +77,33 @@ local function remember(id, doc)
   end
 end
 
+-- The fleet's delivery rate just before a hold or pause begins (from the 10 s counters):
+-- after a short one, sends resume near it rather than at the ramp's start.
+local function note_before()
+  local span = math.floor(now / 10000)
+  local got = redis.call('MGET', P .. 'n:' .. span, P .. 'n:' .. (span - 1))
+  local count = (tonumber(got[1]) or 0) + (tonumber(got[2]) or 0)
+  local rate = count * 1000 / math.max(now - (span - 1) * 10000, 1)
+  redis.pcall('SET', BEFORE, string.format('%d|%.3f', now, rate), 'NX', 'PX', 3600000)
+end
+
+-- Remember a delivery whose failure began or kept a pause ('p') or hold ('o'): when the
+-- provider answers other deliveries, its next such failures are its own (settle()).
+local function held_by(kind, id)
+  local size = redis.pcall('SCARD', HELD_BY)
+  if type(size) == 'number' and size < 1000 then
+    redis.call('SADD', HELD_BY, kind .. '|' .. id)
+    redis.call('PEXPIRE', HELD_BY, 86400000)
+  end
+end
+
 -- Hold the fleet for an outage begun at `start` (ms): no claims but one probe, `wait` ms
--- from now; the pause carries the reason every reader shows.
-local function hold(start, wait, last_error)
-  flags[5] = start .. '|' .. string.format('%d', wait)
+-- from now (`probes` sent so far); the pause carries the reason every reader shows.
+local function hold(start, wait, last_error, probes)
+  flags[5] = start .. '|' .. string.format('%d', wait) .. '|' .. (probes or 0)
   redis.call('SET', OUTAGE, flags[5])
   redis.call('SET', PAUSED, 'outage: ' .. last_error, 'PX', wait)
-  redis.call('SET', PROBE, '1')
+  redis.call('SET', PROBE, string.format('%d', wait))
   redis.call('DEL', PROBE_LOCK)
   keep_probe, stale_flags = true, true
 end
@@ -91,10 +115,34 @@ local function hold_probe(last_error)
   if pttl > 0 then
     return pttl
   end
-  local start, wait = string.match(flags[5], '^(%d+)|(%d+)$')
+  local start, wait, probes = string.match(flags[5], '^(%d+)|(%d+)|?(%d*)$')
   wait = math.min(math.max((tonumber(wait) or 1000) * 2, 1000), o_cap)
-  hold(start or tostring(now), wait, last_error)
+  hold(start or tostring(now), wait, last_error, tonumber(probes))
   return wait
+end
+
+-- A pause or hold ended by the provider answering: the deliveries whose failures began or
+-- kept it (and did not themselves get an answer) become suspects of that kind, so one
+-- record the provider always fails cannot pause or hold the fleet again.
+local function settle()
+  if settled then
+    return
+  end
+  settled = true
+  local members = redis.pcall('SMEMBERS', HELD_BY)
+  redis.call('DEL', HELD_BY)
+  if type(members) ~= 'table' or members['err'] then
+    return
+  end
+  for _, member in ipairs(members) do
+    local kind, id = string.match(member, '^([op])|(.+)$')
+    if id and not answered[id] then
+      local h = redis.pcall('HMGET', delivery_key(id), 's', 'g')
+      if not h['err'] and h[1] == 'p' and not string.find(h[2] or '', kind, 1, true) then
+        redis.call('HSET', delivery_key(id), 'g', (h[2] or '') .. kind)
+      end
+    end
+  end
 end
 
 -- The outage detector, before the batch is recorded: an answer from the provider ends a
@@ -106,7 +154,7 @@ local function detect()
   for i = 0, n - 1 do
     local a = 3 + i * W
     if ARGV[a + 10] == '0' then
-      up = true
+      up, answered[ARGV[a]] = true, true
     elseif ARGV[a + 10] == '1' then
       down[#down + 1] = a
     end
@@ -121,6 +169,7 @@ local function detect()
         redis.call('DEL', PAUSED)
       end
       flags[5], stale_flags = false, true
+      settle()
       events[#events + 1] = {'outage_over', '', cjson.encode({duration_ms = now - start}),
         '', '', '', '', '0'}
     end
@@ -145,20 +194,30 @@ local function detect()
   if #seen < o_failures then
     return
   end
-  local ids, distinct = {}, 0
+  -- an outage fails retries too: a provider that fails only each record's first try (a
+  -- stale keep-alive connection) shows many distinct deliveries but no retry failing
+  local fails, distinct, retried = {}, 0, 0
   for _, member in ipairs(seen) do
     local id = string.match(member, '^(.*)|')
-    if id and not ids[id] then
-      ids[id], distinct = true, distinct + 1
+    if id then
+      fails[id] = (fails[id] or 0) + 1
+      if fails[id] == 1 then
+        distinct = distinct + 1
+      elseif fails[id] == 2 then
+        retried = retried + 1
+      end
     end
   end
-  if distinct < o_distinct then
+  if distinct < o_distinct or retried < o_retried then
     return
   end
-  -- the fleet holds: no claims but one probe at a time, first after 1 s (or the cap)
-  local wait = math.min(1000, o_cap)
+  -- the fleet holds: no claims but one probe at a time, the first at once (the failed
+  -- retries already showed the outage), then after 1 s, doubling up to the cap
+  local wait = 1
   local last_error = ARGV[down[#down] + 6]
-  hold(tostring(now), wait, last_error)
+  note_before()
+  hold(tostring(now), wait, last_error, 0)
+  redis.call('SET', OUTAGE_LAST, ARGV[down[#down]])
   redis.call('DEL', OUTAGE_SEEN)
   local given_back = {}
   for _, member in ipairs(seen) do
@@ -235,6 +294,8 @@ local function finish(a)
       attempts = attempts - 1
     end
     remember(id, ARGV[a + 3])
+    redis.call('SET', OUTAGE_LAST, id)
+    held_by('o', id)
     local resume = now + hold_probe(ARGV[a + 6])
     redis.call('HSET', key, 'u', resume, 'l', 0, 'c', math.max(attempts, 0))
     redis.call('ZADD', lane, resume, id)
@@ -248,8 +309,8 @@ local function finish(a)
       redis.call('SET', RATE, tostring(until_), 'PX', math.ceil(hold_ms) + 1000)
     end
   end
-  if outcome ~= 'paused' then
-    clear_probe = true
+  if ARGV[a + 10] == '0' and outcome ~= 'paused' then
+    clear_probe = true  -- the provider answered, and not "account blocked"
   end
   if outcome == 'retry' then
     local due = now + retry_ms
@@ -267,8 +328,15 @@ local function finish(a)
   -- paused: the account is blocked (or the provider redirects); hold the whole fleet
   keep_probe = true  -- this batch ends in a pause: its probe flag stays
   stale_flags = true
-  local first = redis.call('SET', PAUSED, ARGV[a + 6], 'NX', 'PX', math.floor(pause_ms))
-  redis.call('SET', PROBE, '1')
+  if not flags[1] and not flags[2] then
+    note_before()
+  end
+  held_by('p', id)
+  -- probes follow after 1 s, then twice as long each time one is refused, up to pause_ms:
+  -- a short block costs seconds, a long one a probe per pause_ms
+  local wait = math.min(math.max((tonumber(flags[2]) or 0) * 2, 1000), pause_ms)
+  local first = redis.call('SET', PAUSED, ARGV[a + 6], 'NX', 'PX', math.floor(wait))
+  redis.call('SET', PROBE, string.format('%d', wait))
   redis.call('DEL', PROBE_LOCK)
   local resume = now + math.max(redis.call('PTTL', PAUSED), 0)
   redis.call('HSET', key, 'u', resume, 'l', 0, 'c', attempts)
@@ -285,10 +353,12 @@ local function drop(kind, id, detail, h)
     h and h[9] or '', attempts}
 end
 
-local function inspect(lane, id)
-  -- the delivery's fields when it may be claimed now, else nil (it was dealt with)
+local function inspect(lane, id, any_due)
+  -- the delivery's fields when it may be claimed now (`any_due`: whenever it is due, as
+  -- long as no attempt holds it), else nil (it was dealt with)
   local key = delivery_key(id)
-  local h = redis.pcall('HMGET', key, 's', 'u', 'l', 'c', 'k', 'a', 'm', 'n', 't', 'r', 'i')
+  local h = redis.pcall('HMGET', key, 's', 'u', 'l', 'c', 'k', 'a', 'm', 'n', 't', 'r', 'i',
+    'g')
   if h['err'] then
     local kind = redis.call('TYPE', key)['ok']
     redis.call('RENAME', key, key .. ':corrupt')
@@ -324,7 +394,7 @@ local function inspect(lane, id)
     redis.call('ZREM', lane_key(lane), id)  -- dead or delivered: not for a lane
     return nil
   end
-  local later = math.max(l, u)
+  local later = any_due and l or math.max(l, u)
   if later > now then
     redis.call('ZADD', lane_key(lane), later, id)  -- its score was behind its hash
     return nil
@@ -339,46 +409,176 @@ local function inspect(lane, id)
   return h
 end
 
+-- The send rate now: the configured one, or during the ramp after a hold or pause the
+-- ramp's (it starts at the rate before a short hold, else ramp_start, and doubles every
+-- ramp_ms until past 256 times ramp_start); {rate, burst, max wait}.
+local function send_limits()
+  local value = flags[4]
+  local from, start = nil, ramp_start
+  if value then
+    local t, r = string.match(value, '^([^|]+)|?(.*)$')
+    from, start = tonumber(t), tonumber(r) or ramp_start
+    if not (finite(from) and from <= now and finite(start) and start >= ramp_start) then
+      redis.call('DEL', RAMP)  -- not what we wrote (set by hand): no ramp, not one for good
+      from = nil
+    end
+  end
+  if from and ramp_start > 0 then
+    local ramped = start * 2 ^ math.min(math.floor((now - from) / ramp_ms), 30)
+    if ramped < ramp_start * 256 and (rate == 0 or ramped < rate) then
+      -- slots reserved at most one doubling ahead, so the next doubling takes effect
+      return ramped, 1, math.min(max_wait, ramp_ms / 2)
+    end
+  end
+  return rate, burst, max_wait
+end
+
+-- Which delivery probes an outage hold, in turn: the one that failed last (a provider that
+-- fails only first tries answers its retry), then the earliest due of another app (so a
+-- record the provider always fails cannot keep the hold). {lane, id, fields} or nil.
+local function probe_target()
+  local start, wait, probes = string.match(flags[5], '^(%d+)|(%d+)|?(%d*)$')
+  probes = (tonumber(probes) or 0) + 1
+  if start then
+    flags[5] = start .. '|' .. wait .. '|' .. probes
+    redis.call('SET', OUTAGE, flags[5])
+  end
+  local last = redis.pcall('GET', OUTAGE_LAST)
+  last = type(last) == 'string' and last or ''
+  local last_app = last ~= '' and redis.pcall('HGET', delivery_key(last), 'a') or false
+  local function retry_last()
+    local lane = last ~= '' and redis.pcall('HGET', delivery_key(last), 'q')
+    local h = (lane == 'l' or lane == 'b') and inspect(lane, last, true)
+    return h and {lane, last, h}
+  end
+  local function another()
+    for _, lane in ipairs({'l', 'b'}) do
+      local pick = nil
+      for _, id in ipairs(redis.call('ZRANGEBYSCORE', lane_key(lane), '-inf', now, 'LIMIT', 0, 8)) do
+        if id ~= last then
+          pick = pick or id
+          if redis.pcall('HGET', delivery_key(id), 'a') ~= last_app then
+            pick = id
+            break
+          end
+        end
+      end
+      local h = pick and inspect(lane, pick)
+      if h then
+        return {lane, pick, h}
+      end
+    end
+  end
+  if probes % 2 == 1 then
+    return retry_last() or another()
+  end
+  return another() or retry_last()
+end
+
+-- A failure that points at the provider, and no answer since: before more first tries,
+-- retry (once, at once, counted) the delivery that failed last. The provider failing its
+-- retry too is what an outage looks like; answering it, one record's bad luck (a stale
+-- connection, say). {lane, id, fields} or nil.
+local function verify_target()
+  local seen = redis.pcall('ZREVRANGE', OUTAGE_SEEN, 0, 15)
+  if type(seen) ~= 'table' or seen['err'] or #seen == 0 then
+    return nil
+  end
+  local count = {}
+  for _, member in ipairs(seen) do
+    local id = string.match(member, '^(.*)|')
+    if id then
+      count[id] = (count[id] or 0) + 1
+    end
+  end
+  for _, member in ipairs(seen) do
+    local id = string.match(member, '^(.*)|')
+    if id and count[id] == 1 then
+      local lane = redis.pcall('HGET', delivery_key(id), 'q')
+      local h = (lane == 'l' or lane == 'b') and inspect(lane, id, true)
+      if h then
+        return {lane, id, h}
+      end
+    end
+  end
+  return nil
+end
+
+-- Claim one inspected delivery into `claims` (its lease noted in `leases`); false when
+-- the rate limit says not yet (nothing claimed).
+local function take(lane, id, h, claims, leases, limits)
+  local wait = 0
+  if limits[1] > 0 or flags[3] then
+    wait = rate_wait(RATE, now, limits[1], limits[2], limits[3])
+  end
+  if wait < 0 then
+    return false, -wait
+  end
+  local token = (tonumber(h[5]) or 0) + 1
+  local attempt = (tonumber(h[4]) or 0) + 1
+  local lease = now + wait + lease_ms + gap_ms * #claims
+  redis.call('HSET', delivery_key(id), 'k', token, 'c', attempt, 'l', lease)
+  leases[#leases + 1] = lease
+  leases[#leases + 1] = id
+  claims[#claims + 1] = {id, tostring(token), tostring(attempt), h[6], h[7] or '', h[8],
+    h[9], h[10] or '0', tostring(wait), lane, h[11] or '', h[12] or ''}
+  return true
+end
+
+-- The pause or probe in force: {why no claim} to stop, or (nil, probing).
+local function paused()
+  if not (flags[1] or flags[2]) then
+    return nil, false
+  end
+  local pttl = redis.call('PTTL', PAUSED)
+  if pttl == -1 then
+    -- a pause always has a TTL; one without (a manual SET) is given the configured one
+    redis.call('PEXPIRE', PAUSED, math.floor(pause_ms))
+    pttl = pause_ms
+  end
+  if pttl > 0 then
+    return {'paused', tostring(pttl)}
+  end
+  local probing = flags[2] ~= false
+  if probing and not redis.call('SET', PROBE_LOCK, '1', 'NX', 'PX', math.floor(lease_ms)) then
+    return {'probing'}
+  end
+  return nil, probing
+end
+
 -- Claim up to k due deliveries, live lane first (bulk first when asked); why it stopped.
 local function claim_batch(claims)
   if stale_flags then
     flags = redis.call('MGET', PAUSED, PROBE, RATE, RAMP, OUTAGE)
   end
-  local probing = false
-  local want = k
-  if flags[1] or flags[2] then
-    local pttl = redis.call('PTTL', PAUSED)
-    if pttl == -1 then
-      -- a pause always has a TTL; one without (a manual SET) is given the configured one
-      redis.call('PEXPIRE', PAUSED, math.floor(pause_ms))
-      pttl = pause_ms
-    end
-    if pttl > 0 then
-      return {'paused', tostring(pttl)}
-    end
-    probing = flags[2] ~= false
-    if probing and not redis.call('SET', PROBE_LOCK, '1', 'NX', 'PX', math.floor(lease_ms)) then
-      return {'probing'}
-    end
-    if probing then
-      want = 1  -- after a pause one delivery probes the account, alone
+  local stop, probing = paused()
+  if stop then
+    return stop
+  end
+  local limits = {send_limits()}
+  if probing then
+    -- after a pause one delivery probes the account alone; during a hold, the one chosen
+    local target = flags[5] and probe_target()
+    if target then
+      local leases = {}
+      local took, wait = take(target[1], target[2], target[3], claims, leases, limits)
+      if not took then
+        redis.call('DEL', PROBE_LOCK)
+        return {'throttled', tostring(wait)}
+      end
+      redis.call('ZADD', lane_key(target[1]), unpack(leases))
+      return {'full'}
     end
   end
-  -- after a hold or a pause, sends ramp up: the start rate, doubled every ramp_ms (and
-  -- never above the configured rate), until it passes 256 times the start
-  local send_rate, send_burst, send_wait = rate, burst, max_wait
-  local ramp_from = tonumber(flags[4])
-  if flags[4] and not (finite(ramp_from) and ramp_from <= now) then
-    redis.call('DEL', RAMP)  -- not a time we wrote (set by hand): no ramp, not one for good
-    ramp_from = nil
-  end
-  if ramp_from and ramp_start > 0 then
-    local step = math.floor((now - ramp_from) / ramp_ms)
-    local ramped = ramp_start * 2 ^ math.min(step, 30)
-    if ramped < ramp_start * 256 and (rate == 0 or ramped < rate) then
-      -- slots reserved at most one doubling ahead, so the next doubling takes effect
-      send_rate, send_burst, send_wait = ramped, 1, math.min(max_wait, ramp_ms / 2)
+  local want = probing and 1 or k
+  local target = not probing and o_retried > 0 and verify_target()
+  if target then
+    local leases = {}
+    local took, wait = take(target[1], target[2], target[3], claims, leases, limits)
+    if not took then
+      return {'throttled', tostring(wait)}
     end
+    redis.call('ZADD', lane_key(target[1]), unpack(leases))
   end
   local order = ARGV[c + 5] == 'b' and {'b', 'l'} or {'l', 'b'}
   for _, lane in ipairs(order) do
@@ -395,25 +595,14 @@ local function claim_batch(claims)
       for _, id in ipairs(due) do
         local h = inspect(lane, id)
         if h then
-          local wait = 0
-          if send_rate > 0 or flags[3] then
-            wait = rate_wait(RATE, now, send_rate, send_burst, send_wait)
-          end
-          if wait < 0 then
+          local took, wait = take(lane, id, h, claims, leases, limits)
+          if not took then
             if #leases > 0 then
               redis.call('ZADD', lk, unpack(leases))
             end
             if probing and #claims == 0 then redis.call('DEL', PROBE_LOCK) end
-            return {'throttled', tostring(-wait)}
+            return {'throttled', tostring(wait)}
           end
-          local token = (tonumber(h[5]) or 0) + 1
-          local attempt = (tonumber(h[4]) or 0) + 1
-          local lease = now + wait + lease_ms + gap_ms * #claims
-          redis.call('HSET', delivery_key(id), 'k', token, 'c', attempt, 'l', lease)
-          leases[#leases + 1] = lease
-          leases[#leases + 1] = id
-          claims[#claims + 1] = {id, tostring(token), tostring(attempt), h[6], h[7] or '', h[8],
-            h[9], h[10] or '0', tostring(wait), lane, h[11] or ''}
         end
       end
       if #leases > 0 then
@@ -453,12 +642,21 @@ for lane, ids in pairs(unlane) do
 end
 if clear_probe and not keep_probe and flags[2] then
   -- an answer proved the provider and the account work: the pause or hold is over, and
-  -- sends ramp up from here
+  -- sends ramp up from here: from the rate before it when it was short
+  settle()
   gone[#gone + 1] = PROBE
   gone[#gone + 1] = PROBE_LOCK
   if ramp_start > 0 then
-    redis.call('SET', RAMP, tostring(now), 'PX', math.floor(ramp_ms * 9))
+    local before = redis.pcall('GET', BEFORE)
+    local began, was = string.match(type(before) == 'string' and before or '', '^(%d+)|(.+)$')
+    local from = ramp_start
+    began, was = tonumber(began), tonumber(was)
+    if began and finite(was) and now - began <= short_ms and was > from then
+      from = was
+    end
+    redis.call('SET', RAMP, string.format('%d|%.3f', now, from), 'PX', math.floor(ramp_ms * 9))
   end
+  gone[#gone + 1] = BEFORE
   stale_flags = true
 end
 if #gone > 0 then
