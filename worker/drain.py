@@ -54,6 +54,7 @@ class Fleet:
         self.active = 0
         self.stopping = threading.Event()
         self.hold_until = 0.0  # monotonic: a drain met the rate limit; no wake-ups until then
+        self.answered_at = 0.0  # monotonic: when the provider last answered one of ours
 
     def enter(self) -> None:
         """A drain starts."""
@@ -139,7 +140,7 @@ def _stop_batch(item: Finish, share_ms: float, batch: Sequence[Finish]) -> bool:
     proved the provider up (the rest would most likely fail the same way)."""
     if item.answer.latency_ms > share_ms:
         return True
-    return item.verdict.evidence is Evidence.DOWN and not _answered(batch)
+    return item.verdict.evidence.down and not _answered(batch)
 
 
 def _answered(batch: Sequence[Finish]) -> bool:
@@ -154,7 +155,7 @@ def _batch_size(done: Sequence[Finish]) -> int:
     sent = [item for item in done if not item.verdict.released]
     if not sent:
         return 1
-    if any(item.verdict.evidence is Evidence.DOWN for item in sent) and not _answered(sent):
+    if any(item.verdict.evidence.down for item in sent) and not _answered(sent):
         return 1
     slowest = max(item.answer.latency_ms for item in sent)
     return int(max(1, min(MAX_BATCH, LIVE_WAIT_MS // max(slowest, 1.0))))
@@ -169,6 +170,7 @@ def attempt(ctx: Context, claim: Claim, claimed_at: float, *, holding: bool = Fa
     provider is the outage's: outcome ``paused``, not counted.
     """
     settings = ctx.settings
+    started = time.monotonic()
     if claim.record is None:  # the stored record no longer validates: never sent
         answer = Answer(AnswerClass.BAD_RECORD, error=claim.detail)
     else:
@@ -184,8 +186,11 @@ def attempt(ctx: Context, claim: Claim, claimed_at: float, *, holding: bool = Fa
             answer = Answer(AnswerClass.TRANSIENT, error=f"unexpected error: {type(exc).__name__}")
         metrics.ATTEMPT_SECONDS.observe(answer.latency_ms / 1000.0)
     verdict = judge(
-        answer, claim.attempts, settings.retry_rules, holding=holding, suspect=claim.suspect
-    )
+        answer, claim.attempts, settings.retry_rules, holding=holding, suspect=claim.suspect,
+        answered_meanwhile=fleet.answered_at > started,
+    )  # fmt: skip
+    if verdict.evidence is Evidence.UP:
+        fleet.answered_at = time.monotonic()
     log_attempt(
         delivery_id=claim.delivery_id,
         attempt=claim.attempts,

@@ -62,6 +62,16 @@ class Evidence(StrEnum):
     DOWN = "1"  # no answer, HTTP 5xx/429/408, or our clock refused: not the record's fault
     UP = "0"  # the provider answered (any status code, any 4xx): it is up
     NONE = "-"  # says nothing either way (never sent, a redirect, an unreadable body)
+    # it would point at the provider, but the provider answered other deliveries while this
+    # attempt was in flight: the record's own trouble (the step marks it a suspect)
+    OWN = "s"
+    # DOWN, and the provider asked us to wait (Retry-After): its retry is never hurried
+    WAIT = "w"
+
+    @property
+    def down(self) -> bool:
+        """Whether it points at the provider (with or without a Retry-After)."""
+        return self in (Evidence.DOWN, Evidence.WAIT)
 
 
 def outage_evidence(http_status: int | None, api_status: str | None, error: str | None) -> Evidence:
@@ -215,6 +225,7 @@ def judge(
     *,
     holding: bool = False,
     suspect: str = "",
+    answered_meanwhile: bool = False,
     rng: random.Random | None = None,
 ) -> Verdict:
     """The verdict on counted attempt ``attempt``; ``holding``: the fleet holds for a
@@ -223,18 +234,24 @@ def judge(
 
     ``suspect`` (the delivery's mark, see ``Suspect``): this record already kept a pause
     ('p') or a hold ('o') that other records' answers ended, so such failures of its own
-    are its own: counted, with backoff, and no evidence for the fleet."""
+    are its own: counted, with backoff, and no evidence for the fleet.
+    ``answered_meanwhile``: the provider answered another delivery while this attempt was
+    in flight, so a failure that would point at the provider is this record's (OWN)."""
     evidence = outage_evidence(answer.http_status, answer.api_status, answer.error)
     kind = answer.kind
     if (Suspect.PAUSE in suspect and kind is AnswerClass.BLOCKED) or (
         Suspect.OUTAGE in suspect and evidence is Evidence.DOWN
     ):
         kind, evidence = AnswerClass.TRANSIENT, Evidence.NONE
+    if answered_meanwhile and evidence is Evidence.DOWN and not holding:
+        evidence = Evidence.OWN
+    elif evidence is Evidence.DOWN and answer.retry_after_s:
+        evidence = Evidence.WAIT
     outcome, delay = decide(
         kind, attempt, rules.max_attempts, rules.backoff_base_s, rules.backoff_cap_s,
         answer.retry_after_s, rng,
     )  # fmt: skip
-    if holding and evidence is Evidence.DOWN and outcome in (Outcome.RETRY, Outcome.DEAD):
+    if holding and evidence.down and outcome in (Outcome.RETRY, Outcome.DEAD):
         return Verdict(Outcome.PAUSED, counted=False, evidence=evidence)  # step sets the probe
     if outcome is Outcome.PAUSED:
         return Verdict(outcome, rules.pause_s, counted=False, evidence=evidence)

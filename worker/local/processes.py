@@ -143,8 +143,10 @@ class WorkerProcess:
         *,
         concurrency: int = 8,
         extra_args: tuple[str, ...] = (),
+        prefix: tuple[str, ...] = (),
     ) -> None:
         self.env = {**os.environ, **env}
+        self.prefix = prefix  # a command the worker runs under, e.g. faketime and its offset
         self.log_path = log_path
         self.concurrency = concurrency
         self.extra_args = extra_args
@@ -156,6 +158,7 @@ class WorkerProcess:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [
+                    *self.prefix,
                     sys.executable,
                     "-m",
                     "worker",

@@ -24,7 +24,8 @@ from typing import cast
 from worker.local.stub_server import _INVALID, _cut, _StubServer
 
 FAULT_KINDS = ("status", "500", "503", "429", "slow", "drop", "nonjson")
-_STEP_KINDS = frozenset((*FAULT_KINDS, "ok"))
+# Scripted only (never a random fault): a redirect, which pauses the whole fleet.
+_STEP_KINDS = frozenset((*FAULT_KINDS, "ok", "redirect"))
 _FIELDS = frozenset(("appId", "msgid", "number", "time"))
 _REQUIRED = ("appId", "number", "time")
 
@@ -197,10 +198,11 @@ class ProviderStub:
             self._plans.update(parsed)
 
     def set_down(self, kind: str | None) -> None:
-        """Answer every request with fault ``kind`` (e.g. ``"503"``, ``"drop"``) until it is
-        set back to None: the provider is down. Plans and the fault rate wait meanwhile."""
+        """Answer every request with fault ``kind`` (e.g. ``"503"``, ``"drop"``, or
+        ``"status:-1"`` for an account block) until it is set back to None: the provider
+        is down. Plans and the fault rate wait meanwhile."""
         step = None if kind is None else parse_step(kind)
-        if step is not None and step[0] in ("ok", "status"):
+        if step is not None and (step[0] == "ok" or (step[0] == "status" and step[1] is None)):
             raise ValueError(f"a provider that is down does not answer {kind!r}")
         with self._lock:
             self._down = step
@@ -232,7 +234,7 @@ class ProviderStub:
             else:
                 return "ok", ""
             if kind != "ok":
-                self._faults[kind] += 1
+                self._faults[kind] = self._faults.get(kind, 0) + 1
             if kind == "status" and arg is None:
                 arg = self._random.choice(self._transient_codes)
         defaults = {"429": str(self._retry_after_s), "slow": str(self._slow_s)}

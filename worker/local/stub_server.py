@@ -135,6 +135,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(int(kind), {"error": f"injected {kind}"})
         elif kind == "429":
             self._json(429, {"error": "too many requests"}, {"Retry-After": arg})
+        elif kind == "redirect":
+            self._send(302, b"", "text/plain", {"Location": "https://elsewhere.invalid/sms"})
         elif kind == "nonjson":
             self._send(200, b"<html>gateway</html>", "text/html")
         elif kind == "status":

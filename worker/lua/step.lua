@@ -4,7 +4,8 @@
 --   then n times 11 values: id, token, outcome (or 'release': claimed, never sent),
 --     attempt document (JSON), counted (1/0), retry_ms, the last error (a pause's
 --     reason), hold_ms, lane (l/b), callers, evidence ('1' points at a provider outage,
---     '0' the provider answered, '-' neither: policy.outage_evidence)
+--     '0' the provider answered, '-' neither, 's' its own, 'w' as '1' with a Retry-After:
+--     policy.Evidence)
 --   then: lease_ms (also the probe's), rate per s, burst, max_wait_ms, max_attempts,
 --     prefer (l/b: the lane looked at first), pause_ms, gap_ms (how much later each next
 --     delivery of the batch may start: the worker sends them in turn, and gives the rest
@@ -52,7 +53,8 @@ for i = 0, (ok and n or 0) - 1 do
     and string.len(ARGV[a + 3]) <= 65536 and num(ARGV[a + 5], 0, 1e11)
     and num(ARGV[a + 7], 0, 864e5) and (ARGV[a + 8] == 'l' or ARGV[a + 8] == 'b')
     and not string.find(ARGV[a + 9], '|', 1, true)
-    and (ARGV[a + 10] == '1' or ARGV[a + 10] == '0' or ARGV[a + 10] == '-')
+    and (ARGV[a + 10] == '1' or ARGV[a + 10] == '0' or ARGV[a + 10] == '-'
+      or ARGV[a + 10] == 's' or ARGV[a + 10] == 'w')
 end
 if not ok then
   return redis.error_reply('step: bad argument')
@@ -121,6 +123,18 @@ local function hold_probe(last_error)
   return wait
 end
 
+-- Mark a pending delivery the provider did not answer in this step a suspect of `kind`:
+-- its failures of that kind are its own from now on (policy.Suspect).
+local function suspect(kind, id)
+  if answered[id] then
+    return
+  end
+  local h = redis.pcall('HMGET', delivery_key(id), 's', 'g')
+  if not h['err'] and h[1] == 'p' and not string.find(h[2] or '', kind, 1, true) then
+    redis.call('HSET', delivery_key(id), 'g', (h[2] or '') .. kind)
+  end
+end
+
 -- A pause or hold ended by the provider answering: the deliveries whose failures began or
 -- kept it (and did not themselves get an answer) become suspects of that kind, so one
 -- record the provider always fails cannot pause or hold the fleet again.
@@ -136,10 +150,26 @@ local function settle()
   end
   for _, member in ipairs(members) do
     local kind, id = string.match(member, '^([op])|(.+)$')
-    if id and not answered[id] then
-      local h = redis.pcall('HMGET', delivery_key(id), 's', 'g')
-      if not h['err'] and h[1] == 'p' and not string.find(h[2] or '', kind, 1, true) then
-        redis.call('HSET', delivery_key(id), 'g', (h[2] or '') .. kind)
+    if id then
+      suspect(kind, id)
+    end
+  end
+end
+
+-- The provider answered other deliveries: one whose retry failed too since the last answer
+-- (it failed twice while others were answered) is suspected of its own trouble ('o').
+local function blame_repeaters()
+  local seen = redis.pcall('ZRANGE', OUTAGE_SEEN, 0, -1)
+  if type(seen) ~= 'table' or seen['err'] then
+    return
+  end
+  local fails = {}
+  for _, member in ipairs(seen) do
+    local id = string.match(member, '^([^|]*)|')
+    if id then
+      fails[id] = (fails[id] or 0) + 1
+      if fails[id] == 2 then
+        suspect('o', id)
       end
     end
   end
@@ -155,11 +185,14 @@ local function detect()
     local a = 3 + i * W
     if ARGV[a + 10] == '0' then
       up, answered[ARGV[a]] = true, true
-    elseif ARGV[a + 10] == '1' then
+    elseif ARGV[a + 10] == '1' or ARGV[a + 10] == 'w' then
       down[#down + 1] = a
     end
   end
   if up then
+    if not flags[5] then
+      blame_repeaters()
+    end
     redis.call('DEL', OUTAGE_SEEN)
     if flags[5] then
       local start = tonumber(string.match(flags[5], '^(%d+)|')) or now
@@ -184,6 +217,9 @@ local function detect()
   local mine = {}
   for _, a in ipairs(down) do
     local member = ARGV[a] .. '|' .. ARGV[a + 1]
+    if ARGV[a + 10] == 'w' then
+      member = member .. '|w'  -- it asked us to wait (Retry-After): never verified at once
+    end
     mine[member] = true
     redis.call('ZADD', OUTAGE_SEEN, now, member)
   end
@@ -198,7 +234,7 @@ local function detect()
   -- stale keep-alive connection) shows many distinct deliveries but no retry failing
   local fails, distinct, retried = {}, 0, 0
   for _, member in ipairs(seen) do
-    local id = string.match(member, '^(.*)|')
+    local id = string.match(member, '^([^|]*)|')
     if id then
       fails[id] = (fails[id] or 0) + 1
       if fails[id] == 1 then
@@ -221,7 +257,7 @@ local function detect()
   redis.call('DEL', OUTAGE_SEEN)
   local given_back = {}
   for _, member in ipairs(seen) do
-    local id = string.match(member, '^(.*)|')
+    local id = string.match(member, '^([^|]*)|')
     if id and not mine[member] then
       local h = redis.pcall('HMGET', delivery_key(id), 's', 'c')
       if not h['err'] and h[1] == 'p' and counter(h[2]) and (tonumber(h[2]) or 0) > 0 then
@@ -288,7 +324,7 @@ local function finish(a)
     redis.call('ZADD', lane, now, id)
     return 'released', 0
   end
-  if flags[5] and ARGV[a + 10] == '1' then
+  if flags[5] and (ARGV[a + 10] == '1' or ARGV[a + 10] == 'w') then
     -- a failure during an outage hold: the outage's, not the record's; its count goes back
     if ARGV[a + 4] == '1' then
       attempts = attempts - 1
@@ -302,6 +338,12 @@ local function finish(a)
     return 'held', 0
   end
   remember(id, ARGV[a + 3])
+  if ARGV[a + 10] == 's' then
+    suspect('o', id)  -- it failed while the provider answered others: its own trouble
+  end
+  if flags[5] and ARGV[a + 10] ~= '0' and (outcome == 'retry' or outcome == 'dead') then
+    hold_probe(ARGV[a + 6])  -- a probe that failed, counted (a suspect's): the next waits
+  end
   if hold_ms > 0 then
     -- "too frequent": no worker sends before now + hold
     local until_ = now + hold_ms
@@ -486,14 +528,14 @@ local function verify_target()
   end
   local count = {}
   for _, member in ipairs(seen) do
-    local id = string.match(member, '^(.*)|')
+    local id = string.match(member, '^([^|]*)|')
     if id then
       count[id] = (count[id] or 0) + 1
     end
   end
   for _, member in ipairs(seen) do
-    local id = string.match(member, '^(.*)|')
-    if id and count[id] == 1 then
+    local id = string.match(member, '^([^|]*)|')
+    if id and count[id] == 1 and string.sub(member, -2) ~= '|w' then
       local lane = redis.pcall('HGET', delivery_key(id), 'q')
       local h = (lane == 'l' or lane == 'b') and inspect(lane, id, true)
       if h then
