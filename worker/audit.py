@@ -20,6 +20,7 @@ import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
+from worker.clock import clock
 from worker.policy import Outcome
 from worker.provider import Answer
 from worker.record import BackfillRecord
@@ -101,18 +102,28 @@ redactor = Redactor()
 _configured: dict[str, Any] = {}
 
 
+def iso_now() -> str:
+    """Now by the shared clock (``worker.clock``), ISO-8601 UTC: the audit line's timestamp,
+    so it agrees with the due and dead-letter times the scripts take from Redis."""
+    return datetime.fromtimestamp(clock.now(), UTC).isoformat().replace("+00:00", "Z")
+
+
+def _timestamp(_: Any, __: str, event: EventDict) -> EventDict:
+    event["timestamp"] = iso_now()
+    return event
+
+
 def configure_logging(fmt: str = "json", level: str = "INFO", stream: TextIO | None = None) -> None:
     """Route structlog and stdlib logging (Celery's too) through one redacting renderer."""
     stream = stream or sys.stdout
     key = {"fmt": fmt, "level": level, "stream": stream}
     if _configured == key:
         return
-    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
-        timestamper,
+        _timestamp,
     ]
     renderer: Processor = (
         structlog.processors.JSONRenderer(serializer=_dumps)
@@ -180,7 +191,7 @@ class _AuditLine:
         fields.update(structlog.contextvars.get_contextvars())
         fields["level"] = logging.getLevelName(level).lower()
         fields["logger"] = logger
-        fields["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        fields["timestamp"] = iso_now()
         line = _dumps(redactor(None, "", fields))
         with handler.lock:  # type: ignore[union-attr]
             handler.stream.write(line + "\n")

@@ -13,8 +13,9 @@ finished nothing in that time. No I/O here; the store reads and writes the hashe
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Mapping
+
+from worker.clock import clock
 
 # How often the heartbeat is written, and how long it outlives a dead worker.
 BEAT_EVERY_S = 2.0
@@ -25,20 +26,20 @@ class Progress:
     """This process's figures for its heartbeat (plain floats: safe across threads)."""
 
     def __init__(self) -> None:
-        self.started_at = time.time()
+        self.started_at = clock.now()
         self.last_finish = self.started_at
         self.due_since: float | None = None
 
     def finished(self) -> None:
         """An attempt of this worker was recorded."""
-        self.last_finish = time.time()
+        self.last_finish = clock.now()
 
     def saw(self, *, due: bool) -> None:
         """The waker saw work waiting (or none)."""
         if not due:
             self.due_since = None
         elif self.due_since is None:
-            self.due_since = time.time()
+            self.due_since = clock.now()
 
     def beat(self) -> dict[str, str]:
         """The heartbeat hash's fields."""
@@ -47,7 +48,8 @@ class Progress:
             "started_at": f"{self.started_at:.3f}",
             "last_finish": f"{self.last_finish:.3f}",
             "due_since": "" if self.due_since is None else f"{self.due_since:.3f}",
-            "beat_at": f"{time.time():.3f}",
+            "beat_at": f"{clock.now():.3f}",
+            **clock.describe(),
         }
 
 

@@ -21,6 +21,7 @@ from celery.apps import worker as celery_worker_module
 
 from worker import metrics
 from worker.audit import configure_logging
+from worker.clock import clock
 from worker.drain import fleet
 from worker.errors import ConfigError
 from worker.provider import ca_bundle
@@ -95,6 +96,8 @@ _wakers: list[Waker] = []
 @signals.worker_ready.connect
 def _start(sender: Any = None, **_: Any) -> None:
     settings, client = get_settings(), get_client()
+    clock.correct, clock.limit_s = settings.clock_correction, settings.clock_max_offset_s
+    clock.check(get_store().redis)
     fleet.stopping.clear()
     waker = Waker(
         get_store(),
@@ -115,6 +118,8 @@ def _start(sender: Any = None, **_: Any) -> None:
         rate_limit=settings.rate_limit,
         attempt_deadline_s=client.deadline_s,
         started_at=time.time(),
+        clock_offset_s=round(clock.offset_s, 3),
+        clock_corrected=clock.correct,
     )
     _warn_about_transport(settings)
 

@@ -12,7 +12,6 @@ time, so every worker reports the same fleet figures.
 from __future__ import annotations
 
 import errno
-import time
 from collections.abc import Iterator
 
 import structlog
@@ -20,6 +19,7 @@ from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from worker.clock import clock
 from worker.errors import ConfigError
 from worker.store import Store
 
@@ -57,7 +57,7 @@ class FleetCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
-            figures = self._store.gauges(self._queue, time.time())
+            figures = self._store.gauges(self._queue, clock.now())
         except Exception as exc:
             log.warning("metrics.redis_unavailable", error=type(exc).__name__)
             return

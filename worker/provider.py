@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import requests
 import urllib3
 
+from worker.clock import clock
 from worker.deadline import DeadlineExceeded, Watchdog, WatchedAdapter
 from worker.policy import DEFAULT_CODE_CLASSES, AnswerClass, classify_code, classify_http
 from worker.record import BackfillRecord
@@ -46,8 +47,9 @@ def sign(api_key: str, api_secret: str, timestamp: str) -> str:
 
 
 def build_headers(api_key: str, api_secret: str, now: float | None = None) -> dict[str, str]:
-    """Fresh headers for one attempt; the timestamp is taken now, never reused."""
-    timestamp = str(int(time.time() if now is None else now))
+    """Fresh headers for one attempt; the timestamp is taken now (by the shared clock),
+    never reused."""
+    timestamp = str(int(clock.now() if now is None else now))
     return {
         "Content-Type": CONTENT_TYPE,
         "Api-Key": api_key,
@@ -206,7 +208,7 @@ def parse_retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
     try:
-        return max(0.0, when.timestamp() - time.time())
+        return max(0.0, when.timestamp() - clock.now())
     except (OverflowError, OSError, ValueError):
         return None
 

@@ -8,7 +8,6 @@ never half-written, and the scripts read Redis's own clock, so worker clocks may
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from importlib import resources
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import redis
 
 from worker import delivery, keys
+from worker.clock import clock
 from worker.connection import TRANSIENT_REDIS, persist
 from worker.policy import OutageRules, Outcome
 from worker.record import BackfillRecord
@@ -160,7 +160,7 @@ class Store:
         doc = ""  # a delivered record compacted at once keeps no history: none to send
         if self.keep_delivered_s or done.outcome not in (Outcome.DELIVERED, Outcome.DUPLICATE):
             doc = delivery.attempt_doc(
-                done.claim.attempts, int(time.time() * 1000), done.outcome,
+                done.claim.attempts, int(clock.now() * 1000), done.outcome,
                 http_status=answer.http_status, api_status=answer.api_status,
                 api_reason=answer.api_reason, error=answer.error, latency_ms=answer.latency_ms,
                 retry_in_s=done.retry_in_s,
@@ -180,7 +180,7 @@ class Store:
     def wake_figures(self, queue: str) -> tuple[int, int, bool, bool]:
         """The queue's length, how many deliveries are due now, whether sends may go (no
         pause), and whether a probe must go first (a pause just ended)."""
-        now = int(time.time() * 1000)
+        now = int(clock.now() * 1000)  # due times are Redis's: read by the shared clock
         pipe = self.redis.pipeline(transaction=False)
         pipe.llen(queue)
         pipe.zcount(keys.LIVE, "-inf", now)

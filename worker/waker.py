@@ -17,6 +17,7 @@ from collections.abc import Callable
 import redis
 import structlog
 
+from worker.clock import clock
 from worker.drain import fleet
 from worker.heartbeat import BEAT_EVERY_S, BEAT_TTL_S, progress
 from worker.store import Store
@@ -77,6 +78,7 @@ class Waker(threading.Thread):
     def _beat(self) -> None:
         now = time.monotonic()
         if now >= self._next_beat:
+            clock.check(self._store.redis)
             self._store.beat(self._node, progress.beat(), BEAT_TTL_S)
             self._next_beat = now + BEAT_EVERY_S
 
