@@ -314,23 +314,11 @@ class Store:
         return [(str(member), float(score) / 1000) for member, score in rows]
 
     def dead_batches(self, app_id: str | None = None, batch: int = 1000) -> Iterator[list[str]]:
-        """The dead letters' ids, a batch at a time, oldest first, in constant memory; safe
-        to replay or purge each batch before asking for the next."""
-        index = keys.dead_app(app_id) if app_id else keys.DEAD
-        low: float | str = "-inf"
-        seen: set[str] = set()  # the ids already given at score ``low``
-        while True:
-            rows: list[Any] = self.redis.zrangebyscore(
-                index, low, "+inf", start=0, num=batch + len(seen), withscores=True
-            )
-            fresh = [(str(m), float(s)) for m, s in rows if not (s == low and str(m) in seen)]
-            if not fresh:
-                return
-            fresh = fresh[:batch]
-            yield [member for member, _ in fresh]
-            top = fresh[-1][1]
-            seen = {m for m, s in fresh if s == top} | (seen if top == low else set())
-            low = top
+        """The dead letters' ids, a batch at a time, oldest first (``dead_letters.batches``:
+        a mass action fixes its end there first)."""
+        from worker.dead_letters import batches
+
+        return batches(self.redis, app_id, batch)
 
     def replay(self, delivery_ids: Sequence[str]) -> list[str]:
         """Make dead deliveries pending again (bulk lane, fresh budget); the ids replayed."""
