@@ -193,24 +193,25 @@ class Store:
         return int(depth), int(live) + int(bulk), int(pause_ms) == -2, bool(probe)
 
     def beat(self, node: str, fields: Mapping[str, str], ttl_s: int) -> None:
-        """Write one worker's heartbeat hash (see ``worker.heartbeat``)."""
+        """Write one worker's heartbeat hash (see ``worker.heartbeat``) and list the node
+        in ``bf:workers`` by its expiry, dropping nodes whose beats ended long ago."""
+        now_ms = int(time.time() * 1000)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(keys.worker(node), items=[part for pair in fields.items() for part in pair])
         pipe.expire(keys.worker(node), ttl_s)
+        pipe.zadd(keys.WORKERS, {node: now_ms + ttl_s * 1000})
+        pipe.zremrangebyscore(keys.WORKERS, "-inf", now_ms - 10 * ttl_s * 1000)  # clocks drift
         pipe.execute()
 
     def beats(self, node: str | None = None) -> dict[str, dict[str, str]]:
-        """The live workers' heartbeats by node (just ``node``'s when given)."""
-        names = (
-            [keys.worker(node)]
-            if node
-            else sorted(self.redis.scan_iter(keys.WORKER + "*", count=1000))
-        )
+        """The live workers' heartbeats by node (just ``node``'s when given), read from the
+        nodes listed in ``bf:workers``: as many keys as workers, whatever else Redis holds."""
+        nodes = [node] if node else sorted(str(n) for n in self.redis.zrange(keys.WORKERS, 0, -1))
         pipe = self.redis.pipeline(transaction=False)
-        for name in names:
-            pipe.hgetall(name)
-        found = zip(names, pipe.execute(), strict=True)
-        return {name[len(keys.WORKER) :]: beat for name, beat in found if beat}
+        for name in nodes:
+            pipe.hgetall(keys.worker(name))
+        found = zip(nodes, pipe.execute(raise_on_error=False), strict=True)
+        return {name: beat for name, beat in found if isinstance(beat, dict) and beat}
 
     def status(self, delivery_id: str) -> dict[str, Any] | None:
         """The delivery's readable document with its attempts (delivery.status), or None."""
