@@ -521,13 +521,17 @@ def test_oversized_headers_are_400_and_connections_are_capped(strict_intake: Int
     answer, _ = _until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
     idle = [_connect(strict_intake) for _ in range(8)]
-    try:
+    try:  # past the limit: the JSON 503 with Retry-After, and /healthz still served
+        answer, _ = _until_closed(_connect(strict_intake, _request(json.dumps(rec()).encode())))
+        assert answer.startswith(b"HTTP/1.1 503"), answer
+        assert b"retry-after: 5\r\n" in answer.lower()
+        assert answer.endswith(b'{"error": "the intake is at its connection limit; retry later"}')
         answer, _ = _until_closed(
             _connect(
                 strict_intake, b"GET /healthz HTTP/1.1\r\nHost: i\r\nConnection: close\r\n\r\n"
             )
         )
-        assert answer.startswith(b"HTTP/1.1 503"), answer
+        assert answer.startswith(b"HTTP/1.1 200"), answer
     finally:
         for sock in idle:
             sock.close()
