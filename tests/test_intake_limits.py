@@ -23,7 +23,7 @@ import redis
 import requests
 
 from tests.conftest import wait_for
-from tests.test_intake import TOKEN, TOKENS, Intake, _healthy, rec, running_intake
+from tests.intake_helpers import TOKEN, TOKENS, Intake, _healthy, rec, running_intake
 from worker import keys
 from worker.local.processes import free_port
 
