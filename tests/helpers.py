@@ -17,6 +17,7 @@ def backfill(
     """Run the ``backfill`` CLI (``python -m worker``) with ``env`` added; never raises."""
     return subprocess.run(
         [sys.executable, "-m", "worker", *args],
+        stdin=subprocess.DEVNULL,  # no terminal: a mass action without --yes refuses
         env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,

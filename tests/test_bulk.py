@@ -15,7 +15,7 @@ import redis
 
 from tests.conftest import unique, wait_for
 from tests.helpers import backfill, snapshot
-from worker.bulk import UnreadableInput, count_lines, read_rows
+from worker.bulk import UNCLOSED, UnreadableInput, count_lines, read_rows
 from worker.delivery import delivery_id
 from worker.errors import InvalidRecord
 from worker.local.processes import WorkerProcess
@@ -292,20 +292,47 @@ def rows_of(data: bytes, fmt: str | None = None) -> list[tuple[int, Any]]:
 def test_csv_line_numbers_count_physical_lines_and_blank_lines() -> None:
     data = b'\napp_id,msgid,number,time\n\na,"two\nlines",8613512345678,1681184764000\nb,c\n'
     found = rows_of(data)
-    assert [n for n, _ in found] == [5, 6]
-    assert found[0][1]["msgid"] == "two\nlines"
-    assert found[1][1] == {"app_id": "b", "msgid": "c", "number": None, "time": None}
+    assert [n for n, _ in found] == [4, 5, 6]
+    assert isinstance(found[0][1], InvalidRecord)  # a field cannot hold a line break
+    assert found[0][1].errors == {"row": f"not valid CSV: {UNCLOSED}"}
+    assert found[1][1] == {"app_id": "lines\"", "msgid": "8613512345678", "number": "1681184764000",
+                           "time": None}  # fmt: skip
+    assert found[2][1] == {"app_id": "b", "msgid": "c", "number": None, "time": None}
 
 
-def test_unclosed_csv_quote_is_cut_off_at_the_cap() -> None:
+def test_unclosed_csv_quote_rejects_its_line_alone() -> None:
     header = b"app_id,msgid,number,time\n"
-    runaway = b'a,"never closed\n' + b"x" * 1000 + b"\n"
-    data = header + runaway + (b"y" * 1000 + b"\n") * 100 + b"b,m,8613512345678,1681184764000\n"
-    found = rows_of(data)
-    too_long = [n for n, x in found if isinstance(x, InvalidRecord)]
-    assert too_long
-    assert too_long[0] < 80  # cut off once past 64 KiB, not at the end of the file
-    assert found[-1][1]["app_id"] == "b"
+    good = b"b,m,8613512345678,1681184764000\n"
+    found = rows_of(header + b'a,"never closed\n' + b"x" * 1000 + b"\n" + good + b'c,"open')
+    assert [n for n, _ in found] == [2, 3, 4, 5]
+    assert isinstance(found[0][1], InvalidRecord)
+    assert found[1][1]["app_id"] == "x" * 1000
+    assert found[2][1]["app_id"] == "b"
+    assert isinstance(found[3][1], InvalidRecord)  # the last line, without a line ending
+    with pytest.raises(UnreadableInput, match="line 1: unreadable CSV header"):
+        rows_of(b'app_id,"msgid,number,time\n' + good)
+
+
+def test_csv_with_a_stray_quote_on_line_2_counts_every_line(
+    tmp_path: Path, settings_env: dict[str, str], r: redis.Redis
+) -> None:
+    """The issue's file: 10,001 rows, an unclosed quote on line 2, the others read as rows."""
+    rows = [row(app_id="strayq") for _ in range(10_001)]
+    lines = [",".join(FIELDS)] + [",".join(x[f] for f in FIELDS) for x in rows]
+    lines[1] = lines[1].replace(",", ',"', 1)  # line 2: strayq,"m-...,number,time
+    source = tmp_path / "stray.csv"
+    source.write_text("\n".join(lines) + "\n")
+    result = backfill("enqueue", "--file", str(source), timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "accepted 10000  duplicates 0  rejected 1  (10001 rows" in result.stdout
+    rejects = [
+        json.loads(x) for x in (tmp_path / "stray.csv.rejects.jsonl").read_text().splitlines()
+    ]
+    assert [(x["line"], x["errors"]) for x in rejects] == [
+        (2, {"row": f"not valid CSV: {UNCLOSED}"})
+    ]
+    assert not stored(rows[0])
+    assert all(stored(x) for x in (rows[1], rows[2], rows[-1]))
 
 
 def test_count_lines_finds_bad_bytes_across_chunk_boundaries() -> None:

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,54 +17,11 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import read_log, unique, wait_for
+from tests.conftest import read_log, wait_for
 from tests.helpers import backfill
+from tests.intake_helpers import OTHER, TOKEN, Intake, _healthy, rec, running_intake
 from worker import keys
 from worker.local.processes import LocalRedis, WorkerProcess, free_port
-
-TOKEN = "intake-token-php-shop-0123456789"
-OTHER = "intake-token-java-crm-9876543210"
-TOKENS = f"php-shop:{TOKEN},java-crm:{OTHER}"
-
-
-class Intake:
-    def __init__(self, url: str, log_path: Path) -> None:
-        self.url = url
-        self.log_path = log_path
-        self.session = requests.Session()
-
-    def post(self, body: Any = None, token: str | None = TOKEN, raw: bytes | None = None,
-             **headers: str) -> requests.Response:  # fmt: skip
-        if token is not None:
-            headers["Authorization"] = f"Bearer {token}"
-        data = raw if raw is not None else json.dumps(body).encode()
-        headers.setdefault("Content-Type", "application/json")
-        return self.session.post(f"{self.url}/v1/backfills", data=data, headers=headers, timeout=30)
-
-    def get(self, path: str, token: str | None = TOKEN) -> requests.Response:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return self.session.get(f"{self.url}{path}", headers=headers, timeout=10)
-
-
-@contextmanager
-def running_intake(env: dict[str, str], log_path: Path, *args: str) -> Iterator[Intake]:
-    """A real ``backfill intake`` subprocess (uvicorn), stopped on exit."""
-    port = free_port()
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "worker", "intake", "--port", str(port), *args],
-            env={**os.environ, **env, "BACKFILL_INTAKE_TOKENS": TOKENS},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    client = Intake(f"http://127.0.0.1:{port}", log_path)
-    try:
-        wait_for(lambda: _healthy(client), 20, 0.1)
-        yield client
-    finally:
-        client.session.close()
-        process.terminate()
-        process.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +33,6 @@ def intake(
         yield client
 
 
-def _healthy(client: Intake) -> bool:
-    try:
-        return client.get("/healthz", token=None).status_code == 200
-    except requests.ConnectionError:
-        return False
-
-
 def snapshot(r: redis.Redis) -> set[str]:
     """The id of every delivery hash: only an enqueue adds one.
 
@@ -95,11 +41,6 @@ def snapshot(r: redis.Redis) -> set[str]:
     attempt whose delivery an earlier test's clean-up removed still writes one.
     """
     return {key.rsplit(":", 1)[1] for key in r.scan_iter(keys.delivery("*"), count=1000)}
-
-
-def rec(**changes: Any) -> dict[str, Any]:
-    return {"app_id": "php-app", "msgid": unique(), "number": "+8613512345678",
-            "time": "1681184764000", **changes}  # fmt: skip
 
 
 @pytest.mark.parametrize("token", [None, "wrong-token-0000000000000", TOKEN + "x", ""])
@@ -521,13 +462,17 @@ def test_oversized_headers_are_400_and_connections_are_capped(strict_intake: Int
     answer, _ = _until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
     idle = [_connect(strict_intake) for _ in range(8)]
-    try:
+    try:  # past the limit: the JSON 503 with Retry-After, and /healthz still served
+        answer, _ = _until_closed(_connect(strict_intake, _request(json.dumps(rec()).encode())))
+        assert answer.startswith(b"HTTP/1.1 503"), answer
+        assert b"retry-after: 5\r\n" in answer.lower()
+        assert answer.endswith(b'{"error": "the intake is at its connection limit; retry later"}')
         answer, _ = _until_closed(
             _connect(
                 strict_intake, b"GET /healthz HTTP/1.1\r\nHost: i\r\nConnection: close\r\n\r\n"
             )
         )
-        assert answer.startswith(b"HTTP/1.1 503"), answer
+        assert answer.startswith(b"HTTP/1.1 200"), answer
     finally:
         for sock in idle:
             sock.close()

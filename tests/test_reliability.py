@@ -319,7 +319,7 @@ def test_dead_replay_and_purge_work_through_thousands_in_batches(
     app_b = dead_letters(store, "app-b", 1000)
     assert store.counts() == {"pending": 0, "dead": 2500}
 
-    replayed = backfill("dead", "replay", "--all", "--app-id", "app-a", env=env)
+    replayed = backfill("dead", "replay", "--all", "--app-id", "app-a", "--yes", env=env)
     assert replayed.returncode == 0, replayed.stderr
     assert "replayed 1500 of 1500" in replayed.stdout
     assert set(store.states(app_a)) == {"pending"}

@@ -7,7 +7,10 @@ fails midway is retried whole: enqueue is idempotent, so rows that did get in co
 as duplicates, never twice.
 
 Input is read as bytes and decoded line by line, so a line that is not UTF-8 is named,
-and a line over ``MAX_ROW_BYTES`` is skipped in chunks, never held whole.
+and a line over ``MAX_ROW_BYTES`` is skipped in chunks, never held whole. Every record
+is one physical line, CSV too: no field holds a line break, so a quote left open rejects
+its own line alone and the next line is read as the next row. Each non-blank data line
+is counted once, as accepted, a duplicate or rejected.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ MAX_ROW_BYTES = 64 * 1024  # a row is four short fields; anything this long is n
 MAX_REJECT_ROW_CHARS = 1024  # what of a rejected row is copied into the rejects file
 _RETRIES = 3
 _TOO_LONG = f"row longer than {MAX_ROW_BYTES} bytes"
+UNCLOSED = "a quote opened on this line is not closed on it (a field cannot hold a line break)"
 _NOTHING = " (the file is checked before its first row: nothing was enqueued)"
 
 
@@ -126,30 +130,6 @@ class _Lines:
             raise UnreadableInput(f"line {self.number} is not valid UTF-8") from None
 
 
-class _RowTooLong(Exception):
-    """A CSV record (which may span lines inside quotes) grew over the cap."""
-
-
-class _CsvFeed:
-    """Lines for the csv reader, cutting a record off once it grows over the cap."""
-
-    def __init__(self, lines: _Lines, first: str | None) -> None:
-        self._lines = lines
-        self._first: list[str | None] = [first]
-        self.record_bytes = 0
-
-    def __iter__(self) -> _CsvFeed:
-        return self
-
-    def __next__(self) -> str:
-        text = self._first.pop() if self._first else next(self._lines)
-        self.record_bytes += self._lines.size
-        if text is None or self.record_bytes > MAX_ROW_BYTES:
-            self.record_bytes = 0
-            raise _RowTooLong
-        return text
-
-
 def read_rows(raw: IO[bytes], fmt: str | None = None) -> Iterator[tuple[int, Any]]:
     """(line number, row) pairs; a row is a dict, or an InvalidRecord for a malformed line.
 
@@ -180,27 +160,40 @@ def _json_row(text: str) -> dict[str, Any] | InvalidRecord:
     return row if isinstance(row, dict) else InvalidRecord({"row": "expected a JSON object"})
 
 
+def _csv_values(text: str) -> list[str]:
+    """One physical line's CSV values; csv.Error when a quote opened in it is not closed.
+
+    A field never holds a line break: the line is parsed alone, its line ending kept, so
+    a quote left open runs into that ending (and no further), which names the line.
+    """
+    if not text.endswith("\n"):
+        text += "\n"
+    values = next(csv.reader([text]), [])
+    if any("\n" in value or "\r" in value for value in values):
+        raise csv.Error(UNCLOSED)
+    return values
+
+
 def _csv_rows(lines: _Lines, first: str | None) -> Iterator[tuple[int, Any]]:
-    feed = _CsvFeed(lines, first)
-    reader = csv.reader(feed)
     header: list[str] = []
+    text = first
     while not header:  # blank lines before the header are skipped, as rows' are
+        if text is None:
+            raise UnreadableInput(f"line {lines.number}: unreadable CSV header: {_TOO_LONG}")
         try:
-            header = next(reader)
-        except StopIteration:
-            return
-        except (_RowTooLong, csv.Error) as exc:
-            reason = str(exc) or _TOO_LONG
-            raise UnreadableInput(f"line {lines.number}: unreadable CSV header: {reason}") from None
-    while True:
-        feed.record_bytes = 0
-        try:
-            values = next(reader)
-        except StopIteration:
-            return
-        except _RowTooLong:
+            header = _csv_values(text)
+        except csv.Error as exc:
+            raise UnreadableInput(f"line {lines.number}: unreadable CSV header: {exc}") from None
+        if not header:
+            text = next(lines, "")
+            if text == "":
+                return
+    for text in lines:  # lazy: lines.number is this line's
+        if text is None:
             yield lines.number, InvalidRecord({"row": _TOO_LONG})
             continue
+        try:
+            values = _csv_values(text)
         except csv.Error as exc:
             yield lines.number, InvalidRecord({"row": f"not valid CSV: {exc}"})
             continue

@@ -13,7 +13,8 @@ any other id, as for an unknown one), and a lookup by msgid or app_id (``GET
 Every request is hostile until parsed: the event loop only checks the token and reads
 the body (bounded in size and time); decoding, validation and the enqueue run off the
 loop: a single record in a small thread pool, a batch (over 16 KiB) in a spawned process
-of its own, whose parsing never holds the loop's interpreter lock. So ``/healthz`` (an
+of its own, whose parsing never holds the loop's interpreter lock. A body process ends
+when the intake does, however it ends (``worker.orphans``). So ``/healthz`` (an
 async PING on its own connection) answers from the event loop however busy they are.
 The HTTP server's own limits (header deadline, connections) are in
 ``worker.intake_server``.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import multiprocessing
+import os
 import re
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -160,9 +162,14 @@ PROCESS_OVER = 16 * 1024
 _store: Store | None = None  # a body process's own (see _start_body_process)
 
 
-def _start_body_process(tokens: list[str]) -> None:
-    """In a body process: its settings, logging, redaction and fail-fast store."""
+def _start_body_process(tokens: list[str], parent: int = 0) -> None:
+    """In a body process: end with the intake (``parent``), then its settings, logging,
+    redaction and fail-fast store."""
     global _store  # noqa: PLW0603 - one store per process, built once, like runtime's
+    from worker.orphans import end_with_parent
+
+    if parent:
+        end_with_parent(parent)
     from worker.audit import configure_logging, redactor
     from worker.intake_server import intake_store
     from worker.runtime import get_settings
@@ -222,7 +229,7 @@ def create_app(
         limits.threads,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_start_body_process,
-        initargs=(list(tokens.values()),),
+        initargs=(list(tokens.values()), os.getpid()),
     )
 
     @asynccontextmanager

@@ -3,7 +3,10 @@
 uvicorn bounds a request's headers in size (h11's incomplete-event limit) but not in
 time: a client that sends half a request line keeps its connection forever. The
 protocol below closes a connection whose request headers are not complete within
-``header_timeout_s`` of their first byte (or of the connection opening). A reverse
+``header_timeout_s`` of their first byte (or of the connection opening). It also keeps
+the connection limit itself: up to ``max_connections`` every request is served, past it
+each one gets the documented JSON 503 with Retry-After (uvicorn's own limit answers in
+plain text, and counts in-flight tasks too), except ``/healthz``, which is always served. A reverse
 proxy in front (``ops/nginx-intake.conf``) remains the first line: TLS, per-client
 limits, and buffering whole bodies before the intake sees them.
 
@@ -15,6 +18,7 @@ workers' 3.5 s of retries.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import h11
@@ -25,23 +29,28 @@ from redis.backoff import NoBackoff
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from worker.connection import connect, sentinel_nodes
-from worker.intake import HEALTH_TIMEOUT_S, Limits
+from worker.intake import HEALTH_TIMEOUT_S, RETRY_AFTER_S, Limits
 from worker.runtime import build_store
 from worker.settings import Settings
 from worker.store import Store
 
 MAX_HEADERS = 16 * 1024  # request line and headers together
+BUSY = json.dumps({"error": "the intake is at its connection limit; retry later"}).encode()
 
 
 class HeaderDeadline(H11Protocol):
-    """uvicorn's h11 protocol, closing connections whose request headers come too slowly."""
+    """uvicorn's h11 protocol, closing connections whose request headers come too slowly,
+    and answering a connection past ``max_connections`` with the JSON 503."""
 
     header_timeout_s = 10.0
+    max_connections: int | None = None
     _header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        """Start the clock for the first request's headers."""
+        """Start the clock for the first request's headers; past the limit, refuse."""
         super().connection_made(transport)
+        if self.max_connections is not None and len(self.connections) > self.max_connections:
+            self.app = over_limit(self.app)
         self._arm()
 
     def data_received(self, data: bytes) -> None:
@@ -78,9 +87,27 @@ class HeaderDeadline(H11Protocol):
             self.transport.close()
 
 
-def protocol(header_timeout_s: float) -> type[HeaderDeadline]:
-    """The HeaderDeadline protocol with this deadline (uvicorn takes a class)."""
-    return type("IntakeProtocol", (HeaderDeadline,), {"header_timeout_s": header_timeout_s})
+def over_limit(app: Any) -> Any:
+    """The ASGI app of a connection past the limit: ``/healthz`` as usual (it costs the
+    event loop a PING), any other request the documented JSON 503 with Retry-After."""
+
+    async def refuse(scope: Any, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http" or scope.get("path") == "/healthz":
+            await app(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 503, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", b"%d" % len(BUSY)),
+            (b"retry-after", b"%d" % RETRY_AFTER_S), (b"connection", b"close"),
+        ]})  # fmt: skip
+        await send({"type": "http.response.body", "body": BUSY, "more_body": False})
+
+    return refuse
+
+
+def protocol(header_timeout_s: float, max_connections: int | None = None) -> type[HeaderDeadline]:
+    """The HeaderDeadline protocol with this deadline and limit (uvicorn takes a class)."""
+    limits = {"header_timeout_s": header_timeout_s, "max_connections": max_connections}
+    return type("IntakeProtocol", (HeaderDeadline,), limits)
 
 
 def intake_store(settings: Settings) -> Store:
@@ -124,10 +151,12 @@ def serve(app: Any, host: str, port: int, limits: Limits) -> None:
         log_config=None,
         server_header=False,
         loop="asyncio",
-        http=protocol(limits.header_timeout_s),
+        http=protocol(limits.header_timeout_s, limits.max_connections),
         h11_max_incomplete_event_size=MAX_HEADERS,
         timeout_keep_alive=max(1, round(limits.keep_alive_s)),
-        limit_concurrency=limits.max_connections,
+        # the limit is the protocol's (uvicorn's own answers 503 in plain text); a
+        # request in flight at a SIGTERM gets its body's time and its enqueue's, no more
+        timeout_graceful_shutdown=round(limits.body_timeout_s + 5),
         # Access lines from the event loop would queue for the log handler's lock behind
         # the pool's audit lines (1,000 a batch) and hold /healthz up; the audit line and
         # intake.refused say what happened to each request instead.

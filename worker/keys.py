@@ -20,8 +20,13 @@ Short names: there is one delivery key per record, millions of them in a backfil
                        "<id>|<claim>" by time (ms); cleared by any answer from it
 - ``bf:n:<t>``         counter with a TTL of an hour: deliveries recorded in the 10 s
                        from t * 10 s (epoch), for the console's recent figures
+- ``bf:nh:<h>``        counter with a TTL of the dedupe window and an hour: deliveries
+                       recorded in the hour from h * 3,600 s (epoch), for the count of
+                       delivered markers (never scanned for)
 - ``bf:ramp``          string with a TTL: when sends began to ramp up after a hold (ms)
 - ``bf:worker:<node>`` hash with a TTL: one worker's heartbeat (see heartbeat.py)
+- ``bf:workers``       sorted set: the nodes that wrote a heartbeat, by when it expires
+                       (ms), so readers never scan for ``bf:worker:*``
 - ``bf:x:<a>``         sorted set, by name (scores 0): one app's deliveries as
                        "<msgid>\\0<id>" ("\\0<id>" without a msgid), for lookup.py
 - ``bf:xa``            sorted set, by name: the apps with such an index
@@ -53,7 +58,14 @@ def delivered_in(span: int) -> str:
     return f"{PREFIX}n:{span}"
 
 
+def delivered_in_hour(hour: int) -> str:
+    """The counter of deliveries recorded in the hour ``hour`` (epoch ms // 3,600,000)."""
+    return f"{PREFIX}nh:{hour}"
+
+
+COUNTED_HOUR_MS = 3_600_000  # the span of one ``delivered_in_hour`` counter
 WORKER = PREFIX + "worker:"
+WORKERS = PREFIX + "workers"
 INDEX_APPS = PREFIX + "xa"
 INDEX_HAND = PREFIX + "xh"
 

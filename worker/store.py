@@ -194,24 +194,25 @@ class Store:
         return int(depth), int(live) + int(bulk), int(pause_ms) == -2, bool(probe)
 
     def beat(self, node: str, fields: Mapping[str, str], ttl_s: int) -> None:
-        """Write one worker's heartbeat hash (see ``worker.heartbeat``)."""
+        """Write one worker's heartbeat hash (see ``worker.heartbeat``) and list the node
+        in ``bf:workers`` by its expiry, dropping nodes whose beats ended long ago."""
+        now_ms = int(time.time() * 1000)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(keys.worker(node), items=[part for pair in fields.items() for part in pair])
         pipe.expire(keys.worker(node), ttl_s)
+        pipe.zadd(keys.WORKERS, {node: now_ms + ttl_s * 1000})
+        pipe.zremrangebyscore(keys.WORKERS, "-inf", now_ms - 10 * ttl_s * 1000)  # clocks drift
         pipe.execute()
 
     def beats(self, node: str | None = None) -> dict[str, dict[str, str]]:
-        """The live workers' heartbeats by node (just ``node``'s when given)."""
-        names = (
-            [keys.worker(node)]
-            if node
-            else sorted(self.redis.scan_iter(keys.WORKER + "*", count=1000))
-        )
+        """The live workers' heartbeats by node (just ``node``'s when given), read from the
+        nodes listed in ``bf:workers``: as many keys as workers, whatever else Redis holds."""
+        nodes = [node] if node else sorted(str(n) for n in self.redis.zrange(keys.WORKERS, 0, -1))
         pipe = self.redis.pipeline(transaction=False)
-        for name in names:
-            pipe.hgetall(name)
-        found = zip(names, pipe.execute(), strict=True)
-        return {name[len(keys.WORKER) :]: beat for name, beat in found if beat}
+        for name in nodes:
+            pipe.hgetall(keys.worker(name))
+        found = zip(nodes, pipe.execute(raise_on_error=False), strict=True)
+        return {name: beat for name, beat in found if isinstance(beat, dict) and beat}
 
     def status(self, delivery_id: str) -> dict[str, Any] | None:
         """The delivery's readable document with its attempts (delivery.status), or None."""
@@ -316,23 +317,11 @@ class Store:
         return [(str(member), float(score) / 1000) for member, score in rows]
 
     def dead_batches(self, app_id: str | None = None, batch: int = 1000) -> Iterator[list[str]]:
-        """The dead letters' ids, a batch at a time, oldest first, in constant memory; safe
-        to replay or purge each batch before asking for the next."""
-        index = keys.dead_app(app_id) if app_id else keys.DEAD
-        low: float | str = "-inf"
-        seen: set[str] = set()  # the ids already given at score ``low``
-        while True:
-            rows: list[Any] = self.redis.zrangebyscore(
-                index, low, "+inf", start=0, num=batch + len(seen), withscores=True
-            )
-            fresh = [(str(m), float(s)) for m, s in rows if not (s == low and str(m) in seen)]
-            if not fresh:
-                return
-            fresh = fresh[:batch]
-            yield [member for member, _ in fresh]
-            top = fresh[-1][1]
-            seen = {m for m, s in fresh if s == top} | (seen if top == low else set())
-            low = top
+        """The dead letters' ids, a batch at a time, oldest first (``dead_letters.batches``:
+        a mass action fixes its end there first)."""
+        from worker.dead_letters import batches
+
+        return batches(self.redis, app_id, batch)
 
     def replay(self, delivery_ids: Sequence[str]) -> list[str]:
         """Make dead deliveries pending again (bulk lane, fresh budget); the ids replayed."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import re
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -101,55 +100,76 @@ def dead_show(ctx: click.Context, delivery_id: str) -> None:
 @click.argument("delivery_id", required=False)
 @click.option("--all", "everything", is_flag=True, help="Replay every dead letter.")
 @click.option("--app-id", help="With --all: only this app's dead letters.")
+@click.option("--yes", is_flag=True, help="Confirm --all without being asked.")
 @exits
-def dead_replay(delivery_id: str | None, everything: bool, app_id: str | None) -> None:
+def dead_replay(delivery_id: str | None, everything: bool, app_id: str | None, yes: bool) -> None:
     """Re-enqueue dead letters (bulk lane, fresh attempt budget, same delivery_id).
 
-    --all works through the letters 1,000 at a time, in constant memory; the workers'
-    wakers pick the replays up at the pace of the fleet, behind live records.
+    --all asks first (or --yes), then works through the letters that had died when it
+    began, 1,000 at a time, in constant memory: a letter that dies after that (a replay
+    killed again) is left alone. The workers' wakers pick the replays up at the pace of
+    the fleet, behind live records.
     """
-    from worker.runtime import get_store
-
-    store = get_store()
-    replayed = seen = 0
-    for ids in _chosen(store, delivery_id, everything, app_id):
-        seen += len(ids)
-        replayed += len(store.replay(ids))
-    click.echo(f"replayed {replayed} of {seen}")
-    if delivery_id and not replayed:
-        sys.exit(1)
+    _mass("replay", delivery_id, everything, app_id, yes)
 
 
 @dead.command("purge")
 @click.argument("delivery_id", required=False)
 @click.option("--all", "everything", is_flag=True, help="Purge every dead letter.")
 @click.option("--app-id", help="With --all: only this app's dead letters.")
-@click.option("--yes", is_flag=True, help="Confirm --all.")
+@click.option("--yes", is_flag=True, help="Confirm --all without being asked.")
 @exits
 def dead_purge(delivery_id: str | None, everything: bool, app_id: str | None, yes: bool) -> None:
-    """Delete dead letters for good (--all needs --yes; 1,000 per script run)."""
+    """Delete dead letters for good (--all asks first, or --yes; 1,000 per script run;
+    only the letters that had died when it began)."""
+    _mass("purge", delivery_id, everything, app_id, yes)
+
+
+def _mass(verb: str, delivery_id: str | None, everything: bool, app_id: str | None,
+          yes: bool) -> None:  # fmt: skip
+    """One letter at once, or every one (of an app) up to an end fixed now, asked first."""
+    from worker import dead_letters
     from worker.runtime import get_store
 
-    if everything and not yes:
-        raise click.UsageError("--all deletes every dead letter: add --yes to confirm")
-    store = get_store()
-    purged = seen = 0
-    for ids in _chosen(store, delivery_id, everything, app_id):
-        seen += len(ids)
-        purged += store.purge(ids)
-    click.echo(f"purged {purged} of {seen}")
-    if delivery_id and not purged:
-        sys.exit(1)
-
-
-def _chosen(
-    store: Any, delivery_id: str | None, everything: bool, app_id: str | None
-) -> Iterator[list[str]]:
     if bool(delivery_id) == everything:
         raise click.UsageError("give one DELIVERY_ID or --all")
+    if app_id and not everything:
+        raise click.UsageError("--app-id goes with --all")
+    store = get_store()
+    past = {"replay": "replayed", "purge": "purged"}[verb]
     if delivery_id:
-        return iter([[delivery_id]])
-    return store.dead_batches(app_id)  # type: ignore[no-any-return]
+        done = len(store.replay([delivery_id])) if verb == "replay" else store.purge([delivery_id])
+        click.echo(f"{past} {done} of 1")
+        sys.exit(0 if done else 1)
+    end = dead_letters.fixed_end(store.redis, app_id)
+    whose = f" of app {app_id}" if app_id else ""
+    if end.ms is None:
+        click.echo(f"{past} 0 of 0: no dead letters{whose}")
+        return
+    _confirm(
+        f"{verb} {end.count} dead letter(s){whose}, those that died by {_when_ms(end.ms)}", yes
+    )
+    act = dead_letters.replay_until if verb == "replay" else dead_letters.purge_until
+    result = act(store, app_id=app_id, end=end)
+    click.echo(f"{past} {result.done} of {result.seen} (dead letters{whose} that died by "
+               f"{_when_ms(end.ms)})")  # fmt: skip
+    if result.later:
+        click.echo(f"{result.later} dead letter(s){whose} died after the {verb} began: left alone")
+
+
+def _confirm(what: str, yes: bool) -> None:
+    """Ask before a mass action; without a terminal and without --yes, refuse (exit 2)."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        click.echo(f"error: this would {what}: add --yes to confirm (no terminal to ask on)",
+                   err=True)  # fmt: skip
+        sys.exit(2)
+    click.confirm(f"This will {what}. Go on?", default=False, abort=True, err=True)
+
+
+def _when_ms(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S.%fZ")[:-4] + "Z"
 
 
 def _epoch(text: str | None) -> float | None:

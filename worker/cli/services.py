@@ -177,7 +177,10 @@ def intake(
 )
 @exits
 def health(timeout: float, node: str | None) -> None:
-    """Exit 0 when Redis answers and a worker replies to a Celery ping, else 1."""
+    """Exit 0 when Redis answers and a worker replies to a Celery ping, else 1.
+
+    Without --node it waits for as many replies as workers wrote a heartbeat lately
+    (at least one), or the timeout; it never scans Redis's keys."""
     from celery.utils.nodenames import host_format
 
     from worker.app import app
@@ -189,12 +192,17 @@ def health(timeout: float, node: str | None) -> None:
         click.echo(f"unhealthy: Redis does not answer ({type(exc).__name__})")
         sys.exit(1)
     name = host_format(node) if node else None
-    replies = app.control.ping(destination=[name] if name else None, timeout=timeout)
+    beats = get_store().beats(name)  # the workers listed in bf:workers: never a SCAN
+    # stop waiting once every worker with a heartbeat replied (a node: once it did)
+    expected = None if name else max(len(beats), 1)
+    replies = app.control.ping(
+        destination=[name] if name else None, timeout=timeout, limit=expected
+    )
     if not replies:  # with a destination only that node answers
         missing = f"worker {name} did not reply" if name else "no worker replied"
         click.echo(f"unhealthy: {missing} to a ping within {timeout:g} s")
         sys.exit(1)
-    stalled = _stalled_workers(name)
+    stalled = _stalled_workers(name, beats)
     if stalled:
         click.echo("unhealthy: " + "; ".join(f"{who} stalled: {why}" for who, why in stalled))
         sys.exit(1)
@@ -221,14 +229,13 @@ def _holding() -> str:
     return ""
 
 
-def _stalled_workers(node: str | None) -> list[tuple[str, str]]:
+def _stalled_workers(node: str | None, beats: dict[str, dict[str, str]]) -> list[tuple[str, str]]:
     """The workers (just ``node`` when given) whose heartbeat says they are stalled."""
     import time
 
     from worker.heartbeat import BEAT_TTL_S, stalled
-    from worker.runtime import get_settings, get_store
+    from worker.runtime import get_settings
 
-    beats = get_store().beats(node)
     if node and node not in beats:
         return [(node, f"no heartbeat in the last {BEAT_TTL_S} s")]
     now, limit = time.time(), get_settings().stall_after_s

@@ -9,11 +9,12 @@ delivery ids it changed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import structlog
 
 from worker.console.queries import dead_errors, error_key
+from worker.dead_letters import DeadEnd, MassResult, act_until, batches, fixed_end
 from worker.store import Store
 
 log = structlog.get_logger("worker.console")
@@ -34,32 +35,55 @@ def purge(store: Store, user: str, delivery_ids: list[str], scope: str = "delive
     return gone
 
 
-def group_batches(store: Store, key: str) -> Iterator[list[str]]:
-    """The dead letters of one group (``ALL``: every one), a batch at a time."""
-    for batch in store.dead_batches():
-        if key == ALL:
-            yield batch
-            continue
+def choose(store: Store, key: str) -> Callable[[list[str]], list[str]] | None:
+    """What picks a group's letters from a batch (None: ``ALL``, every letter)."""
+    if key == ALL:
+        return None
+
+    def chosen(batch: list[str]) -> list[str]:
         errors = dead_errors(store.redis, batch)
-        chosen = [i for i, error in zip(batch, errors, strict=True) if error_key(error) == key]
+        return [i for i, error in zip(batch, errors, strict=True) if error_key(error) == key]
+
+    return chosen
+
+
+def group_batches(store: Store, key: str, end: DeadEnd | None = None) -> Iterator[list[str]]:
+    """The dead letters of one group (``ALL``: every one), a batch at a time, up to
+    ``end`` (fixed now when not given)."""
+    pick = choose(store, key)
+    for batch in batches(store.redis, end=end or fixed_end(store.redis)):
+        chosen = batch if pick is None else pick(batch)
         if chosen:
             yield chosen
 
 
-def replay_group(store: Store, user: str, key: str) -> int:
-    """Replay every dead letter of a group; how many were replayed."""
+def replay_group_until(store: Store, user: str, key: str, end: DeadEnd | None = None) -> MassResult:
+    """Replay every dead letter of a group that had died by ``end`` (fixed now when not
+    given: a confirmation page may fix it when it counts); what was done."""
     scope = "all" if key == ALL else f"group {key}"
-    return sum(replay(store, user, batch, scope) for batch in group_batches(store, key))
+    act = lambda ids: replay(store, user, ids, scope)  # noqa: E731
+    return act_until(store, act, end=end, choose=choose(store, key))
+
+
+def purge_group_until(store: Store, user: str, key: str, end: DeadEnd | None = None) -> MassResult:
+    """Purge every dead letter of a group that had died by ``end``; what was done."""
+    scope = "all" if key == ALL else f"group {key}"
+    act = lambda ids: purge(store, user, ids, scope)  # noqa: E731
+    return act_until(store, act, end=end, choose=choose(store, key))
+
+
+def replay_group(store: Store, user: str, key: str) -> int:
+    """Replay every dead letter of a group (up to an end fixed now); how many were replayed."""
+    return replay_group_until(store, user, key).done
 
 
 def purge_group(store: Store, user: str, key: str) -> int:
-    """Purge every dead letter of a group; how many went."""
-    scope = "all" if key == ALL else f"group {key}"
-    return sum(purge(store, user, batch, scope) for batch in group_batches(store, key))
+    """Purge every dead letter of a group (up to an end fixed now); how many went."""
+    return purge_group_until(store, user, key).done
 
 
-def count_group(store: Store, key: str) -> int:
-    """How many dead letters a group has now (for the purge confirmation)."""
+def count_group(store: Store, key: str, end: DeadEnd | None = None) -> int:
+    """How many dead letters a group has now (up to ``end``), for a confirmation."""
     if key == ALL:
-        return store.counts()["dead"]
-    return sum(len(batch) for batch in group_batches(store, key))
+        return (end or fixed_end(store.redis)).count
+    return sum(len(batch) for batch in group_batches(store, key, end))

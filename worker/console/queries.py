@@ -1,9 +1,9 @@
 """What the console's pages read from Redis, shaped for showing (numbers masked).
 
 Everything is bounded: a page reads a fixed number of keys whatever the size of the
-backlog, and says when a figure is an estimate. The Store's own reads (``gauges``,
-``status``, ``dead_page``, ``pause_state``, ``beats``) are used where they exist; the
-reads only the console needs live here, not in ``worker.store``.
+backlog or of the keyspace (no SCAN, no KEYS), and says when a figure is an estimate.
+The Store's own reads (``gauges``, ``status``, ``dead_page``, ``pause_state``,
+``beats``) are used where they exist; the reads only the console needs live here.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from worker.briefs import read_briefs
 from worker.redact import mask_number, redact
 from worker.store import Store
 
-# Keys one overview may visit looking for delivered markers (SCAN), and the pending
-# deliveries whose creation time it reads looking for the oldest.
-MARKER_SCAN_BUDGET = 200_000
+# Kept for callers of ``recent`` (no longer used: the overview never scans), and the
+# pending deliveries whose creation time the overview reads looking for the oldest.
+MARKER_SCAN_BUDGET = 0
 PENDING_READ_BUDGET = 20_000
 SAMPLE_PER_LANE = 1_000
 # Dead letters the dead-letter page groups (the newest), and the rows it shows per group.
@@ -36,13 +36,13 @@ _DIGIT_RUN = re.compile(r"(?<![0-9])[0-9]{6,20}(?![0-9])")  # the shape of a num
 
 @dataclass(frozen=True, slots=True)
 class Recent:
-    """Deliveries in the last minute and hour, and in the dedupe window, from the markers."""
+    """Deliveries in the last minute and hour, and in the dedupe window, from counters."""
 
     minute: int
     hour: int
     window: int
-    exact: bool  # False: extrapolated from the share of the keyspace scanned
-    scanned: int
+    exact: bool  # False: ``window`` is an estimate (summed by the hour)
+    scanned: int  # keys scanned: 0 (nothing is)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,38 +140,28 @@ def record(store: Store, delivery_id: str) -> dict[str, Any] | None:
     return None if found is None else shown(found)
 
 
-def recent(client: redis.Redis, now_ms: int, budget: int = MARKER_SCAN_BUDGET) -> Recent:
+def recent(client: redis.Redis, now_ms: int, budget: int = 0, window_s: int = 7 * 86_400) -> Recent:
     """Deliveries in the last minute and hour, from the 10 s counters the step script
     keeps (``keys.delivered_in``: exact to within one 10 s span), and those kept for the
-    dedupe window, counted from the delivered markers.
+    dedupe window (``window_s``), from its hourly counters (``keys.delivered_in_hour``).
 
-    The markers are found with SCAN (never KEYS), visiting at most ``budget`` keys; past
-    that the window's count is extrapolated from the share of the keyspace visited.
+    Never a SCAN: the window's figure is the sum of the hours it spans, an estimate (the
+    oldest hour is partly out of the window, and deliveries recorded before the counters
+    existed are not in them). ``budget`` is no longer used.
     """
     span = now_ms // keys.COUNTED_EVERY_MS
     spans = 3_600_000 // keys.COUNTED_EVERY_MS
-    values = client.mget([keys.delivered_in(span - i) for i in range(spans)])
-    counts = [int(v) if isinstance(v, str) and v.isascii() and v.isdigit() else 0 for v in values]
-    minute, hour = sum(counts[: 60_000 // keys.COUNTED_EVERY_MS]), sum(counts)
-    cursor, visited, window = 0, 0, 0
-    while True:
-        cursor, found = client.scan(cursor, match=keys.marker("*"), count=5000)
-        visited += 5000
-        if found:
-            window += sum(_marker_ms(value) is not None for value in client.mget(found))
-        if cursor == 0 or visited >= budget:
-            break
-    if cursor == 0:
-        return Recent(minute, hour, window, True, visited)
-    share = min(visited / max(int(client.dbsize()), 1), 1.0)
-    return Recent(minute, hour, round(window / share), False, visited)
+    hour = now_ms // keys.COUNTED_HOUR_MS
+    hours = -(-window_s * 1000 // keys.COUNTED_HOUR_MS)  # the hours the window touches
+    names = [keys.delivered_in(span - i) for i in range(spans)]
+    names += [keys.delivered_in_hour(hour - i) for i in range(hours + 1)]
+    counts = [_count(v) for v in client.mget(names)]
+    minute, last_hour = sum(counts[: 60_000 // keys.COUNTED_EVERY_MS]), sum(counts[:spans])
+    return Recent(minute, last_hour, sum(counts[spans:]), False, 0)
 
 
-def _marker_ms(value: Any) -> int | None:
-    if not isinstance(value, str):
-        return None
-    at = value.partition("|")[0]
-    return int(at) if at.isascii() and at.isdigit() else None
+def _count(value: Any) -> int:
+    return int(value) if isinstance(value, str) and value.isascii() and value.isdigit() else 0
 
 
 def oldest_pending(client: redis.Redis, now_ms: int) -> Oldest:

@@ -45,7 +45,7 @@ def overview(request: Request) -> Response:
         request, "overview.html", figures=store.gauges(console.queue, now),
         pause=(queries.shown_text(pause[0]), pause[1]) if pause else None,
         outage=queries.outage_since(store), workers=len(store.beats()),
-        recent=queries.recent(store.redis, int(now * 1000)),
+        recent=queries.recent(store.redis, int(now * 1000), window_s=store.dedupe_ttl_s),
         oldest=queries.oldest_pending(store.redis, int(now * 1000)),
     )  # fmt: skip
 

@@ -676,6 +676,12 @@ if delivered_n > 0 then
   if redis.pcall('INCRBY', counter_key, delivered_n) == delivered_n then
     redis.call('EXPIRE', counter_key, 3610)
   end
+  -- and per hour (bf:nh:<ms / 3,600,000>), kept as long as the delivered markers: how
+  -- many there are is then counted, never scanned for
+  local hour_key = P .. 'nh:' .. math.floor(now / 3600000)
+  if redis.pcall('INCRBY', hour_key, delivered_n) == delivered_n then
+    redis.call('EXPIRE', hour_key, marker_ttl + 3600)
+  end
 end
 for lane, ids in pairs(unlane) do
   if #ids > 0 then
