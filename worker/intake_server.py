@@ -3,9 +3,13 @@
 uvicorn bounds a request's headers in size (h11's incomplete-event limit) but not in
 time: a client that sends half a request line keeps its connection forever. The
 protocol below closes a connection whose request headers are not complete within
-``header_timeout_s`` of their first byte (or of the connection opening). A reverse
-proxy in front (``ops/nginx-intake.conf``) remains the first line: TLS, per-client
-limits, and buffering whole bodies before the intake sees them.
+``header_timeout_s`` of their first byte (or of the connection opening), and, when given a
+``per_address`` cap, answers a plain 503 (``Retry-After``) to a client address that
+already holds that many connections, so one address cannot take every connection of the
+server's limit (the console uses it; behind a proxy every client shares its address, so
+the intake leaves it off). A reverse proxy in front (``ops/nginx-intake.conf``) remains
+the first line: TLS, per-client limits, and buffering whole bodies before the intake
+sees them.
 
 The intake's Redis clients fail fast: with Redis down a caller gets a 503 within
 milliseconds (connection refused) or ~0.6 s (no answer to the connect), not after the
@@ -15,7 +19,8 @@ workers' 3.5 s of retries.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections import Counter
+from typing import Any, ClassVar
 
 import h11
 import redis.asyncio as aioredis
@@ -31,17 +36,31 @@ from worker.settings import Settings
 from worker.store import Store
 
 MAX_HEADERS = 16 * 1024  # request line and headers together
+_TOO_MANY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: 39\r\nConnection: close\r\n\r\ntoo many connections from this address\n"
+)
 
 
 class HeaderDeadline(H11Protocol):
     """uvicorn's h11 protocol, closing connections whose request headers come too slowly."""
 
     header_timeout_s = 10.0
+    per_address = 0  # connections one client address may hold at once (0: no cap)
+    open_by_address: ClassVar[Counter[str]] = Counter()  # protocol() gives each its own
     _header_timer: asyncio.TimerHandle | None = None
+    _address: str | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        """Start the clock for the first request's headers."""
+        """Refuse an address over its cap; else start the clock for the first headers."""
         super().connection_made(transport)
+        if self.per_address:
+            self._address = self.client[0] if self.client else ""
+            self.open_by_address[self._address] += 1
+            if self.open_by_address[self._address] > self.per_address:
+                transport.write(_TOO_MANY)
+                transport.close()
+                return
         self._arm()
 
     def data_received(self, data: bytes) -> None:
@@ -59,8 +78,13 @@ class HeaderDeadline(H11Protocol):
             self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        """Forget the clock."""
+        """Forget the clock and the connection's count."""
         self._disarm()
+        if self._address is not None:
+            self.open_by_address[self._address] -= 1
+            if self.open_by_address[self._address] <= 0:
+                del self.open_by_address[self._address]
+            self._address = None
         super().connection_lost(exc)
 
     def _arm(self) -> None:
@@ -78,9 +102,12 @@ class HeaderDeadline(H11Protocol):
             self.transport.close()
 
 
-def protocol(header_timeout_s: float) -> type[HeaderDeadline]:
-    """The HeaderDeadline protocol with this deadline (uvicorn takes a class)."""
-    return type("IntakeProtocol", (HeaderDeadline,), {"header_timeout_s": header_timeout_s})
+def protocol(header_timeout_s: float, per_address: int = 0) -> type[HeaderDeadline]:
+    """The HeaderDeadline protocol with this deadline and cap per client address (uvicorn
+    takes a class; each gets its own count of open connections)."""
+    attributes = {"header_timeout_s": header_timeout_s, "per_address": per_address,
+                  "open_by_address": Counter()}  # fmt: skip
+    return type("IntakeProtocol", (HeaderDeadline,), attributes)
 
 
 def intake_store(settings: Settings) -> Store:
@@ -113,8 +140,9 @@ def health_client(settings: Settings) -> aioredis.Redis:
     return client
 
 
-def serve(app: Any, host: str, port: int, limits: Limits) -> None:
-    """Run uvicorn with the intake's limits (h11 forced: its header size limit applies)."""
+def serve(app: Any, host: str, port: int, limits: Limits, per_address: int = 0) -> None:
+    """Run uvicorn with the intake's limits (h11 forced: its header size limit applies),
+    and at most ``per_address`` connections from one client address (0: no cap)."""
     import uvicorn
 
     uvicorn.run(
@@ -124,7 +152,7 @@ def serve(app: Any, host: str, port: int, limits: Limits) -> None:
         log_config=None,
         server_header=False,
         loop="asyncio",
-        http=protocol(limits.header_timeout_s),
+        http=protocol(limits.header_timeout_s, per_address),
         h11_max_incomplete_event_size=MAX_HEADERS,
         timeout_keep_alive=max(1, round(limits.keep_alive_s)),
         limit_concurrency=limits.max_connections,
