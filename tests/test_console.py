@@ -508,7 +508,11 @@ def test_dead_letters_are_grouped_by_last_error_and_a_group_replays_alone(
     assert NUMBER not in page
 
     stub.set_plan({})  # replays are answered "ok" (the plans ran out)
-    answer = post(client, "/dead/replay", {"csrf": csrf(page), "group": groups[1][0]})
+    form = {"csrf": csrf(page), "group": groups[1][0]}
+    asked = post(client, "/dead/replay", form)  # a confirmation page with the count first
+    assert "every dead letter with this last error again: 2 now" in _text(asked.text)
+    assert store.states(bad) == ["dead", "dead"]
+    answer = post(client, "/dead/replay", {**form, "confirm": "yes"})
     assert answer.status_code == 303
     assert answer.headers["location"] == "/dead?done=replayed&n=2"
     assert "2 replayed" in client.get(answer.headers["location"]).text
@@ -552,6 +556,35 @@ def test_purge_needs_a_confirmation_step(
         ("alice", [one]),
         ("alice", sorted([two, three])),
     ]
+
+
+def test_replay_of_all_asks_first_and_the_confirmation_keeps_csrf_and_same_origin(
+    client: Console, store: Store, audit_lines: Callable[[], list[dict[str, Any]]]
+) -> None:
+    store.redis.set(keys.PAUSED, "held for the test", px=600_000)  # replays stay pending
+    ids = [d for d, _ in store.enqueue_many([record() for _ in range(3)])]
+    for at, delivery_id in enumerate(ids):
+        store.redis.hset(keys.delivery(delivery_id), mapping={"s": "x", "z": 1_000 + at})
+        store.redis.zadd(keys.DEAD, {delivery_id: 1_000 + at})
+    page = client.get("/dead").text
+    assert "Replay all 3…" in page
+    asked = post(client, "/dead/replay", {"csrf": csrf(page), "group": "all"})
+    assert asked.status_code == 200
+    assert "Replay?" in asked.text
+    assert "This sends every dead letter again: 3 now." in _text(asked.text)
+    assert 'name="confirm" value="yes"' in asked.text
+    assert 'action="/dead/replay"' in asked.text
+    assert set(store.states(ids)) == {"dead"}  # nothing yet
+
+    confirmed = {"csrf": csrf(asked.text), "group": "all", "confirm": "yes"}
+    assert post(client, "/dead/replay", {**confirmed, "csrf": "1.abc"}).status_code == 403
+    cross = post(client, "/dead/replay", confirmed, Origin="http://evil.example")
+    assert cross.status_code == 403
+    assert set(store.states(ids)) == {"dead"}
+    done = post(client, "/dead/replay", confirmed)
+    assert done.headers["location"] == "/dead?done=replayed&n=3"
+    assert set(store.states(ids)) == {"pending"}
+    assert [e["scope"] for e in audit_lines() if e["event"] == "console.replay"] == ["all"]
 
 
 @pytest.mark.parametrize(
@@ -609,7 +642,11 @@ def test_a_large_group_is_counted_whole_listed_in_part_and_replayed_whole(
     assert ids[-1] in page  # newest first
     assert ids[0] not in page
 
-    answer = post(client, "/dead/replay", {"csrf": csrf(page), "group": "all"})
+    asked = post(client, "/dead/replay", {"csrf": csrf(page), "group": "all"})
+    assert "This sends every dead letter again: 60 now." in _text(asked.text)
+    assert set(store.states(ids)) == {"dead"}
+    confirmed = {"csrf": csrf(asked.text), "group": "all", "confirm": "yes"}
+    answer = post(client, "/dead/replay", confirmed)
     assert answer.headers["location"] == "/dead?done=replayed&n=60"
     assert set(store.states(ids)) == {"pending"}
     lines = [e for e in audit_lines() if e["event"] == "console.replay"]

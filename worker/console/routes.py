@@ -110,10 +110,15 @@ def dead(request: Request, done: str = "", n: str = "") -> Response:
 
 @router.post("/dead/replay")
 async def replay_many(request: Request) -> Response:
-    """Replay a group of dead letters, or all."""
-    group = _group(await posted_form(request))
-    store, user = console_of(request).store, request.state.user
-    count = await run_in_threadpool(actions.replay_group, store, user, group)
+    """Replay a group of dead letters, or all: a page asking to confirm, then the replay."""
+    form = await posted_form(request)
+    group = _group(form)
+    console, user = console_of(request), request.state.user
+    if form.get("confirm") != "yes":
+        count = await run_in_threadpool(actions.count_group, console.store, group)
+        return console.render(request, "confirm.html", action="replay", target="",
+                              group=form.get("group", ""), count=count)  # fmt: skip
+    count = await run_in_threadpool(actions.replay_group, console.store, user, group)
     return _see("/dead?" + urlencode({"done": "replayed", "n": count}))
 
 
@@ -128,7 +133,7 @@ async def purge(request: Request) -> Response:
     group = "" if target else _group(form)
     if form.get("confirm") != "yes":
         count = 1 if target else await run_in_threadpool(actions.count_group, console.store, group)
-        return console.render(request, "confirm.html", target=target,
+        return console.render(request, "confirm.html", action="purge", target=target,
                               group=form.get("group", ""), count=count)  # fmt: skip
     if target:
         count = await run_in_threadpool(actions.purge, console.store, user, [target])
