@@ -20,6 +20,11 @@ Short names: there is one delivery key per record, millions of them in a backfil
                        "<id>|<claim>" by time (ms); cleared by any answer from it
 - ``bf:n:<t>``         counter with a TTL of an hour: deliveries recorded in the 10 s
                        from t * 10 s (epoch), for the console's recent figures
+- ``bf:m:<t>``         hash with a TTL of an hour: attempts recorded in the minute from
+                       t * 60 s (epoch) by verdict (delivered, retry, dead, paused, held,
+                       ...), for the console's chart
+- ``bf:done``          sorted set: the newest 10,000 deliveries by when they were
+                       delivered (ms), for the console's list of delivered ones
 - ``bf:ramp``          string with a TTL: when sends began to ramp up after a hold (ms)
 - ``bf:worker:<node>`` hash with a TTL: one worker's heartbeat (see heartbeat.py)
 - ``bf:x:<a>``         sorted set, by name (scores 0): one app's deliveries as
@@ -46,11 +51,18 @@ OUTAGE = PREFIX + "outage"
 OUTAGE_SEEN = PREFIX + "outage:seen"
 RAMP = PREFIX + "ramp"
 COUNTED_EVERY_MS = 10_000  # the span of one ``delivered_in`` counter
+DONE = PREFIX + "done"
+DONE_KEPT = 10_000  # the step script keeps this many of the newest (lua/step.lua)
 
 
 def delivered_in(span: int) -> str:
     """The counter of deliveries recorded in the 10 s span ``span`` (epoch ms // 10,000)."""
     return f"{PREFIX}n:{span}"
+
+
+def outcomes_in(minute: int) -> str:
+    """The attempts recorded in minute ``minute`` (epoch ms // 60,000), by verdict."""
+    return f"{PREFIX}m:{minute}"
 
 
 WORKER = PREFIX + "worker:"

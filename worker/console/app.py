@@ -26,6 +26,7 @@ from starlette.responses import Response
 
 from worker.console.auth import REALM, Guard, credentials, same_origin
 from worker.console.limits import LoginLimiter
+from worker.console.times import record_date, when, when_ms
 from worker.redact import cap
 from worker.store import Store
 
@@ -115,6 +116,9 @@ def _templates() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
     )
     env.filters["age"] = age
+    env.filters["when"] = when
+    env.filters["when_ms"] = when_ms
+    env.filters["record_date"] = record_date
     return env
 
 
