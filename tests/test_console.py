@@ -34,6 +34,8 @@ from worker.audit import configure_logging, redactor
 from worker.connection import connect
 from worker.console.app import create_app
 from worker.console.auth import Guard, parse_users, same_origin
+from worker.console.chart import nice_top
+from worker.console.times import record_date, relative, when
 from worker.errors import ConfigError
 from worker.local.processes import LocalRedis, WorkerProcess, free_port
 from worker.local.stub import ProviderStub
@@ -315,8 +317,11 @@ def test_overview_counts_states_flow_pause_and_the_oldest_pending(
 
     r.delete(keys.PAUSED)
     r.set(keys.OUTAGE, f"{now}|1000")
-    text = _text(client.get("/").text)
-    assert "holds for a provider outage (since " + delivery.iso(now) in text
+    page = client.get("/")
+    assert re.search(
+        r"holds for a provider outage \(since (just now|\d+ s ago) \)", _text(page.text)
+    )
+    assert f'title="{delivery.iso(now)}"' in page.text  # the exact time on hover
     for unreadable in ("garbage", "9" * 400 + "|1000", "9" * 18 + "|1000"):  # past year 9999
         r.set(keys.OUTAGE, unreadable)
         page = client.get("/")
@@ -345,7 +350,8 @@ def test_delivery_page_shows_every_attempt_with_the_number_masked(
     assert [first[i] for i in (0, 3, 4, 6, 7)] == ["1", "503", "", "HTTP 503", "retry"]
     assert [second[i] for i in (0, 3, 4, 5, 7)] == ["2", "200", "-24", "injected", "dead"]
     for cells in (first, second):
-        assert re.fullmatch(r"20\d\d-\d\d-\d\dT[0-9:.]+Z", cells[1])  # when
+        when = r'<time datetime="(20\d\d-\d\d-\d\dT[0-9:.]+Z)" title="\1">'
+        assert re.fullmatch(when + r"(just now|\d+ s ago)</time>", cells[1])  # hover: exact
         assert float(cells[2]) >= 0  # latency (ms)
     assert 'id="replay"' in page.text  # dead: it can be replayed from here
 
@@ -510,7 +516,11 @@ def test_dead_letters_are_grouped_by_last_error_and_a_group_replays_alone(
     assert NUMBER not in page
 
     stub.set_plan({})  # replays are answered "ok" (the plans ran out)
-    answer = post(client, "/dead/replay", {"csrf": csrf(page), "group": groups[1][0]})
+    form = {"csrf": csrf(page), "group": groups[1][0]}
+    asked = post(client, "/dead/replay", form)  # a confirmation page with the count first
+    assert "every dead letter with this last error again: 2 now" in _text(asked.text)
+    assert store.states(bad) == ["dead", "dead"]
+    answer = post(client, "/dead/replay", {**form, "confirm": "yes"})
     assert answer.status_code == 303
     assert answer.headers["location"] == "/dead?done=replayed&n=2"
     assert "2 replayed" in client.get(answer.headers["location"]).text
@@ -554,6 +564,35 @@ def test_purge_needs_a_confirmation_step(
         ("alice", [one]),
         ("alice", sorted([two, three])),
     ]
+
+
+def test_replay_of_all_asks_first_and_the_confirmation_keeps_csrf_and_same_origin(
+    client: Console, store: Store, audit_lines: Callable[[], list[dict[str, Any]]]
+) -> None:
+    store.redis.set(keys.PAUSED, "held for the test", px=600_000)  # replays stay pending
+    ids = [d for d, _ in store.enqueue_many([record() for _ in range(3)])]
+    for at, delivery_id in enumerate(ids):
+        store.redis.hset(keys.delivery(delivery_id), mapping={"s": "x", "z": 1_000 + at})
+        store.redis.zadd(keys.DEAD, {delivery_id: 1_000 + at})
+    page = client.get("/dead").text
+    assert "Replay all 3…" in page
+    asked = post(client, "/dead/replay", {"csrf": csrf(page), "group": "all"})
+    assert asked.status_code == 200
+    assert "Replay?" in asked.text
+    assert "This sends every dead letter again: 3 now." in _text(asked.text)
+    assert 'name="confirm" value="yes"' in asked.text
+    assert 'action="/dead/replay"' in asked.text
+    assert set(store.states(ids)) == {"dead"}  # nothing yet
+
+    confirmed = {"csrf": csrf(asked.text), "group": "all", "confirm": "yes"}
+    assert post(client, "/dead/replay", {**confirmed, "csrf": "1.abc"}).status_code == 403
+    cross = post(client, "/dead/replay", confirmed, Origin="http://evil.example")
+    assert cross.status_code == 403
+    assert set(store.states(ids)) == {"dead"}
+    done = post(client, "/dead/replay", confirmed)
+    assert done.headers["location"] == "/dead?done=replayed&n=3"
+    assert set(store.states(ids)) == {"pending"}
+    assert [e["scope"] for e in audit_lines() if e["event"] == "console.replay"] == ["all"]
 
 
 @pytest.mark.parametrize(
@@ -611,8 +650,127 @@ def test_a_large_group_is_counted_whole_listed_in_part_and_replayed_whole(
     assert ids[-1] in page  # newest first
     assert ids[0] not in page
 
-    answer = post(client, "/dead/replay", {"csrf": csrf(page), "group": "all"})
+    asked = post(client, "/dead/replay", {"csrf": csrf(page), "group": "all"})
+    assert "This sends every dead letter again: 60 now." in _text(asked.text)
+    assert set(store.states(ids)) == {"dead"}
+    confirmed = {"csrf": csrf(asked.text), "group": "all", "confirm": "yes"}
+    answer = post(client, "/dead/replay", confirmed)
     assert answer.headers["location"] == "/dead?done=replayed&n=60"
     assert set(store.states(ids)) == {"pending"}
     lines = [e for e in audit_lines() if e["event"] == "console.replay"]
     assert [(e["scope"], sorted(e["delivery_ids"])) for e in lines] == [("all", sorted(ids))]
+
+
+# -- watching -----------------------------------------------------------------------
+
+
+def test_the_overview_charts_outcomes_per_minute_and_shows_the_lanes(
+    client: Console, store: Store, stub: ProviderStub, console_worker: WorkerProcess
+) -> None:
+    delivered = [sent(stub, store, ["ok"]), sent(stub, store, ["503", "ok"])]
+    died = dead(stub, store, ["status:-24"])
+    wait_for(lambda: store.states(delivered) == ["delivered", "delivered"], 20)
+    minute = int(time.time() * 1000) // 60_000
+    counted: dict[str, int] = {}
+    for m in (minute - 1, minute):  # the attempts may straddle a minute
+        for verdict, n in store.redis.hgetall(keys.outcomes_in(m)).items():
+            counted[verdict] = counted.get(verdict, 0) + int(n)
+    assert counted == {"delivered": 2, "retry": 1, "dead": 1}
+    assert store.redis.zrevrange(keys.DONE, 0, -1) == sorted(
+        delivered, key=lambda i: store.redis.zscore(keys.DONE, i) or 0, reverse=True
+    )
+
+    store.redis.set(keys.PAUSED, "held for the test", px=600_000)  # pending stays pending
+    first = store.enqueue(record())[0]
+    store.enqueue_many([record(), record()], due_in_s=3600)  # bulk, waiting
+    page = client.get("/").text
+    for outcome, n in (("delivered", 2), ("retry", 1), ("dead", 1), ("other", 0)):
+        assert re.search(rf'id="total-{outcome}">{n}<', page), outcome
+    assert page.count('class="delivered"') in (1, 2)  # one bar per minute with deliveries
+    assert page.count('<g class="bar">') == 60
+    text = _text(page)
+    assert "live 1 1 0" in text  # depth, due now, waiting
+    assert "bulk 2 0 2" in text
+    assert first[:16] in page
+    assert "due just now" in text or "ago" in text
+    assert died not in page
+
+
+def test_deliveries_are_listed_by_state_a_page_at_a_time(client: Console, store: Store) -> None:
+    r = store.redis
+    r.set(keys.PAUSED, "held for the test", px=600_000)
+    due = [d for d, _ in store.enqueue_many([record() for _ in range(60)])]
+    later = [d for d, _ in store.enqueue_many([record() for _ in range(3)], due_in_s=3600)]
+    gone = [d for d, _ in store.enqueue_many([record(), record()], lane="l")]
+    now = int(time.time() * 1000)
+    for delivery_id in gone:  # one dead, one delivered
+        r.zrem(keys.LIVE, delivery_id)
+    r.hset(keys.delivery(gone[0]), mapping={"s": "x", "z": now})
+    r.zadd(keys.DEAD, {gone[0]: now})
+    r.delete(keys.delivery(gone[1]))
+    r.set(keys.marker(gone[1]), f"{now}|", ex=3600)
+    r.zadd(keys.DONE, {gone[1]: now})
+
+    first = client.get("/list", params={"state": "pending", "lane": "bulk"})
+    assert first.status_code == 200
+    assert "60 pending, due now in the bulk lane" in _text(first.text)
+    assert first.text.count('<tr>\n<td><a href="/deliveries/') == 50
+    assert 'rel="next"' in first.text
+    second = client.get("/list", params={"state": "pending", "lane": "bulk", "page": "2"})
+    shown = re.findall(r'<td><a href="/deliveries/[^"]+"><code>([^<]+)</code>', second.text)
+    assert len(shown) == 10
+    assert set(shown) < set(due)
+    assert 'rel="next"' not in second.text
+    assert "2023-04-11 03:46:04 UTC" in second.text  # the record's time as a date
+
+    waiting = client.get("/list", params={"state": "waiting", "lane": "bulk"}).text
+    assert sorted(re.findall(r"<code>([^<]+)</code>", waiting)) == sorted(later)
+    assert "due in 59 min" in _text(waiting) or "due in 1 h" in _text(waiting)
+    dead_list = client.get("/list", params={"state": "dead"}).text
+    assert re.findall(r"<code>([^<]+)</code>", dead_list) == [gone[0]]
+    done = client.get("/list", params={"state": "delivered"}).text
+    assert re.findall(r"<code>([^<]+)</code>", done) == [gone[1]]
+    assert "none on this page" in _text(client.get("/list?state=pending&lane=live").text)
+    for bad in ("state=nope", "lane=nope", "page=0", "page=x", "page=" + "9" * 30):
+        assert client.get("/list?" + bad).status_code == 400, bad
+
+
+def test_times_are_relative_with_the_exact_time_on_hover_and_auto_refresh_is_optional(
+    client: Console, store: Store
+) -> None:
+    store.redis.set(keys.PAUSED, "held for the test", px=600_000)
+    delivery_id = store.enqueue(record())[0]
+    page = client.get(f"/deliveries/{delivery_id}").text
+    shown_time = (r'<td id="time"><time datetime="2023-04-11T03:46:04\+00:00" '
+                  r'title="1681184764000 \(epoch ms\)">2023-04-11 03:46:04 UTC</time>')  # fmt: skip
+    assert re.search(shown_time, page)
+    created = re.search(r"<th>created_at</th><td>(.*?)</td>", page)
+    assert created
+    assert re.fullmatch(r'<time datetime="([^"]+)" title="\1">(just now|\d+ s ago)</time>',
+                        created.group(1))  # fmt: skip
+
+    assert 'http-equiv="refresh"' not in client.get("/").text
+    refreshing = client.get("/", params={"refresh": "30"}).text
+    assert '<meta http-equiv="refresh" content="30">' in refreshing
+    assert 'id="refresh-off"' in refreshing
+    assert 'http-equiv="refresh"' not in client.get("/", params={"refresh": "1"}).text
+    listed = client.get("/list", params={"state": "dead", "refresh": "10"}).text
+    assert '<meta http-equiv="refresh" content="10">' in listed
+
+
+def test_relative_times_and_the_chart_scale() -> None:
+    assert [relative(s) for s in (0, -5, -200, -7300, 90_000, -200_000)] == [
+        "just now", "5 s ago", "3 min ago", "2 h ago", "in 1 d", "2 d ago"
+    ]  # fmt: skip
+    assert [nice_top(v) for v in (0, 1, 3, 7, 10, 11, 999, 1001)] == [
+        1,
+        1,
+        5,
+        10,
+        10,
+        20,
+        1000,
+        2000,
+    ]
+    assert str(record_date("not-ms")) == "not-ms"
+    assert str(when("<b>")) == "&lt;b&gt;"

@@ -193,3 +193,103 @@ def test_an_operator_finds_a_msgid_reads_its_attempts_and_replays_it_to_delivere
     assert [(e["user"], e["delivery_ids"]) for e in replays] == [(USER, [delivery_id])]
     assert [(e["user"], e["delivery_ids"]) for e in purges] == [(USER, [ids[1]])]
     assert PASSWORD not in console_log.read_text()
+
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts" / "console"  # git-ignored
+
+
+def keep_screenshot(browser: webdriver.Chrome, name: str) -> Path:
+    """The whole page as tests/artifacts/console/<name>.png, after checking that it uses
+    the window's width and never scrolls sideways."""
+    width = browser.execute_script("return window.innerWidth")
+    assert browser.execute_script("return document.documentElement.scrollWidth") <= width, name
+    main = browser.find_element(By.TAG_NAME, "main").size["width"]
+    assert main >= 0.95 * width, (name, main, width)
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(1280, min(max(height + 140, 700), 4000))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    browser.save_screenshot(str(path))
+    browser.set_window_size(1280, 1000)
+    return path
+
+
+def visit_the_lists(browser: webdriver.Chrome, url: str) -> list[Path]:
+    """Each state's list (waiting: of the bulk lane), kept as screenshots."""
+    shots = []
+    for state in ("pending", "waiting", "dead", "delivered"):
+        lane = "bulk" if state == "waiting" else "live"
+        browser.get(f"{url}/list?state={state}&lane={lane}")
+        shows(browser, By.TAG_NAME, "h1", "Deliveries:")
+        assert NUMBER not in browser.page_source
+        shots.append(keep_screenshot(browser, f"list-{state}"))
+    assert len(browser.find_elements(By.CSS_SELECTOR, "table.deliveries tr")) == 3  # + header
+
+    return shots
+
+
+def test_every_page_renders_and_is_kept_as_a_screenshot(
+    browser: webdriver.Chrome,
+    console_url: tuple[str, Path],
+    private_redis: LocalRedis,
+    spawn_worker: Callable[..., WorkerProcess],
+    stub: ProviderStub,
+) -> None:
+    url, _ = console_url
+    spawn_worker(private_redis.url)
+    store = Store(connect(private_redis.url), dedupe_ttl_s=3600, keep_delivered_s=3600)
+    plans = {unique("ok"): ["ok"], unique("late"): ["503", "ok"], unique("bad"): ["status:-24"],
+             unique("bad"): ["status:-24"], unique("gone"): ["status:-9"]}  # fmt: skip
+    stub.set_plan(plans)
+    ids = [store.enqueue(BackfillRecord.parse({"app_id": "app-browser", "msgid": msgid,
+                                               "number": NUMBER, "time": "1681184764000"}))[0]
+           for msgid in plans]  # fmt: skip
+    wait_for(lambda: store.states(ids) == ["delivered"] * 2 + ["dead"] * 3, 30)
+    store.redis.set("bf:paused", "held for the screenshots", px=600_000)
+    store.enqueue_many([BackfillRecord.parse({"app_id": "app-bulk", "msgid": unique("b"),
+                                              "number": NUMBER, "time": "1681184764000"})
+                        for _ in range(3)], due_in_s=600)  # fmt: skip
+    shots = []
+
+    browser.get(url + "/")
+    shows(browser, By.TAG_NAME, "h1", "Overview")
+    assert browser.find_element(By.ID, "total-delivered").text == "2"
+    assert browser.find_element(By.ID, "total-dead").text == "3"
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#chart g.bar")) == 60
+    assert browser.find_element(By.ID, "chart").size["width"] > 1000
+    shots.append(keep_screenshot(browser, "overview"))
+    browser.find_element(By.LINK_TEXT, "30 s").click()  # auto-refresh on
+    wait_for(lambda: "refresh=30" in browser.current_url, 10)
+    assert browser.find_elements(By.CSS_SELECTOR, 'meta[http-equiv="refresh"][content="30"]')
+    shots.append(keep_screenshot(browser, "overview-refreshing"))
+
+    shots += visit_the_lists(browser, url)
+    search_and_open(browser, list(plans)[2], ids[2])
+    assert browser.find_element(By.ID, "time").text == "2023-04-11 03:46:04 UTC"
+    shots.append(keep_screenshot(browser, "delivery"))
+    browser.get(url + "/deliveries?q=app-browser")
+    shows(browser, By.TAG_NAME, "main", "By app_id")
+    shots.append(keep_screenshot(browser, "search"))
+
+    browser.get(url + "/dead")
+    shows(browser, By.TAG_NAME, "h1", "Dead letters")
+    shots.append(keep_screenshot(browser, "dead"))
+    browser.find_element(By.XPATH, "//button[starts-with(text(), 'Replay all')]").click()
+    shows(browser, By.TAG_NAME, "h1", "Replay?")
+    assert "every dead letter again: 3 now" in browser.find_element(By.ID, "what").text
+    assert store.states(ids[2:]) == ["dead"] * 3  # asked, not done
+    shots.append(keep_screenshot(browser, "confirm-replay"))
+    browser.find_element(By.ID, "confirm").click()
+    wait_for(lambda: "done=replayed" in browser.current_url, 10)
+    shows(browser, By.ID, "done", "3 replayed")
+    shots.append(keep_screenshot(browser, "replayed"))
+    browser.find_element(By.ID, "replayed-list").click()
+    shows(browser, By.TAG_NAME, "h1", "pending, due now")
+    listed = browser.find_elements(By.CSS_SELECTOR, "table.deliveries td code")
+    assert {ids[2], ids[3], ids[4]} <= {code.text for code in listed}  # what it replayed
+    shots.append(keep_screenshot(browser, "replayed-list"))
+
+    browser.get(url + "/deliveries/no-such-delivery")
+    shows(browser, By.ID, "error", "no such delivery")
+    shots.append(keep_screenshot(browser, "error"))
+    assert all(path.stat().st_size > 10_000 for path in shots)

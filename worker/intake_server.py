@@ -6,7 +6,11 @@ protocol below closes a connection whose request headers are not complete within
 ``header_timeout_s`` of their first byte (or of the connection opening). It also keeps
 the connection limit itself: up to ``max_connections`` every request is served, past it
 each one gets the documented JSON 503 with Retry-After (uvicorn's own limit answers in
-plain text, and counts in-flight tasks too), except ``/healthz``, which is always served. A reverse
+plain text, and counts in-flight tasks too), except ``/healthz``, which is always served.
+Given a ``per_address`` cap, it answers a plain 503 (``Retry-After``) to a client address
+that already holds that many connections, so one address cannot take every connection of
+the limit (the console uses it; behind a proxy every client shares its address, so the
+intake leaves it off). A reverse
 proxy in front (``ops/nginx-intake.conf``) remains the first line: TLS, per-client
 limits, and buffering whole bodies before the intake sees them.
 
@@ -19,7 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from collections import Counter
+from typing import Any, ClassVar
 
 import h11
 import redis.asyncio as aioredis
@@ -36,6 +41,10 @@ from worker.store import Store
 
 MAX_HEADERS = 16 * 1024  # request line and headers together
 BUSY = json.dumps({"error": "the intake is at its connection limit; retry later"}).encode()
+_TOO_MANY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: 39\r\nConnection: close\r\n\r\ntoo many connections from this address\n"
+)
 
 
 class HeaderDeadline(H11Protocol):
@@ -44,11 +53,21 @@ class HeaderDeadline(H11Protocol):
 
     header_timeout_s = 10.0
     max_connections: int | None = None
+    per_address = 0  # connections one client address may hold at once (0: no cap)
+    open_by_address: ClassVar[Counter[str]] = Counter()  # protocol() gives each its own
     _header_timer: asyncio.TimerHandle | None = None
+    _address: str | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """Start the clock for the first request's headers; past the limit, refuse."""
         super().connection_made(transport)
+        if self.per_address:
+            self._address = self.client[0] if self.client else ""
+            self.open_by_address[self._address] += 1
+            if self.open_by_address[self._address] > self.per_address:
+                transport.write(_TOO_MANY)
+                transport.close()
+                return
         if self.max_connections is not None and len(self.connections) > self.max_connections:
             self.app = over_limit(self.app)
         self._arm()
@@ -68,8 +87,13 @@ class HeaderDeadline(H11Protocol):
             self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        """Forget the clock."""
+        """Forget the clock and the connection's count."""
         self._disarm()
+        if self._address is not None:
+            self.open_by_address[self._address] -= 1
+            if self.open_by_address[self._address] <= 0:
+                del self.open_by_address[self._address]
+            self._address = None
         super().connection_lost(exc)
 
     def _arm(self) -> None:
@@ -104,9 +128,15 @@ def over_limit(app: Any) -> Any:
     return refuse
 
 
-def protocol(header_timeout_s: float, max_connections: int | None = None) -> type[HeaderDeadline]:
-    """The HeaderDeadline protocol with this deadline and limit (uvicorn takes a class)."""
-    limits = {"header_timeout_s": header_timeout_s, "max_connections": max_connections}
+def protocol(
+    header_timeout_s: float, max_connections: int | None = None, per_address: int = 0
+) -> type[HeaderDeadline]:
+    """The HeaderDeadline protocol with this deadline, limit and cap per client address
+    (uvicorn takes a class; each gets its own count of open connections)."""
+    limits: dict[str, Any] = {
+        "header_timeout_s": header_timeout_s, "max_connections": max_connections,
+        "per_address": per_address, "open_by_address": Counter(),
+    }  # fmt: skip
     return type("IntakeProtocol", (HeaderDeadline,), limits)
 
 
@@ -140,8 +170,9 @@ def health_client(settings: Settings) -> aioredis.Redis:
     return client
 
 
-def serve(app: Any, host: str, port: int, limits: Limits) -> None:
-    """Run uvicorn with the intake's limits (h11 forced: its header size limit applies)."""
+def serve(app: Any, host: str, port: int, limits: Limits, per_address: int = 0) -> None:
+    """Run uvicorn with the intake's limits (h11 forced: its header size limit applies),
+    and at most ``per_address`` connections from one client address (0: no cap)."""
     import uvicorn
 
     uvicorn.run(
@@ -151,7 +182,7 @@ def serve(app: Any, host: str, port: int, limits: Limits) -> None:
         log_config=None,
         server_header=False,
         loop="asyncio",
-        http=protocol(limits.header_timeout_s, limits.max_connections),
+        http=protocol(limits.header_timeout_s, limits.max_connections, per_address),
         h11_max_incomplete_event_size=MAX_HEADERS,
         timeout_keep_alive=max(1, round(limits.keep_alive_s)),
         # the limit is the protocol's (uvicorn's own answers 503 in plain text); a

@@ -23,7 +23,18 @@ Short names: there is one delivery key per record, millions of them in a backfil
 - ``bf:nh:<h>``        counter with a TTL of the dedupe window and an hour: deliveries
                        recorded in the hour from h * 3,600 s (epoch), for the count of
                        delivered markers (never scanned for)
-- ``bf:ramp``          string with a TTL: when sends began to ramp up after a hold (ms)
+- ``bf:m:<t>``         hash with a TTL of an hour: attempts recorded in the minute from
+                       t * 60 s (epoch) by verdict (delivered, retry, dead, paused, held,
+                       ...), for the console's chart
+- ``bf:done``          sorted set: the newest 10,000 deliveries by when they were
+                       delivered (ms), for the console's list of delivered ones
+- ``bf:ramp``          string with a TTL: "<ms>|<rate>": when sends began to ramp up after a
+                       hold or pause, and from what rate (per s)
+- ``bf:outage:last``   string: the delivery whose failure came last in a hold (probed in turn)
+- ``bf:held:by``       set with a TTL: "<p|o>|<id>": deliveries whose failures began or kept
+                       the pause (p) or hold (o); suspects once others' answers end it
+- ``bf:before``        string with a TTL: "<ms>|<rate>": when a hold or pause began and the
+                       delivery rate before it (sends resume near it after a short one)
 - ``bf:worker:<node>`` hash with a TTL: one worker's heartbeat (see heartbeat.py)
 - ``bf:workers``       sorted set: the nodes that wrote a heartbeat, by when it expires
                        (ms), so readers never scan for ``bf:worker:*``
@@ -51,6 +62,8 @@ OUTAGE = PREFIX + "outage"
 OUTAGE_SEEN = PREFIX + "outage:seen"
 RAMP = PREFIX + "ramp"
 COUNTED_EVERY_MS = 10_000  # the span of one ``delivered_in`` counter
+DONE = PREFIX + "done"
+DONE_KEPT = 10_000  # the step script keeps this many of the newest (lua/step.lua)
 
 
 def delivered_in(span: int) -> str:
@@ -64,6 +77,13 @@ def delivered_in_hour(hour: int) -> str:
 
 
 COUNTED_HOUR_MS = 3_600_000  # the span of one ``delivered_in_hour`` counter
+
+
+def outcomes_in(minute: int) -> str:
+    """The attempts recorded in minute ``minute`` (epoch ms // 60,000), by verdict."""
+    return f"{PREFIX}m:{minute}"
+
+
 WORKER = PREFIX + "worker:"
 WORKERS = PREFIX + "workers"
 INDEX_APPS = PREFIX + "xa"

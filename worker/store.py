@@ -196,7 +196,7 @@ class Store:
     def beat(self, node: str, fields: Mapping[str, str], ttl_s: int) -> None:
         """Write one worker's heartbeat hash (see ``worker.heartbeat``) and list the node
         in ``bf:workers`` by its expiry, dropping nodes whose beats ended long ago."""
-        now_ms = int(time.time() * 1000)
+        now_ms = int(clock.now() * 1000)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(keys.worker(node), items=[part for pair in fields.items() for part in pair])
         pipe.expire(keys.worker(node), ttl_s)

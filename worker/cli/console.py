@@ -19,12 +19,18 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
 DEFAULT_PORT = 5557
+MAX_CONNECTIONS = 64
 
 
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535))
-def console(host: str, port: int) -> None:
+@click.option(
+    "--per-address", default=16, show_default=True, type=click.IntRange(0, MAX_CONNECTIONS),
+    help=f"Connections one client address may hold (of {MAX_CONNECTIONS}); 0: no cap "
+    "(behind a reverse proxy, whose clients all share its address).",
+)  # fmt: skip
+def console(host: str, port: int, per_address: int) -> None:
     """Serve the operators' web console (HTTP Basic users from BACKFILL_CONSOLE_USERS).
 
     \b
@@ -41,7 +47,7 @@ def console(host: str, port: int) -> None:
     from worker.intake_server import serve
 
     structlog.get_logger("worker.console").info("console.ready", host=host, port=port)
-    serve(application, host, port, Limits(max_connections=64))
+    serve(application, host, port, Limits(max_connections=MAX_CONNECTIONS), per_address)
 
 
 def _application() -> FastAPI:

@@ -24,7 +24,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from worker.console.auth import REALM, Guard, same_origin
+from worker.console.auth import REALM, Guard, credentials, same_origin
+from worker.console.limits import LoginLimiter
+from worker.console.times import record_date, when, when_ms
 from worker.redact import cap
 from worker.store import Store
 
@@ -46,6 +48,10 @@ _UNAUTHORIZED = (
     "<!doctype html><title>401</title>"
     "<p>The console needs a user name and password (BACKFILL_CONSOLE_USERS).</p>"
 )
+_LIMITED = (
+    "<!doctype html><title>429</title>"
+    "<p>Too many wrong passwords from this address or for this user: wait and retry.</p>"
+)
 _CROSS_ORIGIN = (
     "<!doctype html><title>403</title><p>cross-origin request refused: nothing was changed</p>"
 )
@@ -62,12 +68,14 @@ class Refused(Exception):
 
 @dataclass(frozen=True)
 class Console:
-    """What the routes need: the store, the guard, the Celery queue, the templates."""
+    """What the routes need: the store, the guard, the Celery queue, the templates, and
+    the count of failed logins."""
 
     store: Store
     guard: Guard
     queue: str
     templates: jinja2.Environment
+    limiter: LoginLimiter
 
     def render(self, request: Request, name: str, status: int = 200, **context: Any) -> Response:
         """The template ``name`` for the request's user, with a CSRF token for its forms."""
@@ -84,12 +92,15 @@ def console_of(request: Request) -> Console:
     return console
 
 
-def create_app(store: Store, guard: Guard, queue: str = "backfill") -> FastAPI:
-    """The console over ``store``, for the users ``guard`` knows."""
+def create_app(
+    store: Store, guard: Guard, queue: str = "backfill", limiter: LoginLimiter | None = None
+) -> FastAPI:
+    """The console over ``store``, for the users ``guard`` knows, failed logins limited
+    by ``limiter`` (by default 10 a minute per address and per user name)."""
     from worker.console.routes import router  # which imports this module
 
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.console = Console(store, guard, queue, _templates())
+    app.state.console = Console(store, guard, queue, _templates(), limiter or LoginLimiter())
     app.middleware("http")(_guarded)
     app.add_exception_handler(Refused, _refused)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
@@ -105,6 +116,9 @@ def _templates() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
     )
     env.filters["age"] = age
+    env.filters["when"] = when
+    env.filters["when_ms"] = when_ms
+    env.filters["record_date"] = record_date
     return env
 
 
@@ -123,18 +137,14 @@ def age(seconds: float | None) -> str:
 async def _guarded(
     request: Request, call_next: Callable[[Request], Awaitable[Response]]
 ) -> Response:
-    """Only a console user passes, a POST only from the console's own origin; every answer
-    gets the security headers."""
-    presented = request.headers.get("authorization")
-    user = console_of(request).guard.user(presented)
+    """Only a console user passes (failed logins limited), a POST only from the console's
+    own origin; every answer gets the security headers."""
+    user, response = _login(request)
     path = cap(request.url.path, 200)
-    if user is None:
-        if presented:  # a wrong user or password (a browser's first request has none)
-            client = request.client.host if request.client else ""
-            log.warning("console.auth_failed", client=client, path=path)
-        response: Response = HTMLResponse(
-            _UNAUTHORIZED, status_code=401, headers={"WWW-Authenticate": REALM}
-        )
+    if response is not None:
+        pass
+    elif user is None:
+        response = HTMLResponse(_UNAUTHORIZED, status_code=401, headers={"WWW-Authenticate": REALM})
     elif request.method not in ("GET", "HEAD") and not same_origin(request.headers):
         log.warning("console.refused", user=user, reason="cross-origin request", path=path)
         response = HTMLResponse(_CROSS_ORIGIN, status_code=403)
@@ -143,6 +153,28 @@ async def _guarded(
         response = await call_next(request)
     response.headers.update(HEADERS)
     return response
+
+
+def _login(request: Request) -> tuple[str | None, Response | None]:
+    """The console user the request proves (None: none), or the 429 of a limited login.
+
+    A browser's first request has no credentials: a 401 asks for them, uncounted."""
+    console = console_of(request)
+    presented = request.headers.get("authorization")
+    if not presented:
+        return None, None
+    client = request.client.host if request.client else ""
+    name = cap((credentials(presented) or ("", ""))[0], 64)
+    wait = console.limiter.retry_after(client, name)
+    if wait:
+        headers = {"Retry-After": str(wait)}
+        return None, HTMLResponse(_LIMITED, status_code=429, headers=headers)
+    user = console.guard.user(presented)
+    if user is None:
+        console.limiter.failed(client, name, known=console.guard.knows(name))
+    else:
+        console.limiter.succeeded(client, user)
+    return user, None
 
 
 async def _refused(request: Request, exc: Refused) -> Response:

@@ -74,21 +74,17 @@ class Guard:
 
     def user(self, authorization: str | None) -> str | None:
         """The user an ``Authorization: Basic`` header proves, or None."""
-        if not authorization or len(authorization) > _AUTH_HEADER_LIMIT:
+        presented = credentials(authorization)
+        if presented is None:
             return None
-        scheme, _, encoded = authorization.partition(" ")
-        if scheme.lower() != "basic":
-            return None
-        try:
-            decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            return None
-        name, sep, password = decoded.partition(":")
-        if not sep:
-            return None
+        name, password = presented
         expected = self._users.get(name, self._missing)
         matches = hmac.compare_digest(_digest(password), expected)
         return name if matches and name in self._users else None
+
+    def knows(self, name: str) -> bool:
+        """Whether ``name`` is a console user's."""
+        return name in self._users
 
     def token(self, user: str, now: float | None = None) -> str:
         """A CSRF token for ``user``'s forms."""
@@ -108,6 +104,21 @@ class Guard:
     def _mac(self, user: str, issued: str) -> str:
         message = f"csrf|{user}|{issued}".encode()
         return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+
+
+def credentials(authorization: str | None) -> tuple[str, str] | None:
+    """The (name, password) an ``Authorization: Basic`` header presents, or None."""
+    if not authorization or len(authorization) > _AUTH_HEADER_LIMIT:
+        return None
+    scheme, _, encoded = authorization.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    name, sep, password = decoded.partition(":")
+    return (name, password) if sep else None
 
 
 def same_origin(headers: Mapping[str, str]) -> bool:

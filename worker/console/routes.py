@@ -17,8 +17,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from worker.console import actions, queries
+from worker.console import actions, queries, watch
 from worker.console.app import Refused, console_of, posted_form
+from worker.console.chart import chart
 from worker.lookup import InvalidQuery
 
 PAGE = 50
@@ -27,6 +28,7 @@ _QUERY = re.compile(r"[\x21-\x7e]{1,128}")
 _CURSOR = re.compile(r"[\x21-\x7e]{1,200}")
 _GROUP = re.compile(r"[0-9a-f]{16}")
 _KINDS = ("id", "msgid", "app_id")
+REFRESH = ("10", "30", "60")  # the auto-refresh periods offered (s)
 DONE = {  # what a redirect after an action may say (nothing else is ever shown)
     "replayed": "replayed",
     "purged": "purged",
@@ -36,18 +38,49 @@ router = APIRouter()
 
 
 @router.get("/", response_class=HTMLResponse)
-def overview(request: Request) -> Response:
-    """Counts by state, pause or outage, deliveries lately, the oldest pending."""
+def overview(request: Request, refresh: str = "") -> Response:
+    """Counts by state, pause or outage, outcomes per minute, the lanes, the oldest pending."""
     console = console_of(request)
     store, now = console.store, time.time()
     pause = store.pause_state()
+    now_ms = int(now * 1000)
     return console.render(
         request, "overview.html", figures=store.gauges(console.queue, now),
         pause=(queries.shown_text(pause[0]), pause[1]) if pause else None,
         outage=queries.outage_since(store), workers=len(store.beats()),
-        recent=queries.recent(store.redis, int(now * 1000), window_s=store.dedupe_ttl_s),
-        oldest=queries.oldest_pending(store.redis, int(now * 1000)),
+        recent=queries.recent(store.redis, now_ms, window_s=store.dedupe_ttl_s),
+        oldest=queries.oldest_pending(store.redis, now_ms),
+        chart=chart(watch.outcomes(store.redis, now_ms)), lanes=watch.lanes(store.redis, now_ms),
+        refresh=_refresh(refresh), refresh_choices=REFRESH, here="/",
     )  # fmt: skip
+
+
+@router.get("/list", response_class=HTMLResponse)
+def by_state(
+    request: Request, state: str = "pending", lane: str = "live", page: str = "1",
+    refresh: str = "",
+) -> Response:  # fmt: skip
+    """The deliveries in one state (pending and waiting: of one lane), a page at a time."""
+    if state not in watch.STATES or lane not in watch.LANES:
+        raise Refused(
+            400, "list: state is pending, waiting, dead or delivered; lane is live or bulk"
+        )
+    if not (page.isascii() and page.isdigit() and 1 <= int(page) <= 1_000_000):
+        raise Refused(400, "list: page is a number from 1")
+    console = console_of(request)
+    client, now_ms = console.store.redis, int(time.time() * 1000)
+    found = watch.page_of(client, state, lane, int(page), now_ms)
+    here = "/list?" + urlencode({"state": state, "lane": lane, "page": page})
+    return console.render(
+        request, "list.html", state=state, lane=lane, page=found, states=watch.STATES,
+        lanes=watch.LANES, laned=watch.LANED, refresh=_refresh(refresh),
+        refresh_choices=REFRESH, here=here,
+    )  # fmt: skip
+
+
+def _refresh(asked: str) -> str:
+    """The auto-refresh period asked for, if offered ("" for none)."""
+    return asked if asked in REFRESH else ""
 
 
 @router.get("/deliveries", response_class=HTMLResponse)
@@ -110,10 +143,15 @@ def dead(request: Request, done: str = "", n: str = "") -> Response:
 
 @router.post("/dead/replay")
 async def replay_many(request: Request) -> Response:
-    """Replay a group of dead letters, or all."""
-    group = _group(await posted_form(request))
-    store, user = console_of(request).store, request.state.user
-    count = await run_in_threadpool(actions.replay_group, store, user, group)
+    """Replay a group of dead letters, or all: a page asking to confirm, then the replay."""
+    form = await posted_form(request)
+    group = _group(form)
+    console, user = console_of(request), request.state.user
+    if form.get("confirm") != "yes":
+        count = await run_in_threadpool(actions.count_group, console.store, group)
+        return console.render(request, "confirm.html", action="replay", target="",
+                              group=form.get("group", ""), count=count)  # fmt: skip
+    count = await run_in_threadpool(actions.replay_group, console.store, user, group)
     return _see("/dead?" + urlencode({"done": "replayed", "n": count}))
 
 
@@ -128,7 +166,7 @@ async def purge(request: Request) -> Response:
     group = "" if target else _group(form)
     if form.get("confirm") != "yes":
         count = 1 if target else await run_in_threadpool(actions.count_group, console.store, group)
-        return console.render(request, "confirm.html", target=target,
+        return console.render(request, "confirm.html", action="purge", target=target,
                               group=form.get("group", ""), count=count)  # fmt: skip
     if target:
         count = await run_in_threadpool(actions.purge, console.store, user, [target])

@@ -661,13 +661,40 @@ local function claim_batch(claims)
   return {#claims > 0 and 'full' or 'idle'}
 end
 
-local recorded = {}
+-- Outcomes per minute (bf:m:<ms / 60,000>: a hash by verdict, kept an hour; released,
+-- stale and missing attempts are not outcomes) and the
+-- newest deliveries (bf:done, the newest 10,000 by time): the console's chart and list.
+local function note(tally, done)
+  local minute_key = P .. 'm:' .. math.floor(now / 60000)
+  for verdict, count in pairs(tally) do
+    -- pcall: a key overwritten with another type is skipped, never fails the step
+    redis.pcall('HINCRBY', minute_key, verdict, count)
+  end
+  redis.pcall('EXPIRE', minute_key, 3720)
+  if #done > 0 then
+    redis.pcall('ZADD', P .. 'done', unpack(done))
+    redis.pcall('ZREMRANGEBYRANK', P .. 'done', 0, -10001)
+  end
+end
+
+local recorded, tally, done = {}, {}, {}
+local charted = {delivered = true, retry = true, dead = true, paused = true, held = true}
 if n > 0 then
   detect()
 end
 for i = 0, n - 1 do
   local verdict, first = finish(3 + i * W)
   recorded[#recorded + 1] = {verdict, first}
+  if charted[verdict] then
+    tally[verdict] = (tally[verdict] or 0) + 1
+  end
+  if verdict == 'delivered' then
+    done[#done + 1] = now
+    done[#done + 1] = ARGV[3 + i * W]
+  end
+end
+if n > 0 then
+  note(tally, done)
 end
 if delivered_n > 0 then
   -- deliveries per 10 s (bf:n:<ms / 10,000>), kept an hour: the console's recent figures
