@@ -31,7 +31,7 @@ from typing import IO, Any
 import redis
 import structlog
 
-from worker.errors import BackfillError, InvalidRecord
+from worker.errors import BackfillError, InvalidRecord, RedisFull
 from worker.record import BackfillRecord
 from worker.store import Store
 
@@ -59,6 +59,7 @@ class BulkResult:
     rows: int = 0
     seconds: float = 0.0
     stopped: str | None = None
+    full: bool = False  # it stopped because Redis is full (a runtime failure, not bad input)
     delivery_ids: list[str] = field(default_factory=list)
 
 
@@ -242,11 +243,27 @@ def enqueue_rows(
                 _flush(store, batch, result, keep_ids)
                 if progress is not None:
                     progress(result)
+        _flush(store, batch, result, keep_ids)
     except UnreadableInput as exc:
         result.stopped = str(exc)
-    _flush(store, batch, result, keep_ids)
+        _flush_unless_full(store, batch, result, keep_ids)
+    except RedisFull as exc:
+        # the batch that met it was refused whole: the rows before it are in, no more
+        got_in = result.accepted + result.duplicates
+        result.stopped, result.full = f"{exc}; {got_in} rows got in before it stopped", True
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _flush_unless_full(
+    store: Store, batch: list[BackfillRecord], result: BulkResult, keep_ids: bool
+) -> None:
+    try:
+        _flush(store, batch, result, keep_ids)
+    except RedisFull as exc:
+        got_in = result.accepted + result.duplicates
+        result.stopped = f"{result.stopped}; then {exc}; {got_in} rows got in"
+        result.full = True
 
 
 def _flush(store: Store, batch: list[BackfillRecord], result: BulkResult, keep_ids: bool) -> None:

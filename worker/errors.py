@@ -20,3 +20,8 @@ class InvalidRecord(BackfillError, ValueError):
 
 class ConfigError(BackfillError):
     """A setting is missing or has a bad value; the message names the variable."""
+
+
+class RedisFull(BackfillError):
+    """Redis refused a write for lack of memory (``noeviction`` at ``maxmemory``): nothing of
+    the write was stored; the message says so with the figures."""

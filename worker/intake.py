@@ -43,6 +43,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
+from worker.capacity import Memory
+from worker.errors import RedisFull
 from worker.intake_body import BODY_SCHEMA, MAX_BODY, Refused, decode, parse_body
 from worker.lookup import InvalidQuery, find, query_args
 from worker.producer import enqueue_record, log_enqueued
@@ -79,10 +81,15 @@ def _refused(exc: Refused, caller: str | None) -> Response:
     return exc.response()
 
 
-def _unavailable(exc: redis.RedisError) -> JSONResponse:
-    log.warning("intake.redis_unavailable", error=f"{type(exc).__name__}: {exc}"[:200])
+def _unavailable(exc: redis.RedisError | RedisFull) -> JSONResponse:
+    if isinstance(exc, RedisFull | redis.exceptions.OutOfMemoryError):
+        log.warning("intake.redis_full", error=str(exc)[:300])
+        message = "Redis is full: nothing of this request was stored; retry later"
+    else:
+        log.warning("intake.redis_unavailable", error=f"{type(exc).__name__}: {exc}"[:200])
+        message = "Redis is unavailable; retry later"
     return JSONResponse(
-        {"error": "Redis is unavailable; retry later"},
+        {"error": message},
         status_code=503,
         headers={"Retry-After": str(RETRY_AFTER_S)},
     )
@@ -134,15 +141,19 @@ async def read_limited(request: Request, timeout_s: float) -> bytes:
 
 
 def accept(body: bytes, caller: str, store: Store) -> Response:
-    """Decode, validate and enqueue one request's body (in the pool); Redis errors propagate."""
+    """Decode, validate and enqueue one request's body (in the pool); Redis errors propagate
+    but a full Redis, which refused the whole request: that is its 503."""
     try:
         records, batch = parse_body(decode(body))
     except Refused as exc:
         return _refused(exc, caller)
-    if not batch:
-        delivery_id = enqueue_record(records[0], source="intake", caller=caller, store=store)
-        return JSONResponse({"delivery_id": delivery_id}, status_code=202)
-    outcomes = store.enqueue_many(records, source="intake", caller=caller)
+    try:
+        if not batch:
+            delivery_id = enqueue_record(records[0], source="intake", caller=caller, store=store)
+            return JSONResponse({"delivery_id": delivery_id}, status_code=202)
+        outcomes = store.enqueue_many(records, source="intake", caller=caller)
+    except RedisFull as exc:
+        return _unavailable(exc)
     for record, (delivery_id, created) in zip(records, outcomes, strict=True):
         log_enqueued(record, delivery_id, created, source="intake", caller=caller)
     return JSONResponse(
@@ -213,10 +224,11 @@ class RedisCheck:
     async def _check(self) -> str:
         try:
             with anyio.fail_after(HEALTH_TIMEOUT_S):
-                await self.client.ping()
+                info = await self.client.info("memory")
         except (redis.RedisError, TimeoutError) as exc:
             return type(exc).__name__
-        return ""
+        memory = Memory(None, int(info.get("used_memory") or 0), int(info.get("maxmemory") or 0))
+        return memory.full_message() if memory.full else ""
 
 
 def create_app(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,13 +20,13 @@ import structlog
 from celery import signals
 from celery.apps import worker as celery_worker_module
 
-from worker import metrics
+from worker import capacity, metrics
 from worker.audit import configure_logging
 from worker.clock import clock
-from worker.drain import fleet
+from worker.drain import Context, drain, fleet
 from worker.errors import ConfigError
 from worker.provider import ca_bundle
-from worker.runtime import get_client, get_settings, get_store, wake
+from worker.runtime import checked_store, get_client, get_settings, get_store, wake
 from worker.settings import Settings
 from worker.waker import Waker
 
@@ -53,6 +54,13 @@ def worker_exit_status() -> int:
 def _worker_init(sender: Any = None, **_: Any) -> None:
     _workers.append(sender)
     settings = get_settings()
+    try:
+        checked_store()  # an evicting Redis loses records: refused, the fix named
+    except ConfigError as exc:
+        configure_logging(settings.log_format, settings.log_level)
+        log.critical("worker.config_error", error=str(exc))
+        raise SystemExit(2) from None
+    _relieve(settings)
     if settings.metrics_port is None:
         return
     # `backfill worker` has bound the port already (a no-op then); under
@@ -64,6 +72,27 @@ def _worker_init(sender: Any = None, **_: Any) -> None:
         configure_logging(settings.log_format, settings.log_level)
         log.critical("worker.config_error", error=str(exc))
         raise SystemExit(2) from None
+
+
+def _relieve(settings: Settings) -> None:
+    """A full Redis refuses kombu's start-up bookkeeping (Celery would stop), not the step
+    script, and delivering frees memory: drain here, without Celery, until it has room."""
+    store = get_store()
+    if not capacity.read(store.redis).full:
+        return
+    configure_logging(settings.log_format, settings.log_level)
+    ctx = Context(settings, store, get_client(), None)
+    said = 0.0
+    with ThreadPoolExecutor(settings.concurrency, thread_name_prefix="relief") as pool:
+        while (memory := capacity.read(store.redis)).full:
+            if time.monotonic() - said > 30:
+                log.error("redis.full", detail=memory.full_message(),
+                          action="delivering without Celery until Redis has room")  # fmt: skip
+                said = time.monotonic()
+            sent = sum(pool.map(lambda _: drain(ctx), range(settings.concurrency)))
+            if sent == 0:
+                time.sleep(1.0)  # nothing due now: what fills Redis is not ours to free
+    log.warning("redis.full_over", detail="Redis has room again: starting the worker")
 
 
 @signals.setup_logging.connect
@@ -106,6 +135,7 @@ def _start(sender: Any = None, **_: Any) -> None:
         tick_s=settings.scheduler_tick_s,
         concurrency=getattr(getattr(sender, "pool", None), "limit", None) or settings.concurrency,
         node=str(getattr(sender, "hostname", None) or f"pid{os.getpid()}"),
+        relieve=lambda: drain(Context(settings, get_store(), client, None)),
     )
     waker.start()
     _wakers.append(waker)

@@ -19,6 +19,7 @@ from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from worker import capacity
 from worker.clock import clock
 from worker.errors import ConfigError
 from worker.store import Store
@@ -78,6 +79,21 @@ class FleetCollector(Collector):
         for lane in ("live", "bulk"):
             overdue.add_metric([lane], figures[f"overdue_{lane}_s"])
         yield overdue
+        try:
+            memory = capacity.read(self._store.redis)
+        except Exception as exc:
+            log.warning("metrics.redis_unavailable", error=type(exc).__name__)
+            return
+        yield GaugeMetricFamily(
+            "backfill_redis_full",
+            "1 while Redis refuses new records for lack of memory (noeviction at maxmemory).",
+            value=1.0 if memory.full else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "backfill_redis_memory_used_ratio",
+            "Redis used_memory / maxmemory (0 when Redis has no maxmemory).",
+            value=memory.used_ratio,
+        )
 
 
 def serve(port: int, store: Store, queue: str, host: str = "0.0.0.0") -> None:

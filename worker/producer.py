@@ -7,7 +7,7 @@ from datetime import datetime
 from worker.audit import audit_line
 from worker.record import BackfillRecord
 from worker.redact import mask_number
-from worker.runtime import get_store, wake_message
+from worker.runtime import checked_store, wake_message
 from worker.store import Store
 
 
@@ -17,6 +17,9 @@ def enqueue_backfill(
     """Validate and enqueue one record; returns its delivery_id (the same for a repeat).
 
     Raises ``InvalidRecord`` naming each bad field; nothing reaches Redis then.
+    Raises ``ConfigError`` when Redis's maxmemory-policy evicts keys (records could vanish;
+    see BACKFILL_ACCEPT_EVICTION) and ``RedisFull`` when Redis refused it for lack of
+    memory (nothing was stored).
     """
     record = BackfillRecord.parse(
         {"app_id": app_id, "msgid": msgid, "number": number, "time": time}
@@ -38,7 +41,7 @@ def enqueue_record(
     ``store`` defaults to the process's own (the intake passes its fail-fast one).
     """
     queue, wake = wake_message()
-    delivery_id, created = (store or get_store()).enqueue(
+    delivery_id, created = (store or checked_store()).enqueue(
         record, caller=caller, wake_queue=queue, wake=wake
     )
     log_enqueued(record, delivery_id, created, source=source, caller=caller)

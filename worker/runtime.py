@@ -12,6 +12,7 @@ from functools import cache
 
 import redis
 
+from worker import capacity
 from worker.audit import redactor
 from worker.connection import connect
 from worker.errors import ConfigError
@@ -33,6 +34,15 @@ def get_store() -> Store:
     """The process's Store on ``BACKFILL_REDIS_URL``."""
     settings = get_settings()
     return build_store(settings, connect(settings.redis_url, settings.redis_master_name))
+
+
+@cache
+def checked_store() -> Store:
+    """The process's Store, once its Redis is known not to evict keys: ConfigError (exit 2)
+    naming the fix when its maxmemory-policy evicts, unless BACKFILL_ACCEPT_EVICTION."""
+    store = get_store()
+    capacity.refuse_eviction(store.redis, get_settings().accept_eviction)
+    return store
 
 
 def build_store(settings: Settings, client: redis.Redis) -> Store:
@@ -87,4 +97,5 @@ def reset() -> None:
     """Forget settings and clients built from an earlier environment."""
     get_settings.cache_clear()
     get_store.cache_clear()
+    checked_store.cache_clear()
     get_client.cache_clear()

@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from worker import delivery, keys
+from worker import capacity, delivery, keys
 from worker.clock import clock
 from worker.connection import TRANSIENT_REDIS, persist
 from worker.policy import OutageRules, Outcome
@@ -26,9 +26,17 @@ HISTORY = 50
 DEFAULT_OUTAGE = OutageRules()
 
 
+# Scripts that run on a full Redis (``noeviction`` at ``maxmemory``): a step records
+# deliveries (compacting them), a purge deletes, a heartbeat is a few bytes. Every other
+# script is refused whole by a full Redis before its first command: it never half-writes.
+WHEN_FULL = frozenset({"step", "purge", "beat"})
+
+
 def _script(*names: str) -> str:
+    flags = "#!lua flags=allow-oom" if names[-1] in WHEN_FULL else "#!lua"
     return "\n".join(
-        resources.files("worker").joinpath(f"lua/{name}.lua").read_text() for name in names
+        [flags]
+        + [resources.files("worker").joinpath(f"lua/{name}.lua").read_text() for name in names]
     )
 
 
@@ -55,9 +63,9 @@ class Store:
         self.dedupe_ttl_s, self.keep_delivered_s, self.pause_s = (
             dedupe_ttl_s, keep_delivered_s, pause_s,
         )  # fmt: skip
-        self._enqueue, self._step, self._replay, self._purge = (
+        self._enqueue, self._step, self._replay, self._purge, self._beat = (
             client.register_script(_script("lib", name))
-            for name in ("enqueue", "step", "replay", "purge")
+            for name in ("enqueue", "step", "replay", "purge", "beat")
         )
 
     def enqueue(
@@ -103,7 +111,10 @@ class Store:
                 delivery.delivery_id(record), record.app_id, record.msgid or "",
                 record.number, record.time,
             ]  # fmt: skip
-        flat = self._enqueue([], [*args, keys.PREFIX])
+        try:
+            flat = self._enqueue([], [*args, keys.PREFIX])
+        except redis.exceptions.OutOfMemoryError:
+            raise capacity.full_error(self.redis) from None  # refused whole: nothing stored
         return [(str(flat[i + 1]), bool(int(flat[i]))) for i in range(0, len(flat), 2)]
 
     def step(
@@ -196,13 +207,8 @@ class Store:
     def beat(self, node: str, fields: Mapping[str, str], ttl_s: int) -> None:
         """Write one worker's heartbeat hash (see ``worker.heartbeat``) and list the node
         in ``bf:workers`` by its expiry, dropping nodes whose beats ended long ago."""
-        now_ms = int(clock.now() * 1000)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(keys.worker(node), items=[part for pair in fields.items() for part in pair])
-        pipe.expire(keys.worker(node), ttl_s)
-        pipe.zadd(keys.WORKERS, {node: now_ms + ttl_s * 1000})
-        pipe.zremrangebyscore(keys.WORKERS, "-inf", now_ms - 10 * ttl_s * 1000)  # clocks drift
-        pipe.execute()
+        pairs = [part for pair in fields.items() for part in pair]
+        self._beat([], [node, ttl_s, *pairs, keys.PREFIX])
 
     def beats(self, node: str | None = None) -> dict[str, dict[str, str]]:
         """The live workers' heartbeats by node (just ``node``'s when given), read from the

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import redis
 import structlog
 
+from worker import capacity
 from worker.clock import clock
 from worker.drain import fleet
 from worker.heartbeat import BEAT_EVERY_S, BEAT_TTL_S, progress
@@ -37,6 +38,7 @@ class Waker(threading.Thread):
         tick_s: float,
         concurrency: int,
         node: str,
+        relieve: Callable[[], int] | None = None,
     ) -> None:
         super().__init__(name="backfill-waker", daemon=True)
         self._store = store
@@ -45,6 +47,9 @@ class Waker(threading.Thread):
         self._tick_s = tick_s
         self._concurrency = concurrency
         self._node = node
+        # a full Redis refuses wake-ups (and kombu's bookkeeping): the waker drains itself
+        self._relieve = relieve
+        self._full = False
         self._next_beat = 0.0
         self._stopping = threading.Event()
 
@@ -72,7 +77,19 @@ class Waker(threading.Thread):
             idle = min(idle, 1 if fleet.active == 0 else 0)
         wanted = min(due, idle) - depth
         if wanted > 0:
-            self._publish(wanted)
+            try:
+                self._publish(wanted)
+            except redis.exceptions.OutOfMemoryError:
+                if self._relieve is None:
+                    raise
+                if not self._full:
+                    log.error("redis.full", detail=capacity.full_error(self._store.redis).args[0],
+                              action="the waker delivers itself until Redis has room")  # fmt: skip
+                self._full = True
+                return self._relieve()
+        if self._full:
+            log.warning("redis.full_over", detail="wake-ups are published again")
+            self._full = False
         return max(wanted, 0)
 
     def _beat(self) -> None:

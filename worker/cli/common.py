@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import click
 import redis
 
-from worker.errors import ConfigError, InvalidRecord
+from worker.errors import ConfigError, InvalidRecord, RedisFull
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -28,6 +28,15 @@ def exits(func: F) -> F:
         except (ConfigError, InvalidRecord) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except RedisFull as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except redis.exceptions.OutOfMemoryError:
+            from worker.capacity import full_error
+            from worker.runtime import get_store
+
+            click.echo(f"error: {full_error(get_store().redis)}", err=True)
+            sys.exit(1)
         except redis.RedisError as exc:
             click.echo(f"error: Redis unavailable: {type(exc).__name__}: {exc}", err=True)
             sys.exit(1)

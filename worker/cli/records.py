@@ -37,7 +37,8 @@ def enqueue(
     \b
     Exit codes:
       0  enqueued (with --file: every row accepted or a duplicate)
-      1  Redis unavailable (a runtime failure)
+      1  Redis unavailable or full (a runtime failure; with --file the summary
+         says how many rows got in before it stopped)
       2  bad input: a bad field, a rejected row, a --file that is missing, a
          directory or not UTF-8 (the error names the line)
     """
@@ -59,7 +60,7 @@ def enqueue(
 def _enqueue_file(path: str, fmt: str | None, rejects: str | None) -> int:
     """Enqueue every row of --file; returns the exit code (0 all accepted, 2 otherwise)."""
     from worker import bulk
-    from worker.runtime import get_store
+    from worker.runtime import checked_store
 
     fmt = fmt or bulk.format_of(path)
     rejects_path = bulk.rejects_path_for(path, rejects)
@@ -80,7 +81,7 @@ def _enqueue_file(path: str, fmt: str | None, rejects: str | None) -> int:
             progress, done = _progress(total)
             with bulk.Rejects(rejects_path) as out:
                 rows = bulk.read_rows(raw, fmt)
-                result = bulk.enqueue_rows(get_store(), rows, out, progress=progress)
+                result = bulk.enqueue_rows(checked_store(), rows, out, progress=progress)
             done(result)
     except bulk.UnreadableInput as exc:
         click.echo(f"error: --file: {exc}", err=True)
@@ -134,6 +135,8 @@ def _bulk_summary(path: str, result: Any, rejects_path: Any) -> int:
         rejected=result.rejected,
         stopped=result.stopped,
     )
+    if result.full:
+        return 1  # a runtime failure: the input is fine, run it again once Redis has room
     return 2 if result.rejected or result.stopped else 0
 
 

@@ -21,10 +21,11 @@ def worker(concurrency: int | None, hostname: str | None) -> None:
     from worker.app import app
     from worker.audit import configure_logging
     from worker.lifecycle import worker_exit_status
-    from worker.runtime import get_client, get_settings, get_store
+    from worker.runtime import checked_store, get_client, get_settings, get_store
 
     settings = get_settings()
     get_client()  # fails fast with exit 2 when the credentials are missing
+    checked_store()  # and when Redis evicts keys (records could vanish)
     # before Celery starts, so its start-up warnings are JSON lines too
     configure_logging(settings.log_format, settings.log_level)
     if settings.metrics_port is not None:  # a taken port is exit 2, before Celery starts
@@ -145,6 +146,7 @@ def intake(
     threads: int,
 ) -> None:
     """Serve the HTTP intake (POST /v1/backfills) for non-Python producers."""
+    from worker import capacity
     from worker.audit import configure_logging, redactor
     from worker.checks import parse_tokens
     from worker.intake import Limits, create_app
@@ -164,7 +166,9 @@ def intake(
         max_connections=max_connections,
         threads=threads,
     )
-    application = create_app(intake_store(settings), tokens, health_client(settings), limits)
+    store = intake_store(settings)
+    capacity.refuse_eviction(store.redis, settings.accept_eviction)  # exit 2, the fix named
+    application = create_app(store, tokens, health_client(settings), limits)
     serve(application, host, port, limits)
 
 
@@ -183,11 +187,16 @@ def health(timeout: float, node: str | None) -> None:
     (at least one), or the timeout; it never scans Redis's keys."""
     from celery.utils.nodenames import host_format
 
+    from worker import capacity
     from worker.app import app
-    from worker.runtime import get_store
+    from worker.clock import clock
+    from worker.runtime import checked_store, get_store
 
     try:
         get_store().redis.ping()
+        checked_store()  # an evicting Redis is refused: exit 2, the fix named
+        memory = capacity.read(get_store().redis)
+        clock.measure(get_store().redis)  # judge the heartbeats by the shared clock
     except redis.RedisError as exc:
         click.echo(f"unhealthy: Redis does not answer ({type(exc).__name__})")
         sys.exit(1)
@@ -203,18 +212,34 @@ def health(timeout: float, node: str | None) -> None:
         click.echo(f"unhealthy: {missing} to a ping within {timeout:g} s")
         sys.exit(1)
     stalled = _stalled_workers(name, beats)
-    if stalled:
-        click.echo("unhealthy: " + "; ".join(f"{who} stalled: {why}" for who, why in stalled))
+    clocks = _clocks(beats)
+    bad = [f"{who} stalled: {why}" for who, why in stalled]
+    bad += [f"{who} {why}" for who, (why, fatal) in clocks.items() if fatal]
+    if bad:
+        click.echo("unhealthy: " + "; ".join(bad))
         sys.exit(1)
     who = f"worker {name} replied" if name else f"{len(replies)} worker(s) replied"
-    click.echo(f"healthy: Redis answers, {who}, making progress{_holding()}")
+    notes = "".join(f"; {who} {why}" for who, (why, _) in clocks.items())
+    if memory.full:  # the workers still deliver (and so free memory): named, not fatal
+        notes += f"; WARNING: {memory.full_message()}"
+    click.echo(f"healthy: Redis answers, {who}, making progress{_holding()}{notes}")
+
+
+def _clocks(beats: dict[str, dict[str, str]]) -> dict[str, tuple[str, bool]]:
+    """The workers whose clock is over BACKFILL_CLOCK_MAX_OFFSET_S off the shared clock:
+    what to say, and whether it is fatal (only when they do not correct it)."""
+    from worker.clock import offset_problem
+    from worker.runtime import get_settings
+
+    limit = get_settings().clock_max_offset_s
+    found = {who: offset_problem(beat, limit) for who, beat in beats.items()}
+    return {who: problem for who, problem in found.items() if problem}
 
 
 def _holding() -> str:
     """What holds the fleet (a provider outage, an account pause), for `health`; '' if none.
     A hold is not a worker's fault: the workers stay healthy while it lasts."""
-    import time
-
+    from worker.clock import clock
     from worker.runtime import get_store
 
     store = get_store()
@@ -222,7 +247,12 @@ def _holding() -> str:
     if outage is not None:
         since, wait = outage
         reason = pause[0].removeprefix("outage: ") if pause else "no answer from the provider"
-        lasted = f"for {max(time.time() - since, 0):.0f} s" if since > 0 else "since ?"
+        lasted = f"for {max(clock.now() - since, 0):.0f} s" if since > 0 else "since ?"
+        if reason.startswith("status -16"):  # the provider refuses our timestamps
+            return (
+                f"; HOLDING {lasted}: the provider refuses our timestamps ({reason}): check "
+                f"the workers' clocks (probe every {wait:g} s)"
+            )
         return f"; HOLDING for a provider outage {lasted} (probe every {wait:g} s): {reason}"
     if pause is not None:
         return f"; PAUSED for {pause[1]:.0f} s more: {pause[0]}"
@@ -231,13 +261,12 @@ def _holding() -> str:
 
 def _stalled_workers(node: str | None, beats: dict[str, dict[str, str]]) -> list[tuple[str, str]]:
     """The workers (just ``node`` when given) whose heartbeat says they are stalled."""
-    import time
-
+    from worker.clock import clock
     from worker.heartbeat import BEAT_TTL_S, stalled
     from worker.runtime import get_settings
 
     if node and node not in beats:
         return [(node, f"no heartbeat in the last {BEAT_TTL_S} s")]
-    now, limit = time.time(), get_settings().stall_after_s
+    now, limit = clock.now(), get_settings().stall_after_s
     found = [(who, stalled(beat, now, limit)) for who, beat in beats.items()]
     return [(who, why) for who, why in found if why]
