@@ -14,9 +14,11 @@ from typing import Any
 
 import redis
 
+from worker import keys
 from worker.errors import ConfigError, RedisFull
 
 SAFE_POLICY = "noeviction"
+FULL_AT = 0.99  # of maxmemory: past this, a batch of records no longer fits
 FIX = (
     "set maxmemory-policy noeviction (redis.conf, or CONFIG SET maxmemory-policy "
     "noeviction), or BACKFILL_ACCEPT_EVICTION=true to accept losing records"
@@ -42,8 +44,9 @@ class Memory:
 
     @property
     def full(self) -> bool:
-        """Whether Redis refuses writes that need memory right now."""
-        return self.limit > 0 and self.used >= self.limit
+        """Whether Redis refuses writes that need memory now (within FULL_AT of maxmemory:
+        a write is refused when it would pass it, so "just under" is full too)."""
+        return self.limit > 0 and self.used >= self.limit * FULL_AT
 
     @property
     def used_ratio(self) -> float:
@@ -75,6 +78,16 @@ def refuse_eviction(client: redis.Redis, accept: bool) -> Memory:
             f"out, so accepted records can vanish without a trace; {FIX}"
         )
     return memory
+
+
+def refuses_writes(client: redis.Redis) -> bool:
+    """Whether Redis refuses a small write now (what Celery's broker bookkeeping needs):
+    one short-lived key is set to find out."""
+    try:
+        client.set(keys.ROOM, "1", px=1000)
+    except redis.exceptions.OutOfMemoryError:
+        return True
+    return False
 
 
 def is_full_error(exc: BaseException) -> bool:

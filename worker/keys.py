@@ -36,6 +36,7 @@ Short names: there is one delivery key per record, millions of them in a backfil
 - ``bf:before``        string with a TTL: "<ms>|<rate>": when a hold or pause began and the
                        delivery rate before it (sends resume near it after a short one)
 - ``bf:worker:<node>`` hash with a TTL: one worker's heartbeat (see heartbeat.py)
+- ``bf:room``          string set for a second: does a full Redis take writes again?
 - ``bf:workers``       sorted set: the nodes that wrote a heartbeat, by when it expires
                        (ms), so readers never scan for ``bf:worker:*``
 - ``bf:x:<a>``         sorted set, by name (scores 0): one app's deliveries as
@@ -84,6 +85,7 @@ def outcomes_in(minute: int) -> str:
     return f"{PREFIX}m:{minute}"
 
 
+ROOM = PREFIX + "room"  # set for a second to learn whether a full Redis takes writes again
 WORKER = PREFIX + "worker:"
 WORKERS = PREFIX + "workers"
 INDEX_APPS = PREFIX + "xa"

@@ -28,6 +28,7 @@ from worker.errors import ConfigError
 from worker.provider import ca_bundle
 from worker.runtime import checked_store, get_client, get_settings, get_store, wake
 from worker.settings import Settings
+from worker.store import Store
 from worker.waker import Waker
 
 log = structlog.get_logger("worker.lifecycle")
@@ -74,18 +75,24 @@ def _worker_init(sender: Any = None, **_: Any) -> None:
         raise SystemExit(2) from None
 
 
+# Started against a full Redis, a worker delivers without Celery until this share of
+# maxmemory is free: Celery's broker bookkeeping then has room, and does not stop it again.
+RELIEVED = 0.1
+
+
 def _relieve(settings: Settings) -> None:
     """A full Redis refuses kombu's start-up bookkeeping (Celery would stop), not the step
     script, and delivering frees memory: drain here, without Celery, until it has room."""
     store = get_store()
-    if not capacity.read(store.redis).full:
+    if not _full(store):
         return
     configure_logging(settings.log_format, settings.log_level)
     ctx = Context(settings, store, get_client(), None)
     said = 0.0
     with ThreadPoolExecutor(settings.concurrency, thread_name_prefix="relief") as pool:
-        while (memory := capacity.read(store.redis)).full:
+        while _full(store, RELIEVED):
             if time.monotonic() - said > 30:
+                memory = capacity.read(store.redis)
                 log.error("redis.full", detail=memory.full_message(),
                           action="delivering without Celery until Redis has room")  # fmt: skip
                 said = time.monotonic()
@@ -93,6 +100,14 @@ def _relieve(settings: Settings) -> None:
             if sent == 0:
                 time.sleep(1.0)  # nothing due now: what fills Redis is not ours to free
     log.warning("redis.full_over", detail="Redis has room again: starting the worker")
+
+
+def _full(store: Store, room: float = 0.0) -> bool:
+    """Whether Redis refuses writes or has less than ``room`` (a share of maxmemory) free."""
+    if capacity.refuses_writes(store.redis):
+        return True
+    memory = capacity.read(store.redis)
+    return memory.full or (room > 0 and memory.used_ratio > 1 - room)
 
 
 @signals.setup_logging.connect

@@ -1,0 +1,203 @@
+"""Our Redis: an evicting one is refused by every entry point, a full one is named as full
+everywhere, refuses a write whole, and a worker started against it drains it.
+
+Private Redis servers with ``maxmemory`` and the policy each case needs; the stub and a
+real worker where delivering is the point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from tests.conftest import API_KEY, API_SECRET, read_log, reset_caches, wait_for
+from tests.helpers import backfill
+from worker import capacity, keys
+from worker.connection import connect
+from worker.errors import ConfigError, RedisFull
+from worker.intake import RedisCheck, accept
+from worker.local.processes import LocalRedis, WorkerProcess, local_env
+from worker.local.stub import ProviderStub
+from worker.record import BackfillRecord
+from worker.store import Store
+
+
+def redis_with(tmp_path: Path, *args: str) -> Iterator[LocalRedis]:
+    server = LocalRedis(tmp_path / "redis", extra_args=args).start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def evicting(tmp_path: Path) -> Iterator[LocalRedis]:
+    yield from redis_with(tmp_path, "--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru")
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> Iterator[LocalRedis]:
+    yield from redis_with(tmp_path, "--maxmemory", "4mb", "--maxmemory-policy", "noeviction")
+
+
+@pytest.fixture
+def roomy(tmp_path: Path) -> Iterator[LocalRedis]:
+    # full, but with room enough that what a delivered record keeps (its marker, the
+    # console's list of the newest 10,000) is less than what delivering it frees
+    yield from redis_with(tmp_path, "--maxmemory", "12mb", "--maxmemory-policy", "noeviction")
+
+
+def env_for(server: LocalRedis, stub_url: str = "http://127.0.0.1:9/sms", **more: str) -> dict:
+    return {**local_env(server.url, stub_url, API_KEY, API_SECRET), **more}
+
+
+def record(i: int, tag: str = "mem") -> BackfillRecord:
+    return BackfillRecord(
+        f"app-{tag}", f"8613{i:09d}", str(1_700_000_000_000 + i), msgid=f"{tag}{i}"
+    )
+
+
+def fill(store: Store, tag: str) -> int:
+    """Enqueue until Redis refuses: how many records got in."""
+    count, size = 0, 200
+    while True:
+        batch = [record(count + i, tag) for i in range(size)]
+        try:
+            store.enqueue_many(batch, source="test")
+        except RedisFull:
+            if size == 1:
+                return count
+            size = 1  # then one at a time: up to the last byte
+            continue
+        count += len(batch)
+
+
+def test_every_entry_point_refuses_an_evicting_redis(
+    evicting: LocalRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = env_for(evicting, BACKFILL_INTAKE_TOKENS="web:" + "t" * 32)
+    args = ["--app-id", "a", "--number", "8613500000000", "--time", "1700000000000"]
+    for command in (
+        ["worker"],
+        ["enqueue", *args],
+        ["health", "--timeout", "1"],
+        ["intake", "--port", "0"],
+    ):
+        done = backfill(*command, env=env)
+        assert done.returncode == 2, (command, done.stdout, done.stderr)
+        said = done.stdout + done.stderr
+        assert "allkeys-lru" in said, said
+        assert "maxmemory-policy noeviction" in said
+        assert "BACKFILL_ACCEPT_EVICTION" in said
+    # nothing was written by any of them
+    assert connect(evicting.url).dbsize() == 0
+    # the Python API says the same; the operator may accept the loss explicitly
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    reset_caches()
+    from worker import enqueue_backfill
+
+    with pytest.raises(ConfigError, match="noeviction"):
+        enqueue_backfill(app_id="a", number="8613500000000", time="1700000000000")
+    monkeypatch.setenv("BACKFILL_ACCEPT_EVICTION", "true")
+    reset_caches()
+    assert enqueue_backfill(app_id="a", number="8613500000000", time="1700000000000")
+    assert backfill("enqueue", *args, env={**env, "BACKFILL_ACCEPT_EVICTION": "1"}).returncode == 0
+    reset_caches()
+
+
+def test_a_full_redis_is_named_full_everywhere_and_nothing_is_half_written(
+    small: LocalRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(connect(small.url), dedupe_ttl_s=3600)
+    got_in = fill(store, "full")
+    assert got_in > 0
+    assert capacity.read(store.redis).full
+    # a refused batch wrote nothing: every delivery in the lane has its hash, and no more
+    assert store.redis.zcard(keys.BULK) == got_in
+    # a file: the summary says how many rows got in before Redis refused, exit 1
+    rows = tmp_path / "more.jsonl"
+    rows.write_text(
+        "".join(
+            json.dumps({"app_id": "app-file", "number": f"8613{i:09d}", "time": "1700000000000"})
+            + "\n"
+            for i in range(3000)
+        )
+    )
+    env = env_for(small)
+    done = backfill("enqueue", "--file", str(rows), env=env)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Redis is full" in done.stderr
+    assert "0 rows got in before it stopped" in done.stderr
+    # one record from the CLI and from Python: named full, never "unavailable"
+    single = backfill(
+        "enqueue", "--app-id", "x", "--number", "8613500000001", "--time", "1700000000000",
+        env=env,
+    )  # fmt: skip
+    assert single.returncode == 1, single.stderr
+    assert "Redis is full" in single.stderr
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    reset_caches()
+    from worker import enqueue_backfill
+
+    with pytest.raises(RedisFull, match="Redis is full"):
+        enqueue_backfill(app_id="x", number="8613500000001", time="1700000000000")
+    reset_caches()
+    # the intake's answer and its /healthz
+    answer = accept(b'{"app_id":"x","number":"8613500000002","time":"1700000000000"}', "web", store)
+    assert answer.status_code == 503
+    assert answer.headers["Retry-After"]
+    assert b"Redis is full" in bytes(answer.body)
+    problem = asyncio.run(RedisCheck(aioredis.Redis.from_url(small.url)).problem())
+    assert problem.startswith("Redis is full")
+    # `health` names it (with no worker it is unhealthy for that reason, not for Redis)
+    health = backfill("health", "--timeout", "1", env=env)
+    assert "Redis does not answer" not in health.stdout
+    assert store.redis.zcard(keys.BULK) == got_in  # still nothing half-written
+
+
+def test_a_worker_started_against_a_full_redis_drains_it(
+    roomy: LocalRedis, settings_env: dict[str, str], tmp_path: Path
+) -> None:
+    small = roomy
+    store = Store(connect(small.url), dedupe_ttl_s=3600)
+    got_in = fill(store, "drain")
+    assert capacity.read(store.redis).full
+    with ProviderStub(API_KEY, API_SECRET) as stub:
+        # delivered records compacted at once (the default): delivering frees memory
+        env = {**settings_env, "BACKFILL_REDIS_URL": small.url, "BACKFILL_BASE_URL": stub.url,
+               "BACKFILL_KEEP_DELIVERED_S": "0"}  # fmt: skip
+        worker = WorkerProcess(env, tmp_path / "worker.log").start()
+        try:
+            worker.wait_ready(timeout_s=180)  # ready once Redis has room
+            wait_for(lambda: stub.stats()["accepted"] == got_in, timeout_s=120)
+            wait_for(lambda: store.redis.zcard(keys.BULK) == 0, timeout_s=30)
+            assert not capacity.read(store.redis).full
+            lines = read_log(Path(worker.log_path))
+            assert any(line.get("event") == "redis.full" for line in lines)
+            assert not [line for line in lines if line.get("level") == "critical"]
+            # and it goes on as a Celery worker: a new record is delivered the usual way
+            store.enqueue(record(10**6, "after"))
+            wait_for(lambda: stub.stats()["accepted"] == got_in + 1, timeout_s=30)
+        finally:
+            worker.kill()
+
+
+def test_full_redis_figures() -> None:
+    memory = capacity.Memory("noeviction", 100, 100)
+    assert memory.full
+    assert not memory.evicting
+    assert capacity.Memory("allkeys-lru", 1, 0).evicting
+    assert not capacity.Memory("noeviction", 98, 100).full
+    assert not capacity.Memory(None, 10**9, 0).full  # no maxmemory: never full
+    assert "Redis is full" in memory.full_message()
+
+
+def test_a_redis_error_that_is_not_oom_is_not_full() -> None:
+    assert capacity.is_full_error(redis.exceptions.OutOfMemoryError("OOM"))
+    assert not capacity.is_full_error(redis.ConnectionError("down"))
