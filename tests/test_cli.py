@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -154,7 +153,6 @@ def test_stub_command_serves_signed_calls() -> None:
 
 def test_demo_runs_end_to_end_and_leaves_nothing_running(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BACKFILL_")}
-    started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "worker", "demo", "--records", "40", "--workdir", str(tmp_path)],
         env=env,
@@ -166,7 +164,9 @@ def test_demo_runs_end_to_end_and_leaves_nothing_running(tmp_path: Path) -> None
     assert result.returncode == 0, result.stdout + result.stderr
     assert "summary" in result.stdout
     assert "delivered" in result.stdout
-    assert time.monotonic() - started < 200
+    # at least one sample record is bad on purpose: the summary says why it died
+    assert "provider status -9 (injected): a bad record" in result.stdout
+    assert "backfill demo --keep" in result.stdout
     log_text = (tmp_path / "worker.log").read_text()
     assert '"event":"postback.attempt"' in log_text
     assert leftovers(tmp_path) == {"worker": (1, []), "workdir": (1, [])}
