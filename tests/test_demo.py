@@ -12,8 +12,7 @@ from pathlib import Path
 import requests
 
 from tests.conftest import API_SECRET, wait_for
-from tests.helpers import backfill
-from tests.test_cli import _listening, leftovers
+from tests.helpers import backfill, leftovers, listening
 from worker.local.processes import free_port
 from worker.local.stub import LOCAL_API_KEY, LOCAL_API_SECRET
 from worker.provider import build_headers
@@ -124,4 +123,4 @@ def test_demo_keep_leaves_everything_running_until_ctrl_c(tmp_path: Path) -> Non
     assert process.returncode == 0, out
     assert "stopping" in out
     assert leftovers(tmp_path) == {"worker": (1, []), "workdir": (1, [])}
-    assert wait_for(lambda: not _listening(port), 10)
+    assert wait_for(lambda: not listening(port), 10)
