@@ -175,3 +175,31 @@ def spawn_worker(
     yield spawn
     for process in started:
         process.kill()
+
+
+# The quick subset (`pytest -m "not slow"`, about a minute) leaves out every test that
+# starts worker processes of its own, and these modules, whose tests start servers, a
+# browser, a CLI process each, or a run of minutes: run the whole suite before a merge.
+SLOW_MODULES = frozenset(
+    {
+        "test_bench",
+        "test_bulk",
+        "test_cli",
+        "test_console_browser",
+        "test_demo",
+        "test_hostile_provider",
+        "test_intake",
+        "test_liveness",
+        "test_ops_monitoring",
+        "test_reliability",
+    }
+)
+SLOW_FIXTURES = frozenset({"spawn_worker"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the slow tests (see SLOW_MODULES): ``-m "not slow"`` is the quick subset."""
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        if module in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import redis
 
@@ -37,3 +39,25 @@ def snapshot(r: redis.Redis) -> set[str]:
     """
     prefix = keys.delivery("")
     return {k.removeprefix(prefix) for k in r.scan_iter(keys.delivery("*"), count=1000)}
+
+
+def leftovers(workdir: Path) -> dict[str, tuple[int, list[int]]]:
+    """pgrep's exit code and the PIDs it found, for what a demo in ``workdir`` started.
+
+    ``worker``: the worker's process group (it is a session leader; the demo writes its
+    PID to worker.pid), children included. ``workdir``: anything naming the workdir on its
+    command line, such as redis-server's ``--dir``. Exit code 1 is "no match".
+    """
+    pid = (workdir / "worker.pid").read_text().strip()
+    assert pid.isdigit()
+    found = {}
+    for name, args in (("worker", ["-g", pid]), ("workdir", ["-f", "--", str(workdir)])):
+        done = subprocess.run(["pgrep", *args], capture_output=True, text=True, check=False)
+        assert done.returncode in {0, 1}, done.stderr  # 2 and 3: pgrep did not search
+        found[name] = (done.returncode, [int(p) for p in done.stdout.split()])
+    return found
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0

@@ -54,7 +54,11 @@ def test_a_live_record_overtakes_a_bulk_backlog(
     (record,) = records(1, live)
     store.enqueue(record)  # no wake-up of its own: the drains in progress must see it
     (live_sent,) = wait_for(lambda: sent(stub, live), 30, 0.02)
-    assert live_sent - enqueued_at < 1.0  # the next claim of any drain took it
+    # The next claim of any drain took it: it waited behind at most the batch in hand of
+    # each of the 4 threads, and one more for a claim that looked at bulk first, not behind
+    # the backlog's thousands (how long that takes is a figure of ops/bench.py).
+    ahead = [t for t in sent(stub, bulk) if enqueued_at <= t < live_sent]
+    assert len(ahead) <= 4 * 2 * MAX_BATCH, len(ahead)
     assert store.counts()["pending"] > 1000  # ... long before the backlog drained
 
 

@@ -76,16 +76,20 @@ def test_the_rate_limit_holds_across_workers(
         spawn_worker(private_redis.url, BACKFILL_RATE_LIMIT=str(limit), concurrency=8)
     store = store_on(private_redis)
     tag = unique("rate")
+    enqueued_at = time.time()
     ids = [d for d, _ in store.enqueue_many(records(320, tag))]
-    wait_for(lambda: store.states(ids).count("delivered") == len(ids), 60, 0.2)
+    wait_for(lambda: store.states(ids).count("delivered") == len(ids), 120, 0.2)
     times = sorted(
         float(str(r["received_at"])) for r in stub.requests() if str(r["msgid"]).startswith(tag)
     )
     assert len(times) == len(ids)
-    measured = (len(times) - 1) / (times[-1] - times[0])
-    print(f"\nrate limit {limit:g}/s across 3 workers: measured {measured:.1f}/s")
-    # three workers of eight threads could send hundreds a second; together they keep 40/s
-    assert abs(measured - limit) / limit < 0.10, measured
+    # Never faster than the limit: the fleet's one clock gives out a slot every 1/limit s
+    # (a burst of 1), so the last of 320 cannot be sent before 319 slots have passed since
+    # the enqueue, however the three workers of eight threads (hundreds a second without
+    # the limit) share them. A loaded machine can only make it later; how close the fleet
+    # comes to the limit is a rate, measured by `ops/bench_rate_limit.py`, not asserted.
+    assert times[-1] - enqueued_at >= (len(ids) - 1) / limit
+    print(f"\nrate limit {limit:g}/s: measured {(len(ids) - 1) / (times[-1] - times[0]):.1f}/s")
 
 
 def test_too_frequent_answers_slow_the_whole_fleet(
@@ -96,12 +100,14 @@ def test_too_frequent_answers_slow_the_whole_fleet(
     tag = unique("slow")
     stub.set_plan({f"{tag}-0": ["status:-15", "ok"]})
     first = store.enqueue_many(records(1, tag))[0][0]
-    wait_for(lambda: any(s["msgid"] == f"{tag}-0" for s in stub.seen()), 10)
-    held_from = time.time()
+    # once the -15 is recorded the hold is in Redis; it began after the stub answered it
+    wait_for(lambda: "-15" in [a["api_status"] for a in store.status(first)["attempts_made"]], 20)
+    answered_at = min(float(str(s["at"])) for s in stub.seen() if s["msgid"] == f"{tag}-0")
     later = [d for d, _ in store.enqueue_many(records(4, tag)[1:])]
-    wait_for(lambda: store.states([first, *later]) == ["delivered"] * 4, 20)
+    wait_for(lambda: store.states([first, *later]) == ["delivered"] * 4, 30)
     sent = [
         float(str(r["received_at"])) for r in stub.requests() if str(r["msgid"]).startswith(tag)
     ]
-    # nothing of the fleet went out during the 2 s hold after the -15
-    assert min(sent) >= held_from + 1.5
+    # nothing of the fleet went out during the 2 s hold after the -15 (a loaded machine can
+    # only make the sends later; 0.05 s is for the stub's and Redis's clocks' rounding)
+    assert min(sent) >= answered_at + 2 - 0.05

@@ -69,8 +69,9 @@ def test_sigkill_mid_attempt_is_taken_over_by_another_worker(
     killed_at = time.monotonic()
     second = spawn_worker(private_redis.url, BACKFILL_READ_TIMEOUT_S="3")
     wait_for(lambda: state_of(store, delivery_id) == "delivered", 60)
-    # taken over once the attempt's lease (1 + 3 + 10 s) ran out, not after an hour
-    assert time.monotonic() - killed_at < 30
+    # taken over once the attempt's lease (1 + 3 + 10 s) ran out, not after the broker's
+    # visibility timeout (300 s); the margin is for a second worker starting on a busy machine
+    assert time.monotonic() - killed_at < 120
     events = [e for e in read_log(second.log_path) if e.get("delivery_id") == delivery_id]
     assert [e["outcome"] for e in events if e["event"] == "postback.attempt"] == ["duplicate"]
     status = store.status(delivery_id)
@@ -87,10 +88,8 @@ def test_a_delivery_whose_wake_up_never_reached_the_broker_is_still_sent(
     # stored in the live lane as the producer does, but its wake-up was lost
     delivery_id, created = store.enqueue(record(msgid))
     assert created
-    started = time.monotonic()
+    # the worker's waker saw it due and woke a thread (without the waker: never sent)
     wait_for(lambda: state_of(store, delivery_id) == "delivered", 30)
-    # the worker's waker saw it due and woke a thread within a tick or two
-    assert time.monotonic() - started < 5
     assert stub_saw(stub, msgid) == 1
     attempts = [
         e

@@ -354,4 +354,4 @@ def test_stop_is_idempotent_and_frees_idle_connections(session: requests.Session
     started = time.monotonic()
     stub.stop()
     stub.stop()
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 4.0  # not the 5 s a thread join would wait for it

@@ -49,8 +49,18 @@ def worker(concurrency: int | None, hostname: str | None) -> None:
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8099, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--api-key", envvar="BACKFILL_API_KEY", required=True, help="Expected Api-Key.")
-@click.option("--api-secret", envvar="BACKFILL_API_SECRET", required=True, help="Signing secret.")
+@click.option(
+    "--api-key",
+    envvar="BACKFILL_API_KEY",
+    show_envvar=True,
+    help="Api-Key the stub expects [default: local-test-key, printed at start].",
+)
+@click.option(
+    "--api-secret",
+    envvar="BACKFILL_API_SECRET",
+    show_envvar=True,
+    help="Secret the Sign is checked with [default: local-test-secret-not-for-production].",
+)
 @click.option("--fault-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--faults", default="status,500,503,429,slow,drop,nonjson", show_default=True)
 @click.option("--slow-s", default=20.0, show_default=True, type=click.FloatRange(0))
@@ -59,23 +69,28 @@ def worker(concurrency: int | None, hostname: str | None) -> None:
 def stub(
     host: str,
     port: int,
-    api_key: str,
-    api_secret: str,
+    api_key: str | None,
+    api_secret: str | None,
     fault_rate: float,
     faults: str,
     slow_s: float,
     seed: int | None,
 ) -> None:
-    """Run the local provider stand-in (never a stand-in for the real provider)."""
-    from worker.local.stub import FAULT_KINDS, ProviderStub
+    """Run the local provider stand-in (never a stand-in for the real provider).
+
+    It checks the Api-Key and Sign of every call against BACKFILL_API_KEY and
+    BACKFILL_API_SECRET (or the flags); without them, against made-up local test
+    credentials that it prints at start. Point a worker at it with BACKFILL_BASE_URL.
+    """
+    from worker.local.stub import FAULT_KINDS, LOCAL_API_KEY, LOCAL_API_SECRET, ProviderStub
 
     kinds = [f.strip() for f in faults.split(",") if f.strip()]
     unknown = [k for k in kinds if k.split(":")[0] not in FAULT_KINDS]
     if unknown:
         raise click.BadParameter(f"unknown fault kinds {unknown}", param_hint="--faults")
     server = ProviderStub(
-        api_key,
-        api_secret,
+        api_key or LOCAL_API_KEY,
+        api_secret or LOCAL_API_SECRET,
         host=host,
         port=port,
         fault_rate=fault_rate,
@@ -84,6 +99,7 @@ def stub(
         seed=seed,
     )
     click.echo(f"stub listening on {server.url} (fault rate {fault_rate:.0%})", err=True)
+    click.echo(_stub_credentials(server.url, api_key, api_secret), err=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -92,16 +108,39 @@ def stub(
         server.stop()
 
 
+def _stub_credentials(url: str, api_key: str | None, api_secret: str | None) -> str:
+    """What the stub expects, in words; a key or secret that was given is never echoed."""
+    from worker.local.stub import LOCAL_API_KEY, LOCAL_API_SECRET
+
+    if api_key or api_secret:
+        return (
+            "expects the Api-Key and secret given (BACKFILL_API_KEY, BACKFILL_API_SECRET or "
+            "the flags; a missing one is the local test default)\n"
+            f"point a worker with the same two at it: BACKFILL_BASE_URL={url}"
+        )
+    return (
+        f"expects the local test credentials: Api-Key {LOCAL_API_KEY}, "
+        f"secret {LOCAL_API_SECRET}\npoint a worker at it: BACKFILL_BASE_URL={url} "
+        f"BACKFILL_API_KEY={LOCAL_API_KEY} BACKFILL_API_SECRET={LOCAL_API_SECRET}"
+    )
+
+
 @click.command()
 @click.option("--records", "-n", default=200, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--fault-rate", default=0.25, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--workdir", type=click.Path(file_okay=False), help="Keep logs here.")
+@click.option(
+    "--keep",
+    is_flag=True,
+    help="After the summary, leave Redis, the stub and the worker running, add the console, "
+    "print the variables to export and commands to try, and wait for Ctrl-C.",
+)
 @exits
-def demo(records: int, fault_rate: float, workdir: str | None) -> None:
+def demo(records: int, fault_rate: float, workdir: str | None, keep: bool) -> None:
     """Run the whole path here: private Redis, stub with faults, a worker, N records."""
     from worker.local.demo import run_demo
 
-    sys.exit(run_demo(records=records, fault_rate=fault_rate, workdir=workdir))
+    sys.exit(run_demo(records=records, fault_rate=fault_rate, workdir=workdir, keep=keep))
 
 
 @click.command()

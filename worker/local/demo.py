@@ -2,7 +2,9 @@
 
 A private Redis, the stub with a share of faults, one real worker process; 200 sample
 records (a few of them bad) enqueued, waited for until each is delivered or
-dead-lettered, then a summary. Everything it started is stopped, Ctrl-C included.
+dead-lettered, then a summary that says why each dead letter died. Everything it started
+is stopped, Ctrl-C included; with ``keep`` it all keeps running (and a console joins
+it) until Ctrl-C, so the dead letters can be looked at (``worker/local/demo_keep.py``).
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ import os
 import random
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import click
 
 from worker.audit import configure_logging
 from worker.local.processes import LocalRedis, WorkerProcess, local_env
+from worker.policy import AnswerClass, classify_code
 
 DEMO_KEY, DEMO_SECRET = "demo-key", "demo-secret-not-for-production"
 BAD_SHARE = 0.02
@@ -31,8 +36,13 @@ DEMO_SETTINGS: dict[str, object] = {
 }
 
 
-def run_demo(*, records: int, fault_rate: float, workdir: str | None) -> int:
-    """Run the demo; returns the exit code (0 when every record reached a final state)."""
+def run_demo(*, records: int, fault_rate: float, workdir: str | None, keep: bool = False) -> int:
+    """Run the demo; returns the exit code (0 when every record reached a final state).
+
+    With ``keep``, Redis, the stub and the worker stay up after the summary, a console
+    joins them, and the demo waits for Ctrl-C, having printed what to try meanwhile.
+    """
+    from worker.local.demo_keep import keep_running
     from worker.local.stub import ProviderStub
 
     root = Path(workdir or tempfile.mkdtemp(prefix="backfill-demo-"))
@@ -64,7 +74,9 @@ def run_demo(*, records: int, fault_rate: float, workdir: str | None) -> int:
         ids = _enqueue_samples(records, stub)
         done = _wait(ids, timeout_s=300.0)
         elapsed = time.monotonic() - started
-        _summary(ids, elapsed, stub.stats(), audit_log)
+        _summary(ids, elapsed, stub.stats(), audit_log, keep=keep)
+        if keep:
+            keep_running(env, root)
         return 0 if done else 1
     finally:
         if worker is not None:
@@ -114,11 +126,14 @@ def _wait(ids: list[str], *, timeout_s: float) -> bool:
     return False
 
 
-def _summary(ids: list[str], elapsed: float, stub_stats: dict[str, object], audit: Path) -> None:
+def _summary(
+    ids: list[str], elapsed: float, stub_stats: dict[str, object], audit: Path, *, keep: bool
+) -> None:
     from worker.runtime import get_store
 
     store = get_store()
-    attempts = [len((store.status(i) or {}).get("attempts_made", [])) for i in ids]
+    documents = [store.status(i) or {} for i in ids]
+    attempts = [len(doc.get("attempts_made", [])) for doc in documents]
     states = store.states(ids)
     click.echo(
         "\nsummary\n"
@@ -129,4 +144,24 @@ def _summary(ids: list[str], elapsed: float, stub_stats: dict[str, object], audi
         f"  attempts    {sum(attempts)} (stub saw {stub_stats.get('requests')} requests)\n"
         f"  time        {elapsed:.1f} s\n"
         f"  audit log   {audit} (producer side: {audit.with_name('producer.log')})"
+    )
+    dead = [doc for doc in documents if doc.get("state") == "dead"]
+    if dead:
+        click.echo("\nwhy the dead letters died")
+        for reason, count in Counter(why_dead(doc) for doc in dead).most_common():
+            click.echo(f"  {count:4}  {reason}")
+        look = "below" if keep else "run `backfill demo --keep` to keep them"
+        click.echo(f"  to look at them: `backfill dead list`, `backfill dead show ID` ({look})")
+
+
+def why_dead(document: dict[str, Any]) -> str:
+    """Why a dead letter died, in words: the provider's code and reason, or attempts used up."""
+    made = document.get("attempts_made") or [{}]
+    last = made[-1]
+    code, reason = last.get("api_status"), last.get("api_reason")
+    if code is not None and classify_code(str(code)) is AnswerClass.BAD_RECORD:
+        return f"provider status {code} ({reason}): a bad record, dead-lettered at once"
+    return (
+        f"{document.get('attempts', len(made))} attempts used up, the last one: "
+        f"{document.get('last_error') or 'no recorded outcome'}"
     )

@@ -23,6 +23,8 @@ from typing import cast
 
 from worker.local.stub_server import _INVALID, _cut, _StubServer
 
+# What ``backfill stub`` expects when no credentials are given: made up, for this machine.
+LOCAL_API_KEY, LOCAL_API_SECRET = "local-test-key", "local-test-secret-not-for-production"
 FAULT_KINDS = ("status", "500", "503", "429", "slow", "drop", "nonjson")
 # Scripted only (never a random fault): a redirect, which pauses the whole fleet.
 _STEP_KINDS = frozenset((*FAULT_KINDS, "ok", "redirect"))

@@ -1,0 +1,90 @@
+"""The documentation holds together: every relative link and anchor resolves, the README
+stays a short front door, and no page cites the internal contract."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
+README_MAX_LINES = 200
+LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
+FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
+CODE_SPAN = re.compile(r"`[^`\n]*`")
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"<[^>]+>", "", heading.strip()).lower()
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    """Every anchor of a page's headings (a repeated heading gets -1, -2, ... as on GitHub)."""
+    found: set[str] = set()
+    seen: dict[str, int] = {}
+    for line in FENCE.sub("", path.read_text()).splitlines():
+        heading = re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if heading:
+            base = slug(heading.group(1))
+            count = seen.get(base, 0)
+            seen[base] = count + 1
+            found.add(base if count == 0 else f"{base}-{count}")
+    return found
+
+
+def links(path: Path) -> list[str]:
+    """The link targets of a page, outside code blocks and code spans."""
+    text = CODE_SPAN.sub("", FENCE.sub("", path.read_text()))
+    return LINK.findall(text)
+
+
+def test_slugs_follow_github() -> None:
+    assert slug("Nothing lost: the failure table") == "nothing-lost-the-failure-table"
+    assert slug("The provider's answers") == "the-providers-answers"
+    assert slug("Celery settings, and why retries do not use countdowns") == (
+        "celery-settings-and-why-retries-do-not-use-countdowns"
+    )
+    assert slug("`POST /_stub/plan` body") == "post-_stubplan-body"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_and_anchor_resolves(page: Path) -> None:
+    broken = []
+    for target in links(page):
+        if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+            continue
+        file_part, _, anchor = target.partition("#")
+        linked = (page.parent / file_part).resolve() if file_part else page
+        if not linked.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+            broken.append(f"{target}: no heading with that anchor")
+    assert not broken, f"{page.name}: {broken}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_page_cites_the_internal_contract(page: Path) -> None:
+    assert not re.search(r"\bSPEC\b", page.read_text()), page.name
+
+
+def test_the_readme_is_a_short_front_door() -> None:
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) < README_MAX_LINES, f"README.md has {len(lines)} lines"
+
+
+def test_every_docs_page_is_in_the_readme_map() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for page in (ROOT / "docs").glob("*.md"):
+        assert f"(docs/{page.name})" in readme, f"{page.name} is missing from the README's map"
+
+
+def test_the_link_check_finds_a_broken_link_and_anchor(tmp_path: Path) -> None:
+    text = "# Title\n\n[ok](#title) [x](b.md) [y](#nope) `[s](d.md)`\n```\n[z](c.md)\n```\n"
+    (tmp_path / "a.md").write_text(text)
+    assert links(tmp_path / "a.md") == ["#title", "b.md", "#nope"]
+    assert anchors(tmp_path / "a.md") == {"title"}
