@@ -23,6 +23,7 @@ from worker import metrics
 from worker.audit import configure_logging
 from worker.drain import fleet
 from worker.errors import ConfigError
+from worker.inflight import limiter
 from worker.provider import ca_bundle
 from worker.runtime import get_client, get_settings, get_store, wake
 from worker.settings import Settings
@@ -96,12 +97,13 @@ _wakers: list[Waker] = []
 def _start(sender: Any = None, **_: Any) -> None:
     settings, client = get_settings(), get_client()
     fleet.stopping.clear()
+    limiter.configure(settings.max_in_flight)
     waker = Waker(
         get_store(),
         wake,
         queue=settings.queue,
         tick_s=settings.scheduler_tick_s,
-        concurrency=getattr(getattr(sender, "pool", None), "limit", None) or settings.concurrency,
+        concurrency=getattr(getattr(sender, "pool", None), "limit", None) or settings.drains,
         node=str(getattr(sender, "hostname", None) or f"pid{os.getpid()}"),
     )
     waker.start()
@@ -109,7 +111,8 @@ def _start(sender: Any = None, **_: Any) -> None:
     log.info(
         "worker.ready",
         queue=settings.queue,
-        concurrency=settings.concurrency,
+        drains=settings.drains,
+        max_in_flight=settings.max_in_flight,
         max_attempts=settings.max_attempts,
         retry_window_s=round(settings.retry_window_s()),
         rate_limit=settings.rate_limit,
