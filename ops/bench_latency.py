@@ -52,7 +52,7 @@ from bench import (
 
 from worker.connection import connect
 from worker.errors import BackfillError
-from worker.local.processes import LocalRedis, WorkerProcess, free_port, local_env
+from worker.local.processes import LocalRedis, free_port, local_env
 from worker.provider import ProviderClient
 
 OPS = Path(__file__).resolve().parent
@@ -169,27 +169,33 @@ def delivered_span(rig: Rig, count: int, timeout_s: float) -> float:
         if time.monotonic() > deadline:
             raise BackfillError(f"fewer than {count} records delivered after {timeout_s:g} s")
         time.sleep(0.1)
-    times = sorted(r["received_at"] for r in json.loads(stub_call(rig.stub_port, "GET", "/_stub/requests")))
+    times = sorted(
+        r["received_at"] for r in json.loads(stub_call(rig.stub_port, "GET", "/_stub/requests"))
+    )
     return max(times[-1] - times[0], 1e-3)
 
 
-def run_worker(rig: Rig, name: str, count: int, argv_env: tuple[list[str], dict[str, str]], kind: str) -> Row:
+def run_worker(
+    rig: Rig, name: str, count: int, argv_env: tuple[list[str], dict[str, str]], kind: str
+) -> Row:
     """Start one system's worker, enqueue ``count`` records, measure, stop it."""
     command, env = argv_env
     client = connect(rig.redis.url)
     client.flushdb()
     stub_call(rig.stub_port, "POST", "/_stub/reset")
     with (rig.root / f"{name.replace(' ', '_')}.log").open("ab") as log:
-        process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True, cwd=OPS)  # fmt: skip
+        process = subprocess.Popen(
+            command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, cwd=OPS,
+        )  # fmt: skip
     try:
         time.sleep(4.0)  # started and idle (each polls Redis for work)
         if process.poll() is not None:
             raise BackfillError(f"{name} exited; see {rig.root}")
         memory = _used_memory_of(client)
         cpu, redis_cpu = tree_cpu(process.pid), rig.redis_cpu()
-        subprocess.run([sys.executable, str(OPS / "bench_latency.py"), "--enqueue", kind,
-                        str(count), name.replace(" ", "_")], env=env, check=True, cwd=OPS)  # fmt: skip
+        enqueue = [sys.executable, str(OPS / "bench_latency.py"), "--enqueue", kind, str(count)]
+        subprocess.run([*enqueue, name.replace(" ", "_")], env=env, check=True, cwd=OPS)
         span = delivered_span(rig, count, timeout_s=max(120.0, count / 10))
         time.sleep(0.3)  # the last outcomes recorded
         row: Row = {
@@ -218,7 +224,9 @@ def _used_memory_of(client: object) -> int:
     return _used_memory(_S())  # type: ignore[arg-type]
 
 
-def ours(rig: Rig, concurrency: int | None, pythonpath: str | None) -> tuple[list[str], dict[str, str]]:
+def ours(
+    rig: Rig, concurrency: int | None, pythonpath: str | None
+) -> tuple[list[str], dict[str, str]]:
     env = {**os.environ, **local_env(rig.redis.url, rig.stub_url, KEY, SECRET, keep_delivered_s=0)}
     env.pop("PYTHONPATH", None)
     if pythonpath:
@@ -262,30 +270,49 @@ def one_run(rig: Rig, args: argparse.Namespace, latency: float, run: int) -> lis
         fixed = [r for r in rows if str(r["system"]).startswith("ours -c")]
         best = max(fixed, key=lambda r: float(r["deliveries_per_s"]))  # type: ignore[arg-type]
         threads = max(16, int(str(best["system"]).split()[-1]))
-        rows.append(run_worker(rig, f"dramatiq {threads} threads", count, dramatiq_cmd(rig, threads), "dramatiq"))
+        rows.append(
+            run_worker(
+                rig, f"dramatiq {threads} threads", count, dramatiq_cmd(rig, threads), "dramatiq"
+            )
+        )
     for row in rows:
         row |= {"latency_ms": latency, "run": run, "records": count}
     return rows
 
 
-def table(rows: list[Row]) -> str:
-    lines = [f"{'latency':>7} {'run':>3}  {'system':<26} {'deliv/s':>8} {'CPU ms':>7} {'Redis us':>9} {'RSS MB':>7} {'B/deliv':>8}"]
-    for r in rows:
-        def f(key: str, digits: int) -> str:
-            value = r.get(key)
-            return "-" if value is None else f"{float(value):.{digits}f}"  # type: ignore[arg-type]
+COLUMNS = (  # (key, heading, digits)
+    ("deliveries_per_s", "deliv/s", 0),
+    ("cpu_ms_per_delivery", "CPU ms", 2),
+    ("redis_cpu_us_per_delivery", "Redis us", 0),
+    ("rss_mb", "RSS MB", 0),
+    ("bytes_per_delivered", "B/deliv", 0),
+)
 
-        lines.append(f"{r['latency_ms']:>7g} {r['run']:>3}  {r['system']:<26} {f('deliveries_per_s', 0):>8} "
-                     f"{f('cpu_ms_per_delivery', 2):>7} {f('redis_cpu_us_per_delivery', 0):>9} "
-                     f"{f('rss_mb', 0):>7} {f('bytes_per_delivered', 0):>8}")  # fmt: skip
+
+def _cell(row: Row, key: str, digits: int) -> str:
+    value = row.get(key)
+    return "-" if not isinstance(value, int | float) else f"{value:.{digits}f}"
+
+
+def table(rows: list[Row]) -> str:
+    """The rows for people: one line per system, run and latency."""
+    head = f"{'latency':>7} {'run':>3}  {'system':<26}"
+    lines = [head + "".join(f" {heading:>9}" for _, heading, _ in COLUMNS)]
+    for r in rows:
+        cells = "".join(f" {_cell(r, key, digits):>9}" for key, _, digits in COLUMNS)
+        lines.append(f"{r['latency_ms']:>7g} {r['run']:>3}  {r['system']!s:<26}" + cells)
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_latency", description=__doc__.splitlines()[0])
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
-    parser.add_argument("--latencies", type=lambda t: [float(x) for x in t.split(",")], default=[5.0, 150.0])
-    parser.add_argument("--records", type=int, default=3000, help="per system (twice that under 50 ms)")
+    parser.add_argument(
+        "--latencies", type=lambda t: [float(x) for x in t.split(",")], default=[5.0, 150.0]
+    )
+    parser.add_argument(
+        "--records", type=int, default=3000, help="per system (twice that under 50 ms)"
+    )
     parser.add_argument("--fixed", type=ints, default=[16, 64, 128], help="fixed -c values of ours")
     parser.add_argument("--baseline", help="another checkout (PYTHONPATH) measured side by side")
     parser.add_argument("--baseline-fixed", type=ints, default=[64])
