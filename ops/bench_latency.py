@@ -36,6 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench import (
     APP_ID,
@@ -194,10 +195,17 @@ def run_worker(
             raise BackfillError(f"{name} exited; see {rig.root}")
         memory = _used_memory_of(client)
         cpu, redis_cpu = tree_cpu(process.pid), rig.redis_cpu()
+        commands = _command_usec(client)
         enqueue = [sys.executable, str(OPS / "bench_latency.py"), "--enqueue", kind, str(count)]
         subprocess.run([*enqueue, name.replace(" ", "_")], env=env, check=True, cwd=OPS)
         span = delivered_span(rig, count, timeout_s=max(120.0, count / 10))
         time.sleep(0.3)  # the last outcomes recorded
+        spent = {k: v - commands.get(k, 0.0) for k, v in _command_usec(client).items()}
+        top = sorted(spent, key=lambda k: -spent[k])[:6]
+        _say(
+            f"    {name}: Redis us per delivery: "
+            + ", ".join(f"{k} {spent[k] / count:.1f}" for k in top)
+        )
         row: Row = {
             "system": name,
             "deliveries_per_s": (count - 1) / span,
@@ -215,6 +223,15 @@ def run_worker(
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, 9)
             process.wait(10)
+
+
+def _command_usec(client: Any) -> dict[str, float]:
+    stats = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): float(v["usec"]) for name, v in stats.items()}
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _used_memory_of(client: object) -> int:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from tests.conftest import unique, wait_for
 from worker.connection import connect
-from worker.drain import MAX_BATCH, RELEASED, _batch_size
+from worker.lanes import LIVE_WAIT_MS, MAX_BATCH, RELEASED, batch_size, lanes_wanted, stop_lane
 from worker.local.processes import LocalRedis, WorkerProcess
 from worker.local.stub import ProviderStub
 from worker.policy import RELEASE, AnswerClass, Evidence, Outcome, Verdict
@@ -79,10 +79,22 @@ def _sent(latency_ms: float, evidence: Evidence = Evidence.UP) -> Finish:
                   Verdict(Outcome.DELIVERED, evidence=evidence))  # fmt: skip
 
 
-def test_a_batch_is_one_after_a_failure_that_points_at_the_provider() -> None:
-    # the limiter grants what the requests in flight leave room for, at most MAX_BATCH
-    assert _batch_size([]) == MAX_BATCH
-    assert _batch_size([_sent(3.0), _sent(900.0)]) == MAX_BATCH  # far away is not down
-    assert _batch_size([_sent(3.0), _sent(3.0, Evidence.DOWN)]) == 1  # it may be down
+def test_a_batch_is_sized_to_the_live_wait_on_each_lane() -> None:
+    assert batch_size([], 4, None) == 4  # the provider's speed is unknown: one per lane
+    assert batch_size([], 4, 100.0) == 32  # the process's latest latency: 8 per lane
+    assert batch_size([_sent(3.0)], 1, None) == MAX_BATCH  # 800 / 3 ms, capped
+    assert batch_size([_sent(3.0), _sent(50.0)], 1, None) == 16  # the slowest decides
+    assert batch_size([_sent(150.0)], 10, None) == 50  # far away: 5 on each of 10 lanes
+    assert batch_size([_sent(5000.0)], 3, None) == 3
+    assert batch_size([_sent(3.0, Evidence.DOWN)], 8, None) == 1  # the provider may be down
+    assert lanes_wanted([_sent(3.0, Evidence.DOWN)]) == 1
+    assert lanes_wanted([_sent(900.0)]) == MAX_BATCH  # far away is not down
     released = Finish(Claim("claimed", "d2", "1", 1, None), RELEASED, RELEASE)
-    assert _batch_size([released]) == MAX_BATCH  # nothing was sent: nothing seen
+    assert batch_size([released], 2, None) == 2  # nothing was sent: nothing seen
+    # every lane, sent in turn at the latency that sized it, takes at most the live wait
+    for latency in (0.5, 3.0, 24.0, 26.0, 99.0, 401.0):
+        per_lane = batch_size([_sent(latency)], 1, None)
+        assert per_lane * latency <= LIVE_WAIT_MS
+        share = LIVE_WAIT_MS / per_lane
+        assert not stop_lane(_sent(latency), share)
+        assert stop_lane(_sent(share + 1), share)  # slower than its share: rest go back

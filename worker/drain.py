@@ -11,7 +11,6 @@ ack, tracer) is paid once per wake-up, not once per delivery.
 
 from __future__ import annotations
 
-import contextvars
 import json
 import threading
 import time
@@ -21,11 +20,13 @@ from typing import Any
 
 import structlog
 
+from worker import lanes as lanes_module
 from worker import metrics
 from worker.audit import log_attempt
 from worker.heartbeat import progress
 from worker.inflight import Limiter, limiter
-from worker.policy import RELEASE, AnswerClass, Evidence, Outcome, judge
+from worker.lanes import LIVE_WAIT_MS, batch_size, lanes_wanted
+from worker.policy import AnswerClass, Outcome, judge
 from worker.provider import Answer, ProviderClient
 from worker.record import BackfillRecord
 from worker.settings import DRAIN_BUDGET_S, Settings
@@ -39,13 +40,6 @@ BUDGET_ATTEMPTS = 500
 BUDGET_S = DRAIN_BUDGET_S
 # Every tenth step of a drain looks at the bulk lane first: live cannot starve bulk.
 BULK_EVERY = 10
-# Deliveries claimed in one step (one Redis round trip), at most: the limiter
-# (worker.inflight) grants what the requests in flight per process leave room for. A
-# batch's requests are sent at once, so a live record waits behind one round trip of the
-# provider (one attempt), not behind a batch sent in turn; LIVE_WAIT_MS is that bound
-# for a provider that answers in time. Bigger batches cost Redis less per delivery.
-LIVE_WAIT_MS = 800.0
-MAX_BATCH = 64
 # An attempt waits at most this long for a rate-limit slot; beyond, the drain ends.
 MAX_RATE_WAIT_S = 5.0
 
@@ -71,8 +65,6 @@ class Fleet:
 
 
 fleet = Fleet()
-# The answer of a delivery released unsent (nothing was sent, nothing is logged).
-RELEASED = Answer(AnswerClass.TRANSIENT, error="released unsent: the worker is stopping")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,29 +93,30 @@ def _drain(ctx: Context) -> int:
     attempts = steps = 0
     while True:
         stop = fleet.stopping.is_set() or attempts >= BUDGET_ATTEMPTS or time.monotonic() > until
-        want = 0 if stop else _batch_size(done)
-        held = ctx.limiter.take(want) if want else 0
-        if want and not held:
+        want = 0 if stop else lanes_wanted(done)
+        lanes = ctx.limiter.take(want) if want else 0
+        if want and not lanes:
             # every request this process may have in flight is taken: record what was
             # sent, then wait for room (the drain ends when none comes in time)
             _step(ctx, done, 0, steps)
             done = []
-            held = ctx.limiter.take(
-                want, wait_s=max(until - time.monotonic(), 0.0), stop=fleet.stopping
-            )
-            if not held:
+            wait_s = max(until - time.monotonic(), 0.0)
+            lanes = ctx.limiter.take(want, wait_s=wait_s, stop=fleet.stopping)
+            if not lanes:
                 _step(ctx, done, 0, steps)
                 return attempts
-        step = _step(ctx, done, held, steps)
+        size = batch_size(done, lanes, ctx.limiter.latency_ms) if lanes else 0
+        step = _step(ctx, done, size, steps)
         claimed_at = time.monotonic()
         steps += 1
-        ctx.limiter.give(held - len(step.claims))
+        used = min(lanes, len(step.claims))
+        ctx.limiter.give(lanes - used)
         if not step.claims and step.status != "again":
             return attempts
         try:
-            done = send_batch(ctx, step.claims, claimed_at, holding=step.outage)
+            done = send_batch(ctx, step.claims, claimed_at, used, holding=step.outage)
         finally:
-            ctx.limiter.give(len(step.claims))
+            ctx.limiter.give(used)
         attempts += sum(1 for item in done if not item.verdict.released)
 
 
@@ -139,7 +132,8 @@ def _step(ctx: Context, done: list[Finish], claim: int, steps: int) -> StepResul
         rate_per_s=settings.rate_limit,
         burst=settings.rate_burst,
         max_wait_s=MAX_RATE_WAIT_S,
-        gap_s=0.0,  # a batch's requests all start at once
+        # a lane's i-th starts by i shares of the wait; the batch's lanes start at once
+        gap_s=2 * LIVE_WAIT_MS / max(claim, 1) / 1000,
     )
     _after(step, done, settings)
     if step.status == "throttled" and step.resume_in_s:
@@ -148,39 +142,17 @@ def _step(ctx: Context, done: list[Finish], claim: int, steps: int) -> StepResul
 
 
 def send_batch(
-    ctx: Context, claims: Sequence[Claim], claimed_at: float, *, holding: bool = False
+    ctx: Context, claims: Sequence[Claim], claimed_at: float, lanes: int, *, holding: bool = False
 ) -> list[Finish]:
-    """Attempt a batch's claims at once: the first on this thread, the others on the
-    process's sending threads; each attempt's latency goes to the limiter."""
-    if not claims:
-        return []
-    pool = ctx.limiter.pool()
-    futures = [
-        pool.submit(contextvars.copy_context().run, _send_one, ctx, claim, claimed_at, holding)
-        for claim in claims[1:]
-    ]
-    first = _send_one(ctx, claims[0], claimed_at, holding)
-    return [first, *(future.result() for future in futures)]
+    """Attempt a batch's claims on ``lanes`` lanes at once (``worker.lanes``)."""
 
+    def one(claim: Claim) -> Finish:
+        item = attempt(ctx, claim, claimed_at, holding=holding)
+        if claim.record is not None:
+            ctx.limiter.observe(item.answer.latency_ms, item.verdict.evidence)
+        return item
 
-def _send_one(ctx: Context, claim: Claim, claimed_at: float, holding: bool) -> Finish:
-    if fleet.stopping.is_set():
-        # claimed in this batch, never sent (the worker is stopping): given back, due at
-        # once and uncounted
-        return Finish(claim, RELEASED, RELEASE)
-    item = attempt(ctx, claim, claimed_at, holding=holding)
-    if claim.record is not None:
-        ctx.limiter.observe(item.answer.latency_ms, item.verdict.evidence)
-    return item
-
-
-def _batch_size(done: Sequence[Finish]) -> int:
-    """How many deliveries to claim next: one after a failure that points at the provider
-    (the rest would most likely fail the same way), else up to MAX_BATCH (the limiter
-    grants what this process's requests in flight leave room for)."""
-    if any(item.verdict.evidence is Evidence.DOWN for item in done if not item.verdict.released):
-        return 1
-    return MAX_BATCH
+    return lanes_module.send(ctx.limiter.pool(), one, claims, lanes, fleet.stopping)
 
 
 def attempt(ctx: Context, claim: Claim, claimed_at: float, *, holding: bool = False) -> Finish:

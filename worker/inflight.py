@@ -13,7 +13,7 @@ a gradient controller moves (after Netflix's concurrency-limits "gradient"):
   many requests in flight as its round trip needs (Little's law: rate x latency), until
   this process's core is the bottleneck (then its own queueing raises the latency);
 - when the median rises above that, the limit shrinks in proportion (at most by half a
-  window): a provider slowing down under load is not driven harder;
+  window), down to ``FLOOR``: a provider slowing down under load is not driven harder;
 - a window with a failure that points at the provider (timeout, connection error, HTTP
   5xx/429) halves the limit.
 
@@ -35,7 +35,10 @@ from dataclasses import dataclass
 from worker.policy import Evidence
 from worker.settings import DEFAULT_MAX_IN_FLIGHT
 
-START = 8  # the limit a process starts with
+# The limit a process starts with, and below which latency alone never takes it (what
+# one process kept in flight before it was sized: 16 threads); failures that point at the
+# provider can take it down to 1.
+FLOOR = 16
 WINDOW_MIN = 8  # attempts in a window, at least
 TOLERANCE = 1.5  # the median latency may be this many times the minimum before it shrinks
 BASELINE_S = 60.0  # the minimum latency is that of the last minute (or two)
@@ -68,7 +71,8 @@ class Limiter:
         """Start afresh with this cap (the worker's BACKFILL_CONCURRENCY)."""
         with self._cond:
             self.cap = max(1, cap)
-            self.limit = float(min(START, self.cap))
+            self.limit = float(min(FLOOR, self.cap))
+            self.latency_ms: float | None = None  # the last window's median
             self.held = 0
             self._samples: list[float] = []
             self._dropped = 0
@@ -136,10 +140,11 @@ class Limiter:
             limit /= 2
         elif math.isfinite(baseline):
             gradient = max(0.5, min(1.0, TOLERANCE * baseline / max(median, 0.001)))
-            limit *= gradient
+            limit = max(limit * gradient, min(FLOOR, limit))
             if gradient >= 1.0 and self._peak >= 0.75 * self.limit:
                 limit += math.sqrt(limit)  # used, and no queue seen: room for more
         self.limit = max(1.0, min(float(self.cap), limit))
+        self.latency_ms = median
         self.trace.append(Window(median, baseline, self._peak, self._dropped, self.limit))
         self._samples, self._dropped, self._peak = [], 0, self.held
 
