@@ -85,6 +85,7 @@ def test_a_batch_is_sized_to_the_live_wait_on_each_lane() -> None:
     assert batch_size([_sent(3.0)], 1, None) == MAX_BATCH  # 800 / 3 ms, capped
     assert batch_size([_sent(3.0), _sent(50.0)], 1, None) == 16  # the slowest decides
     assert batch_size([_sent(150.0)], 10, None) == 50  # far away: 5 on each of 10 lanes
+    assert batch_size([_sent(150.0)], 20, None) == 60  # 3 each: lanes of equal length
     assert batch_size([_sent(5000.0)], 3, None) == 3
     assert batch_size([_sent(3.0, Evidence.DOWN)], 8, None) == 1  # the provider may be down
     assert lanes_wanted([_sent(3.0, Evidence.DOWN)]) == 1

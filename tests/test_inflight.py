@@ -136,3 +136,13 @@ def test_drains_send_less_at_once_to_a_provider_that_slows_down_under_load(
         for thread in threads:
             thread.join(30)
         fleet.stopping.clear()
+
+
+def test_the_cap_is_backfill_concurrency_else_the_memory_bound() -> None:
+    auto = load_settings()
+    assert auto.concurrency is None
+    assert auto.max_in_flight == 256
+    assert auto.drains == 8
+    capped = load_settings(concurrency=4)
+    assert (capped.max_in_flight, capped.drains) == (4, 4)  # never more at once than the cap
+    assert load_settings(concurrency=" ").max_in_flight == 256  # blank: unset

@@ -87,15 +87,17 @@ def lanes_wanted(done: Sequence[Finish]) -> int:
 def batch_size(done: Sequence[Finish], lanes: int, latency_ms: float | None) -> int:
     """How many deliveries to claim for ``lanes`` lanes: as many as each lane sends in
     LIVE_WAIT_MS at the slowest latency of the batch just sent (else the process's
-    latest), at most MAX_BATCH. One after a failure that points at the provider."""
+    latest), the same number on each, at most MAX_BATCH in all (unless that is fewer
+    than one per lane). One after a failure that points at the provider."""
     sent = _sent(done)
     if any(item.verdict.evidence is Evidence.DOWN for item in sent):
         return 1
     slowest = max((item.answer.latency_ms for item in sent), default=latency_ms)
     if slowest is None:
         return lanes  # the provider's speed is unknown: one each
-    per_lane = max(1, int(LIVE_WAIT_MS // max(slowest, 1.0)))
-    return max(1, min(MAX_BATCH, lanes * per_lane))
+    # lanes of equal length: a lane done early would hold its request in flight idle
+    per_lane = min(int(LIVE_WAIT_MS // max(slowest, 1.0)), MAX_BATCH // max(lanes, 1))
+    return max(1, lanes * max(per_lane, 1))
 
 
 def _sent(done: Sequence[Finish]) -> list[Finish]:
