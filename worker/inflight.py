@@ -9,7 +9,8 @@ a gradient controller moves (after Netflix's concurrency-limits "gradient"):
   lowest latency seen in the last ``BASELINE_S`` (the provider's latency when nothing
   queues: how far away it is);
 - while the median stays within ``TOLERANCE`` times that minimum, and the window used
-  most of the limit, the limit grows by its square root: a far-away provider gets as
+  most of the limit, the limit grows by its square root (by half, until the latency
+  first rises: a slow start): a far-away provider gets as
   many requests in flight as its round trip needs (Little's law: rate x latency), until
   this process's core is the bottleneck (then its own queueing raises the latency);
 - when the median rises above that, the limit shrinks in proportion (at most by half a
@@ -73,6 +74,7 @@ class Limiter:
             self.cap = max(1, cap)
             self.limit = float(min(FLOOR, self.cap))
             self.latency_ms: float | None = None  # the last window's median
+            self._slow_start = True  # grows by half until the latency first rises
             self.held = 0
             self._samples: list[float] = []
             self._dropped = 0
@@ -138,11 +140,14 @@ class Limiter:
         limit = self.limit
         if self._dropped:
             limit /= 2
+            self._slow_start = False
         elif math.isfinite(baseline):
             gradient = max(0.5, min(1.0, TOLERANCE * baseline / max(median, 0.001)))
             limit = max(limit * gradient, min(FLOOR, limit))
-            if gradient >= 1.0 and self._peak >= 0.75 * self.limit:
-                limit += math.sqrt(limit)  # used, and no queue seen: room for more
+            if gradient < 1.0:
+                self._slow_start = False
+            elif self._peak >= 0.75 * self.limit:  # used, and no queue seen: room for more
+                limit += limit / 2 if self._slow_start else math.sqrt(limit)
         self.limit = max(1.0, min(float(self.cap), limit))
         self.latency_ms = median
         self.trace.append(Window(median, baseline, self._peak, self._dropped, self.limit))
