@@ -8,13 +8,7 @@ from collections.abc import Callable
 
 from tests.conftest import unique, wait_for
 from worker.connection import connect
-from worker.drain import (
-    LIVE_WAIT_MS,
-    MAX_BATCH,
-    RELEASED,
-    _batch_size,
-    _stop_batch,
-)
+from worker.lanes import LIVE_WAIT_MS, MAX_BATCH, RELEASED, batch_size, lanes_wanted, stop_lane
 from worker.local.processes import LocalRedis, WorkerProcess
 from worker.local.stub import ProviderStub
 from worker.policy import RELEASE, AnswerClass, Evidence, Outcome, Verdict
@@ -54,11 +48,7 @@ def test_a_live_record_overtakes_a_bulk_backlog(
     (record,) = records(1, live)
     store.enqueue(record)  # no wake-up of its own: the drains in progress must see it
     (live_sent,) = wait_for(lambda: sent(stub, live), 30, 0.02)
-    # The next claim of any drain took it: it waited behind at most the batch in hand of
-    # each of the 4 threads, and one more for a claim that looked at bulk first, not behind
-    # the backlog's thousands (how long that takes is a figure of ops/bench.py).
-    ahead = [t for t in sent(stub, bulk) if enqueued_at <= t < live_sent]
-    assert len(ahead) <= 4 * 2 * MAX_BATCH, len(ahead)
+    assert live_sent - enqueued_at < 1.0  # the next claim of any drain took it
     assert store.counts()["pending"] > 1000  # ... long before the backlog drained
 
 
@@ -89,26 +79,23 @@ def _sent(latency_ms: float, evidence: Evidence = Evidence.UP) -> Finish:
                   Verdict(Outcome.DELIVERED, evidence=evidence))  # fmt: skip
 
 
-def test_a_batch_is_sized_to_the_live_wait_at_the_latency_just_seen() -> None:
-    assert _batch_size([]) == 1  # a drain's first claim: the provider's speed is unknown
-    assert _batch_size([_sent(3.0)]) == MAX_BATCH  # 800 / 3 ms, capped
-    assert _batch_size([_sent(3.0), _sent(50.0)]) == 16  # the slowest decides
-    assert _batch_size([_sent(100.0)]) == 8
-    assert _batch_size([_sent(300.0)]) == 2
-    assert _batch_size([_sent(5000.0)]) == 1
-    assert _batch_size([_sent(3.0, Evidence.DOWN)]) == 1  # the provider may be down
+def test_a_batch_is_sized_to_the_live_wait_on_each_lane() -> None:
+    assert batch_size([], 4, None) == 4  # the provider's speed is unknown: one per lane
+    assert batch_size([], 4, 100.0) == 32  # the process's latest latency: 8 per lane
+    assert batch_size([_sent(3.0)], 1, None) == MAX_BATCH  # 800 / 3 ms, capped
+    assert batch_size([_sent(3.0), _sent(50.0)], 1, None) == 16  # the slowest decides
+    assert batch_size([_sent(150.0)], 10, None) == 50  # far away: 5 on each of 10 lanes
+    assert batch_size([_sent(150.0)], 20, None) == 60  # 3 each: lanes of equal length
+    assert batch_size([_sent(5000.0)], 3, None) == 3
+    assert batch_size([_sent(3.0, Evidence.DOWN)], 8, None) == 1  # the provider may be down
+    assert lanes_wanted([_sent(3.0, Evidence.DOWN)]) == 1
+    assert lanes_wanted([_sent(900.0)]) == MAX_BATCH  # far away is not down
     released = Finish(Claim("claimed", "d2", "1", 1, None), RELEASED, RELEASE)
-    assert _batch_size([released]) == 1  # nothing was sent: nothing seen
-    # every batch, sent in turn at the latency that sized it, takes at most the live wait
+    assert batch_size([released], 2, None) == 2  # nothing was sent: nothing seen
+    # every lane, sent in turn at the latency that sized it, takes at most the live wait
     for latency in (0.5, 3.0, 24.0, 26.0, 99.0, 401.0):
-        size = _batch_size([_sent(latency)])
-        assert size * latency <= LIVE_WAIT_MS
-        share = LIVE_WAIT_MS / size
-        assert not _stop_batch(_sent(latency), share, [])
-        assert _stop_batch(_sent(share + 1), share, [])  # slower than its share: rest go back
-    # a failure that points at the provider gives the rest back, unless the same batch
-    # already proved the provider up (then it is one record's failure)
-    down = _sent(3.0, Evidence.DOWN)
-    assert _stop_batch(down, 100.0, [down])
-    assert not _stop_batch(down, 100.0, [_sent(3.0, Evidence.UP), down])
-    assert _batch_size([_sent(3.0, Evidence.UP), down]) == MAX_BATCH
+        per_lane = batch_size([_sent(latency)], 1, None)
+        assert per_lane * latency <= LIVE_WAIT_MS
+        share = LIVE_WAIT_MS / per_lane
+        assert not stop_lane(_sent(latency), share)
+        assert stop_lane(_sent(share + 1), share)  # slower than its share: rest go back

@@ -55,7 +55,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # ETA of any that arrives (a producer using countdown=). A second line only.
         "worker_eta_task_limit": 1000,
         "worker_pool": "threads",
-        "worker_concurrency": settings.concurrency,
+        "worker_concurrency": settings.drains,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "worker_soft_shutdown_timeout": settings.shutdown_timeout_s,
         "worker_enable_soft_shutdown_on_idle": True,

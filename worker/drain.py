@@ -1,9 +1,11 @@
 """A drain: what one woken ``backfill.deliver`` task does.
 
-It claims due deliveries from the schedule itself and attempts them one after the other,
-live lane first, until none is due, a budget is spent, or the worker is stopping. Each
-step is one Redis round trip: record the outcome of the attempt just made and claim the
-next (``worker/lua/step.lua``). So Celery's per-message cost (fetch, unacked bookkeeping,
+It claims due deliveries from the schedule itself, a batch at a time, live lane first,
+and sends a batch's requests at once (on the process's sending threads), until none is
+due, a budget is spent, or the worker is stopping. How many requests one process has in
+flight is sized by ``worker.inflight`` from the provider's latency. Each step is one
+Redis round trip: record the outcomes of the batch just sent and claim the next
+(``worker/lua/step.lua``). So Celery's per-message cost (fetch, unacked bookkeeping,
 ack, tracer) is paid once per wake-up, not once per delivery.
 """
 
@@ -18,10 +20,13 @@ from typing import Any
 
 import structlog
 
+from worker import lanes as lanes_module
 from worker import metrics
 from worker.audit import log_attempt
 from worker.heartbeat import progress
-from worker.policy import RELEASE, AnswerClass, Evidence, Outcome, judge
+from worker.inflight import Limiter, limiter
+from worker.lanes import LIVE_WAIT_MS, batch_size, lanes_wanted
+from worker.policy import AnswerClass, Evidence, Outcome, judge
 from worker.provider import Answer, ProviderClient
 from worker.record import BackfillRecord
 from worker.settings import DRAIN_BUDGET_S, Settings
@@ -35,13 +40,6 @@ BUDGET_ATTEMPTS = 500
 BUDGET_S = DRAIN_BUDGET_S
 # Every tenth step of a drain looks at the bulk lane first: live cannot starve bulk.
 BULK_EVERY = 10
-# Deliveries claimed in one step (one Redis round trip): as many as, at the latency just
-# seen, take at most LIVE_WAIT_MS, up to MAX_BATCH. That is all a live record can wait
-# behind (besides one slow attempt): an attempt slower than its share of LIVE_WAIT_MS
-# gives the rest of its batch back. Bigger batches cost Redis less per delivery (the
-# step's fixed cost is shared).
-LIVE_WAIT_MS = 800.0
-MAX_BATCH = 32
 # An attempt waits at most this long for a rate-limit slot; beyond, the drain ends.
 MAX_RATE_WAIT_S = 5.0
 
@@ -68,8 +66,6 @@ class Fleet:
 
 
 fleet = Fleet()
-# The answer of a delivery released unsent (nothing was sent, nothing is logged).
-RELEASED = Answer(AnswerClass.TRANSIENT, error="released unsent: the worker is stopping")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +76,7 @@ class Context:
     store: Store
     client: ProviderClient
     task_id: str | None
+    limiter: Limiter = limiter
 
 
 def drain(ctx: Context) -> int:
@@ -92,73 +89,71 @@ def drain(ctx: Context) -> int:
 
 
 def _drain(ctx: Context) -> int:
-    settings = ctx.settings
     until = time.monotonic() + BUDGET_S
     done: list[Finish] = []
     attempts = steps = 0
     while True:
         stop = fleet.stopping.is_set() or attempts >= BUDGET_ATTEMPTS or time.monotonic() > until
-        size = _batch_size(done)
-        step = ctx.store.step(
-            done,
-            claim=0 if stop else size,
-            prefer_bulk=steps % BULK_EVERY == BULK_EVERY - 1,
-            lease_s=settings.attempt_lease_s,
-            max_attempts=settings.max_attempts,
-            rate_per_s=settings.rate_limit,
-            burst=settings.rate_burst,
-            max_wait_s=MAX_RATE_WAIT_S,
-            gap_s=2 * LIVE_WAIT_MS / size / 1000,  # the i-th starts by i shares of the wait
-        )
+        want = 0 if stop else lanes_wanted(done)
+        lanes = ctx.limiter.take(want) if want else 0
+        if want and not lanes:
+            # every request this process may have in flight is taken: record what was
+            # sent, then wait for room (the drain ends when none comes in time)
+            _step(ctx, done, 0, steps)
+            done = []
+            wait_s = max(until - time.monotonic(), 0.0)
+            lanes = ctx.limiter.take(want, wait_s=wait_s, stop=fleet.stopping)
+            if not lanes:
+                _step(ctx, done, 0, steps)
+                return attempts
+        size = batch_size(done, lanes, ctx.limiter.latency_ms) if lanes else 0
+        step = _step(ctx, done, size, steps)
         claimed_at = time.monotonic()
         steps += 1
-        _after(step, done, settings)
-        if step.status == "throttled" and step.resume_in_s:
-            fleet.hold_until = time.monotonic() + step.resume_in_s
-        claims = step.claims
-        if not claims and step.status != "again":
+        used = min(lanes, len(step.claims))
+        ctx.limiter.give(lanes - used)
+        if not step.claims and step.status != "again":
             return attempts
-        done = []
-        slow = False
-        share_ms = LIVE_WAIT_MS / len(claims)
-        for claim in claims:
-            if fleet.stopping.is_set() or slow:
-                # claimed in this batch, never sent: given back, due at once and uncounted
-                # (the worker is stopping, or the provider got slow and other threads
-                # should take these rather than wait behind this one)
-                done.append(Finish(claim, RELEASED, RELEASE))
-                continue
-            item = attempt(ctx, claim, claimed_at, holding=step.outage)
-            done.append(item)
-            attempts += 1
-            slow = _stop_batch(item, share_ms, done)
+        try:
+            done = send_batch(ctx, step.claims, claimed_at, used, holding=step.outage)
+        finally:
+            ctx.limiter.give(used)
+        attempts += sum(1 for item in done if not item.verdict.released)
 
 
-def _stop_batch(item: Finish, share_ms: float, batch: Sequence[Finish]) -> bool:
-    """Whether the rest of a batch goes back after this attempt: it took more than its
-    share of LIVE_WAIT_MS, or it points at a provider outage and nothing of this batch
-    proved the provider up (the rest would most likely fail the same way)."""
-    if item.answer.latency_ms > share_ms:
-        return True
-    return item.verdict.evidence.down and not _answered(batch)
+def _step(ctx: Context, done: list[Finish], claim: int, steps: int) -> StepResult:
+    """Record ``done`` and claim up to ``claim`` deliveries (one round trip); log the rest."""
+    settings = ctx.settings
+    step = ctx.store.step(
+        done,
+        claim=claim,
+        prefer_bulk=steps % BULK_EVERY == BULK_EVERY - 1,
+        lease_s=settings.attempt_lease_s,
+        max_attempts=settings.max_attempts,
+        rate_per_s=settings.rate_limit,
+        burst=settings.rate_burst,
+        max_wait_s=MAX_RATE_WAIT_S,
+        # a lane's i-th starts by i shares of the wait; the batch's lanes start at once
+        gap_s=2 * LIVE_WAIT_MS / max(claim, 1) / 1000,
+    )
+    _after(step, done, settings)
+    if step.status == "throttled" and step.resume_in_s:
+        fleet.hold_until = time.monotonic() + step.resume_in_s
+    return step
 
 
-def _answered(batch: Sequence[Finish]) -> bool:
-    return any(item.verdict.evidence is Evidence.UP for item in batch)
+def send_batch(
+    ctx: Context, claims: Sequence[Claim], claimed_at: float, lanes: int, *, holding: bool = False
+) -> list[Finish]:
+    """Attempt a batch's claims on ``lanes`` lanes at once (``worker.lanes``)."""
 
+    def one(claim: Claim) -> Finish:
+        item = attempt(ctx, claim, claimed_at, holding=holding)
+        if claim.record is not None:
+            ctx.limiter.observe(item.answer.latency_ms, item.verdict.evidence)
+        return item
 
-def _batch_size(done: Sequence[Finish]) -> int:
-    """How many deliveries to claim next: as many as take LIVE_WAIT_MS at the slowest
-    latency of the batch just sent (at most MAX_BATCH), so a live record never waits
-    behind more than that or one slow attempt. One after a failure that points at the
-    provider, and for a drain's first claim (it has not seen how quick the provider is)."""
-    sent = [item for item in done if not item.verdict.released]
-    if not sent:
-        return 1
-    if any(item.verdict.evidence.down for item in sent) and not _answered(sent):
-        return 1
-    slowest = max(item.answer.latency_ms for item in sent)
-    return int(max(1, min(MAX_BATCH, LIVE_WAIT_MS // max(slowest, 1.0))))
+    return lanes_module.send(ctx.limiter.pool(), one, claims, lanes, fleet.stopping)
 
 
 def attempt(ctx: Context, claim: Claim, claimed_at: float, *, holding: bool = False) -> Finish:

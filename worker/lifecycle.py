@@ -25,6 +25,7 @@ from worker.audit import configure_logging
 from worker.clock import clock
 from worker.drain import Context, drain, fleet
 from worker.errors import ConfigError
+from worker.inflight import limiter
 from worker.provider import ca_bundle
 from worker.runtime import checked_store, get_client, get_settings, get_store, wake
 from worker.settings import Settings
@@ -89,14 +90,14 @@ def _relieve(settings: Settings) -> None:
     configure_logging(settings.log_format, settings.log_level)
     ctx = Context(settings, store, get_client(), None)
     said = 0.0
-    with ThreadPoolExecutor(settings.concurrency, thread_name_prefix="relief") as pool:
+    with ThreadPoolExecutor(settings.drains, thread_name_prefix="relief") as pool:
         while _full(store, RELIEVED):
             if time.monotonic() - said > 30:
                 memory = capacity.read(store.redis)
                 log.error("redis.full", detail=memory.full_message(),
                           action="delivering without Celery until Redis has room")  # fmt: skip
                 said = time.monotonic()
-            sent = sum(pool.map(lambda _: drain(ctx), range(settings.concurrency)))
+            sent = sum(pool.map(lambda _: drain(ctx), range(settings.drains)))
             if sent == 0:
                 time.sleep(1.0)  # nothing due now: what fills Redis is not ours to free
     log.warning("redis.full_over", detail="Redis has room again: starting the worker")
@@ -143,12 +144,13 @@ def _start(sender: Any = None, **_: Any) -> None:
     clock.correct, clock.limit_s = settings.clock_correction, settings.clock_max_offset_s
     clock.check(get_store().redis)
     fleet.stopping.clear()
+    limiter.configure(settings.max_in_flight)
     waker = Waker(
         get_store(),
         wake,
         queue=settings.queue,
         tick_s=settings.scheduler_tick_s,
-        concurrency=getattr(getattr(sender, "pool", None), "limit", None) or settings.concurrency,
+        concurrency=getattr(getattr(sender, "pool", None), "limit", None) or settings.drains,
         node=str(getattr(sender, "hostname", None) or f"pid{os.getpid()}"),
         relieve=lambda: drain(Context(settings, get_store(), client, None)),
     )
@@ -157,7 +159,8 @@ def _start(sender: Any = None, **_: Any) -> None:
     log.info(
         "worker.ready",
         queue=settings.queue,
-        concurrency=settings.concurrency,
+        drains=settings.drains,
+        max_in_flight=settings.max_in_flight,
         max_attempts=settings.max_attempts,
         retry_window_s=round(settings.retry_window_s()),
         rate_limit=settings.rate_limit,

@@ -15,13 +15,14 @@ import errno
 from collections.abc import Iterator
 
 import structlog
-from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from worker import capacity
 from worker.clock import clock
 from worker.errors import ConfigError
+from worker.inflight import limiter
 from worker.store import Store
 
 log = structlog.get_logger("worker.metrics")
@@ -45,6 +46,13 @@ GUARDED_MESSAGES = Counter(
     ["action"],
 )
 OUTAGE_HOLDS = Counter("backfill_outage_holds", "Outage holds this worker entered.")
+IN_FLIGHT = Gauge("backfill_in_flight", "Requests this worker holds in flight to the provider.")
+IN_FLIGHT.set_function(lambda: limiter.held)
+IN_FLIGHT_LIMIT = Gauge(
+    "backfill_in_flight_limit",
+    "Requests this worker may have in flight: sized from the provider's latency, up to the cap.",
+)
+IN_FLIGHT_LIMIT.set_function(lambda: limiter.limit)
 # (host, port) once this process serves /metrics
 _serving: list[tuple[str, int]] = []
 

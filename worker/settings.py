@@ -27,6 +27,11 @@ from worker.policy import (
 ENV_PREFIX = "BACKFILL_"
 # How long one wake-up drains before its task returns (worker.drain.BUDGET_S).
 DRAIN_BUDGET_S = 5.0
+# Requests in flight per worker process at most when BACKFILL_CONCURRENCY is not set (the
+# memory bound: worker.inflight sizes what is used below it from the provider's latency).
+DEFAULT_MAX_IN_FLIGHT = 256
+# Drains (Celery threads) per worker process at most: each sends a batch at once.
+MAX_DRAINS = 8
 HOUR = 3600
 DAY = 24 * HOUR
 
@@ -62,7 +67,9 @@ class Settings(BaseSettings):
     lookup_index: bool = True
     # Overrides of the provider code table, e.g. "-16:bad_record,-99:transient".
     codes: str = ""
-    concurrency: int = Field(16, ge=1, le=512)
+    # Requests in flight per worker process at most; unset: sized from the provider's
+    # latency up to DEFAULT_MAX_IN_FLIGHT (docs/latency.md).
+    concurrency: int | None = Field(None, ge=1, le=512)
     queue: str = Field("backfill", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     scheduler_tick_s: float = Field(0.25, gt=0, le=10)
     # Broker visibility timeout; must exceed the longest time a task holds a message.
@@ -119,7 +126,7 @@ class Settings(BaseSettings):
             return value
         return value.strip().upper() if info.field_name == "log_level" else value.strip().lower()
 
-    @field_validator("metrics_port", mode="before")
+    @field_validator("metrics_port", "concurrency", mode="before")
     @classmethod
     def _blank_is_off(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
@@ -179,6 +186,16 @@ class Settings(BaseSettings):
                 f"budget ({DRAIN_BUDGET_S:g} s)"
             )
         return self
+
+    @property
+    def max_in_flight(self) -> int:
+        """Requests one worker process may have in flight at most (the cap)."""
+        return self.concurrency or DEFAULT_MAX_IN_FLIGHT
+
+    @property
+    def drains(self) -> int:
+        """Celery threads per worker process: drains, each sending a batch at once."""
+        return min(self.max_in_flight, MAX_DRAINS)
 
     @property
     def attempt_lease_s(self) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -12,17 +13,25 @@ from worker.errors import ConfigError
 
 
 @click.command()
-@click.option("--concurrency", "-c", type=click.IntRange(1, 512), help="Threads (default 16).")
+@click.option(
+    "--concurrency",
+    "-c",
+    type=click.IntRange(1, 512),
+    help="Requests in flight at most (default: sized from the provider's latency, up to 256).",
+)
 @click.option("--hostname", "-n", help="Celery node name, e.g. backfill1@%h.")
 @exits
 def worker(concurrency: int | None, hostname: str | None) -> None:
     """Run a worker (threads pool) with the project's defaults."""
+    if concurrency is not None:  # the same cap as BACKFILL_CONCURRENCY
+        os.environ["BACKFILL_CONCURRENCY"] = str(concurrency)
     from worker import metrics
     from worker.app import app
     from worker.audit import configure_logging
     from worker.lifecycle import worker_exit_status
-    from worker.runtime import checked_store, get_client, get_settings, get_store
+    from worker.runtime import checked_store, get_client, get_settings, get_store, reset
 
+    reset()  # read the environment as it is now
     settings = get_settings()
     get_client()  # fails fast with exit 2 when the credentials are missing
     checked_store()  # and when Redis evicts keys (records could vanish)
@@ -33,7 +42,7 @@ def worker(concurrency: int | None, hostname: str | None) -> None:
     argv = [
         "--quiet",  # the banner is not JSON; worker.ready says the same in one line
         "worker",
-        f"--concurrency={concurrency or settings.concurrency}",
+        f"--concurrency={settings.drains}",
         "--pool=threads",
         f"--queues={settings.queue}",
         f"--loglevel={settings.log_level}",
@@ -64,6 +73,13 @@ def worker(concurrency: int | None, hostname: str | None) -> None:
 @click.option("--fault-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--faults", default="status,500,503,429,slow,drop,nonjson", show_default=True)
 @click.option("--slow-s", default=20.0, show_default=True, type=click.FloatRange(0))
+@click.option(
+    "--latency-ms",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 60_000),
+    help="Answer every call after this long (a far-away provider).",
+)
 @click.option("--seed", type=int, help="Seed the fault dice for a repeatable run.")
 @exits
 def stub(
@@ -74,6 +90,7 @@ def stub(
     fault_rate: float,
     faults: str,
     slow_s: float,
+    latency_ms: float,
     seed: int | None,
 ) -> None:
     """Run the local provider stand-in (never a stand-in for the real provider).
@@ -96,6 +113,7 @@ def stub(
         fault_rate=fault_rate,
         faults=kinds,
         slow_s=slow_s,
+        latency_s=latency_ms / 1000,
         seed=seed,
     )
     click.echo(f"stub listening on {server.url} (fault rate {fault_rate:.0%})", err=True)

@@ -141,7 +141,7 @@ class WorkerProcess:
         env: dict[str, str],
         log_path: Path,
         *,
-        concurrency: int = 8,
+        concurrency: int | None = 8,
         extra_args: tuple[str, ...] = (),
         prefix: tuple[str, ...] = (),
     ) -> None:
@@ -163,7 +163,7 @@ class WorkerProcess:
                     "-m",
                     "worker",
                     "worker",
-                    f"--concurrency={self.concurrency}",
+                    *([f"--concurrency={self.concurrency}"] if self.concurrency else []),
                     *self.extra_args,
                 ],
                 env=self.env,

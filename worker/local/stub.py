@@ -91,6 +91,7 @@ class ProviderStub:
         fault_rate: float = 0.0,
         faults: Sequence[str] = FAULT_KINDS,
         slow_s: float = 20.0,
+        latency_s: float = 0.0,
         retry_after_s: int = 1,
         transient_codes: Sequence[str] = ("-12", "-15", "-18", "-23"),
         max_skew_s: int = 300,
@@ -109,6 +110,10 @@ class ProviderStub:
         self.backfill_path = f"{self._base_path}/postback/backfill"
         self._fault_rate = fault_rate
         self._slow_s = slow_s
+        if not 0.0 <= latency_s <= 60.0:
+            raise ValueError("latency_s must be between 0 and 60 seconds")
+        self._latency = (latency_s, 0.0)
+        self._in_flight = 0
         self._retry_after_s = retry_after_s
         self._transient_codes = tuple(transient_codes) or ("-12",)
         self._max_skew_s = max_skew_s
@@ -208,6 +213,27 @@ class ProviderStub:
             raise ValueError(f"a provider that is down does not answer {kind!r}")
         with self._lock:
             self._down = step
+
+    def set_latency(self, base_s: float, per_request_s: float = 0.0) -> None:
+        """Answer every backfill call after ``base_s`` plus ``per_request_s`` for each
+        request in flight at the stub when it arrived (a provider that slows down under
+        load); ``set_latency(0)`` answers at once again. A far-away provider is a fixed
+        ``base_s``."""
+        for name, value in (("base_s", base_s), ("per_request_s", per_request_s)):
+            if not 0.0 <= value <= 60.0:
+                raise ValueError(f"{name} must be between 0 and 60 seconds")
+        with self._lock:
+            self._latency = (base_s, per_request_s)
+
+    def _delay(self, enter: bool) -> float:
+        """Count a backfill call in (``enter``) or out; on the way in, how long it waits."""
+        with self._lock:
+            if not enter:
+                self._in_flight -= 1
+                return 0.0
+            self._in_flight += 1
+            base, per_request = self._latency
+            return base + per_request * (self._in_flight - 1)
 
     def reset(self) -> None:
         """Forget records, counters and plans; the provider is up."""

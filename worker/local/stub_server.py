@@ -124,6 +124,15 @@ class _Handler(BaseHTTPRequestHandler):
     do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _not_found
 
     def _backfill(self, body: bytes) -> None:
+        delay = self.stub._delay(enter=True)
+        try:
+            if delay > 0:  # a provider far away, or one slowing down under load
+                self.stub._stopping.wait(delay)
+            self._answer(body)
+        finally:
+            self.stub._delay(enter=False)
+
+    def _answer(self, body: bytes) -> None:
         stub = self.stub
         payload = _parse_json(body)
         kind, arg = stub._next_step(payload)
