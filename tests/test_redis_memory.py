@@ -153,7 +153,14 @@ def test_a_full_redis_is_named_full_everywhere_and_nothing_is_half_written(
     assert answer.status_code == 503
     assert answer.headers["Retry-After"]
     assert b"Redis is full" in bytes(answer.body)
-    problem = asyncio.run(RedisCheck(aioredis.Redis.from_url(small.url)).problem())
+    async def healthz_problem() -> str:
+        client = aioredis.Redis.from_url(small.url)
+        try:
+            return await RedisCheck(client).problem()
+        finally:
+            await client.aclose()
+
+    problem = asyncio.run(healthz_problem())
     assert problem.startswith("Redis is full")
     # `health` names it (with no worker it is unhealthy for that reason, not for Redis)
     health = backfill("health", "--timeout", "1", env=env)

@@ -1,0 +1,307 @@
+#!/usr/bin/env python3
+"""Attribution: a provider that fails *some* requests, side by side with one that fails none.
+
+    python ops/bench_attribution.py                  # every scenario, 1000 records
+    python ops/bench_attribution.py --only flaky --json attribution.json
+
+Each scenario gets a fresh private Redis, a fresh real worker process and the stub,
+scripted per case; all are killed after it. Seconds run from the enqueue (one
+``enqueue_many``) to the last record delivered. Scenarios:
+
+- ``fault_free``: N records, the stub answers every request;
+- ``first_dropped``: the stub drops each record's first request (a stale keep-alive
+  connection), the second succeeds: seconds and their ratio to fault-free (target <= 2);
+- ``flaky``: 100 records each answered ``-18``, HTTP 503, then ``0``, after a 3 s account
+  block (``-1`` to everything): seconds to all delivered (target <= 30);
+- ``random30``: 30 % of requests answered 503 at random (seed 7), 12 attempts: deliveries/s
+  and their ratio to fault-free (target >= 0.6);
+- ``poison``: 300 good records over 3 apps plus 3 records the stub always fails (503,
+  a redirect, or a 3 s answer): seconds until the good 300 are delivered against 300
+  fault-free, and the attempts each poison record spent before its dead letter.
+
+Holds and pauses are the worker's ``postback.outage`` and ``postback.paused`` log lines.
+The machine may be shared: compare the figures of one run, not across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worker import keys
+from worker.connection import connect
+from worker.local.processes import LocalRedis, WorkerProcess, local_env
+from worker.local.stub import ProviderStub
+from worker.record import BackfillRecord
+from worker.store import Store
+
+KEY, SECRET = "attribution-key", "attribution-secret"
+SETTINGS: dict[str, object] = {
+    "max_attempts": 6,
+    "backoff_base_s": 0.2,
+    "backoff_cap_s": 1,
+    "pause_s": 5,
+    "outage_probe_cap_s": 5,
+    "connect_timeout_s": 0.5,
+    "read_timeout_s": 0.5,
+    "keep_delivered_s": 3600,
+    "log_level": "INFO",
+}
+Report = dict[str, Any]
+
+
+@dataclass
+class Fleet:
+    """One scenario's private Redis, stub and worker."""
+
+    store: Store
+    stub: ProviderStub
+    worker: WorkerProcess
+
+    def lines(self, event: str) -> int:
+        """How many log lines of the worker name ``event``."""
+        count = 0
+        for line in Path(self.worker.log_path).read_text(errors="replace").splitlines():
+            try:
+                count += json.loads(line).get("event") == event
+            except (ValueError, AttributeError):
+                continue
+        return count
+
+    def dead(self) -> int:
+        return int(self.store.redis.zcard(keys.DEAD))
+
+    def wait(self, ids: list[str], state: str, timeout_s: float) -> float | None:
+        """Seconds until every delivery of ``ids`` is in ``state``; None on timeout."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            if all(s == state for s in self.store.states(ids)):
+                return round(time.monotonic() - started, 2)
+            time.sleep(0.05)
+        return None
+
+    def count(self, ids: list[str], state: str) -> int:
+        return sum(1 for s in self.store.states(ids) if s == state)
+
+
+@contextmanager
+def fleet(
+    args: argparse.Namespace, name: str, stub_kw: dict[str, Any], **env: object
+) -> Iterator[Fleet]:
+    """A fresh Redis, stub and ready worker for one scenario; all are killed after."""
+    root = Path(tempfile.mkdtemp(prefix=f"backfill-attr-{name}-"))
+    server = LocalRedis(root / "redis").start()
+    stub = ProviderStub(KEY, SECRET, **stub_kw).start()
+    settings = {**SETTINGS, "scheduler_tick_s": args.tick, **env}
+    worker = WorkerProcess(
+        local_env(server.url, stub.url, KEY, SECRET, **settings),
+        root / "worker.log",
+        concurrency=args.concurrency,
+    ).start()
+    try:
+        worker.wait_ready(60)
+        store = Store(connect(server.url), dedupe_ttl_s=3600, keep_delivered_s=3600)
+        yield Fleet(store, stub, worker)
+    finally:
+        worker.kill()
+        server.kill()
+        stub.stop()
+
+
+def records(count: int, tag: str, apps: int = 1) -> list[BackfillRecord]:
+    return [
+        BackfillRecord(
+            f"app-{tag}-{i % apps}", f"8613{i:09d}", str(1_700_000_000_000 + i), msgid=f"{tag}-{i}"
+        )
+        for i in range(count)
+    ]
+
+
+def enqueue(f: Fleet, batch: list[BackfillRecord]) -> list[str]:
+    return [delivery_id for delivery_id, _ in f.store.enqueue_many(batch, source="bench")]
+
+
+def fault_free(args: argparse.Namespace, _: dict[str, Report]) -> Report:
+    with fleet(args, "free", {}) as f:
+        ids = enqueue(f, records(args.records, "free"))
+        took = f.wait(ids, "delivered", args.timeout)
+        return {
+            "seconds": took,
+            "per_s": round(args.records / took, 1) if took else None,
+            "requests": len(f.stub.seen()),
+            "delivered": f.count(ids, "delivered"),
+            "dead": f.dead(),
+        }
+
+
+def first_dropped(args: argparse.Namespace, done: dict[str, Report]) -> Report:
+    with fleet(args, "drop", {}) as f:
+        batch = records(args.records, "drop")
+        f.stub.set_plan({str(r.msgid): ["drop"] for r in batch})
+        ids = enqueue(f, batch)
+        took = f.wait(ids, "delivered", args.timeout)
+        base = done.get("fault_free", {}).get("seconds")
+        return {
+            "seconds": took,
+            "ratio_to_fault_free": round(took / base, 2) if took and base else None,
+            "target": "ratio <= 2",
+            "requests": len(f.stub.seen()),
+            "holds": f.lines("postback.outage"),
+            "delivered": f.count(ids, "delivered"),
+            "dead": f.dead(),
+        }
+
+
+def flaky(args: argparse.Namespace, _: dict[str, Report]) -> Report:
+    with fleet(args, "flaky", {}) as f:
+        batch = records(100, "flaky")
+        f.stub.set_plan({str(r.msgid): ["status:-18", "503", "ok"] for r in batch})
+        f.stub.set_down("status:-1")
+        timer = threading.Timer(3.0, f.stub.set_down, args=(None,))
+        timer.start()
+        try:
+            ids = enqueue(f, batch)
+            took = f.wait(ids, "delivered", args.timeout)
+        finally:
+            timer.cancel()
+        return {
+            "seconds": took,
+            "target": "seconds <= 30",
+            "requests": len(f.stub.seen()),
+            "pauses": f.lines("postback.paused"),
+            "holds": f.lines("postback.outage"),
+            "delivered": f.count(ids, "delivered"),
+            "dead": f.dead(),
+        }
+
+
+def random30(args: argparse.Namespace, done: dict[str, Report]) -> Report:
+    stub_kw = {"fault_rate": 0.3, "faults": ("503",), "seed": 7}
+    with fleet(args, "random", stub_kw, max_attempts=12) as f:
+        ids = enqueue(f, records(args.records, "random"))
+        took = f.wait(ids, "delivered", args.timeout)
+        per_s = round(args.records / took, 1) if took else None
+        base = done.get("fault_free", {}).get("per_s")
+        return {
+            "seconds": took,
+            "per_s": per_s,
+            "ratio_to_fault_free": round(per_s / base, 2) if per_s and base else None,
+            "target": "ratio >= 0.6",
+            "requests": len(f.stub.seen()),
+            "holds": f.lines("postback.outage"),
+            "delivered": f.count(ids, "delivered"),
+            "dead": f.dead(),
+        }
+
+
+def poison_case(args: argparse.Namespace, poison: str | None) -> Report:
+    tag = (poison or "none").replace(":", "")
+    with fleet(args, f"poison-{tag}", {}) as f:
+        good = records(300, f"good{tag}", apps=3)
+        bad = records(3, f"bad{tag}") if poison else []
+        f.stub.set_plan({str(r.msgid): [poison] * 50 for r in bad if poison})
+        bad_ids = enqueue(f, bad) if bad else []
+        good_ids = enqueue(f, good)
+        took = f.wait(good_ids, "delivered", args.timeout)
+        report: Report = {"good_seconds": took, "good_delivered": f.count(good_ids, "delivered")}
+        if bad_ids:
+            bad_took = f.wait(bad_ids, "dead", args.timeout)
+            attempts = [int(f.store.redis.hget(keys.delivery(i), "c") or 0) for i in bad_ids]
+            report |= {
+                "poison_dead_after_s": bad_took,
+                "poison_dead": f.count(bad_ids, "dead"),
+                "poison_attempts": attempts,
+                "pauses": f.lines("postback.paused"),
+                "holds": f.lines("postback.outage"),
+            }
+        report["dead"] = f.dead()
+        return report
+
+
+def poison(args: argparse.Namespace, _: dict[str, Report]) -> Report:
+    base = poison_case(args, None)
+    report: Report = {"fault_free_300_seconds": base["good_seconds"]}
+    for kind in ("503", "redirect", "slow:3"):
+        case = poison_case(args, kind)
+        took, ref = case["good_seconds"], base["good_seconds"]
+        case["ratio_to_fault_free"] = round(took / ref, 2) if took and ref else None
+        report[kind] = case
+    return report
+
+
+SCENARIOS: dict[str, Callable[[argparse.Namespace, dict[str, Report]], Report]] = {
+    "fault_free": fault_free,
+    "first_dropped": first_dropped,
+    "flaky": flaky,
+    "random30": random30,
+    "poison": poison,
+}
+NEEDS_BASELINE = {"first_dropped", "random30"}
+
+
+def table(results: dict[str, Report]) -> list[str]:
+    """One line per scenario (and per poison kind): the figures people judge."""
+    rows = [f"{'scenario':<22}{'seconds':>9}{'ratio':>8}{'per_s':>8}{'requests':>10}"
+            f"{'pauses':>8}{'holds':>7}{'dead':>6}  note"]  # fmt: skip
+
+    def cell(value: object, width: int) -> str:
+        return f"{'-' if value is None else value!s:>{width}}"
+
+    for name, r in results.items():
+        if name == "poison":
+            rows.append(f"{'poison: 300 clean':<22}{cell(r['fault_free_300_seconds'], 9)}")
+            for kind in ("503", "redirect", "slow:3"):
+                c = r[kind]
+                note = f"poison dead {c.get('poison_dead')}/3 attempts {c.get('poison_attempts')}"
+                rows.append(
+                    f"{'poison: ' + kind:<22}{cell(c['good_seconds'], 9)}"
+                    f"{cell(c['ratio_to_fault_free'], 8)}{'':>8}{'':>10}"
+                    f"{cell(c.get('pauses'), 8)}{cell(c.get('holds'), 7)}{cell(c['dead'], 6)}  {note}"
+                )
+            continue
+        note = r.get("target", "")
+        if "delivered" in r:
+            note = f"delivered {r['delivered']}  {note}"
+        rows.append(
+            f"{name:<22}{cell(r['seconds'], 9)}{cell(r.get('ratio_to_fault_free'), 8)}"
+            f"{cell(r.get('per_s'), 8)}{cell(r.get('requests'), 10)}{cell(r.get('pauses'), 8)}"
+            f"{cell(r.get('holds'), 7)}{cell(r['dead'], 6)}  {note}"
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--records", type=int, default=1000, help="N (default 1000)")
+    parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--only", choices=sorted(SCENARIOS), help="run one scenario")
+    parser.add_argument("--tick", type=float, default=0.05, help="scheduler tick, s")
+    parser.add_argument("--concurrency", type=int, default=8, help="worker -c")
+    parser.add_argument("--timeout", type=float, default=300.0, help="per wait, s")
+    args = parser.parse_args(argv)
+    names = list(SCENARIOS) if args.only is None else [args.only]
+    if args.only in NEEDS_BASELINE:
+        names.insert(0, "fault_free")
+    results: dict[str, Report] = {}
+    for name in names:
+        print(f"== {name} ...", file=sys.stderr, flush=True)
+        results[name] = SCENARIOS[name](args, results)
+        print(json.dumps({name: results[name]}), file=sys.stderr, flush=True)
+    report = {"records": args.records, "tick_s": args.tick, "results": results}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print("\n".join(table(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
