@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ SETTINGS: dict[str, object] = {
     "log_level": "INFO",
 }
 Report = dict[str, Any]
+POISONS = ("503", "redirect", "slow:3")
 
 
 @dataclass
@@ -99,22 +100,21 @@ def fleet(
 ) -> Iterator[Fleet]:
     """A fresh Redis, stub and ready worker for one scenario; all are killed after."""
     root = Path(tempfile.mkdtemp(prefix=f"backfill-attr-{name}-"))
-    server = LocalRedis(root / "redis").start()
-    stub = ProviderStub(KEY, SECRET, **stub_kw).start()
-    settings = {**SETTINGS, "scheduler_tick_s": args.tick, **env}
-    worker = WorkerProcess(
-        local_env(server.url, stub.url, KEY, SECRET, **settings),
-        root / "worker.log",
-        concurrency=args.concurrency,
-    ).start()
-    try:
-        worker.wait_ready(60)
+    with ExitStack() as stack:
+        server = LocalRedis(root / "redis").start()
+        stack.callback(server.kill)
+        stub = ProviderStub(KEY, SECRET, **stub_kw).start()
+        stack.callback(stub.stop)
+        settings = {**SETTINGS, "scheduler_tick_s": args.tick, **env}
+        worker = WorkerProcess(
+            local_env(server.url, stub.url, KEY, SECRET, **settings),
+            root / "worker.log",
+            concurrency=args.concurrency,
+        )
+        stack.callback(worker.kill)
+        worker.start().wait_ready(60)
         store = Store(connect(server.url), dedupe_ttl_s=3600, keep_delivered_s=3600)
         yield Fleet(store, stub, worker)
-    finally:
-        worker.kill()
-        server.kill()
-        stub.stop()
 
 
 def records(count: int, tag: str, apps: int = 1) -> list[BackfillRecord]:
@@ -230,7 +230,7 @@ def poison_case(args: argparse.Namespace, poison: str | None) -> Report:
 def poison(args: argparse.Namespace, _: dict[str, Report]) -> Report:
     base = poison_case(args, None)
     report: Report = {"fault_free_300_seconds": base["good_seconds"]}
-    for kind in ("503", "redirect", "slow:3"):
+    for kind in POISONS:
         case = poison_case(args, kind)
         took, ref = case["good_seconds"], base["good_seconds"]
         case["ratio_to_fault_free"] = round(took / ref, 2) if took and ref else None
@@ -248,34 +248,30 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace, dict[str, Report]], Report]] 
 NEEDS_BASELINE = {"first_dropped", "random30"}
 
 
+COLUMNS = (("seconds", 9), ("ratio", 8), ("per_s", 8), ("requests", 10), ("pauses", 8),
+           ("holds", 7), ("dead", 6))  # fmt: skip
+
+
+def row(label: str, r: Report, note: str = "") -> str:
+    """One table line: ``r``'s figures by column (``ratio`` is the ratio to fault-free)."""
+    r = {**r, "ratio": r.get("ratio_to_fault_free")}
+    cells = "".join(f"{'-' if r.get(k) is None else r[k]!s:>{w}}" for k, w in COLUMNS)
+    return f"{label:<22}{cells}  {note}".rstrip()
+
+
 def table(results: dict[str, Report]) -> list[str]:
     """One line per scenario (and per poison kind): the figures people judge."""
-    rows = [f"{'scenario':<22}{'seconds':>9}{'ratio':>8}{'per_s':>8}{'requests':>10}"
-            f"{'pauses':>8}{'holds':>7}{'dead':>6}  note"]  # fmt: skip
-
-    def cell(value: object, width: int) -> str:
-        return f"{'-' if value is None else value!s:>{width}}"
-
+    rows = [f"{'scenario':<22}" + "".join(f"{k:>{w}}" for k, w in COLUMNS) + "  note"]
     for name, r in results.items():
-        if name == "poison":
-            rows.append(f"{'poison: 300 clean':<22}{cell(r['fault_free_300_seconds'], 9)}")
-            for kind in ("503", "redirect", "slow:3"):
-                c = r[kind]
-                note = f"poison dead {c.get('poison_dead')}/3 attempts {c.get('poison_attempts')}"
-                rows.append(
-                    f"{'poison: ' + kind:<22}{cell(c['good_seconds'], 9)}"
-                    f"{cell(c['ratio_to_fault_free'], 8)}{'':>8}{'':>10}"
-                    f"{cell(c.get('pauses'), 8)}{cell(c.get('holds'), 7)}{cell(c['dead'], 6)}  {note}"
-                )
+        if name != "poison":
+            note = f"delivered {r.get('delivered')}  {r.get('target', '')}"
+            rows.append(row(name, r, note))
             continue
-        note = r.get("target", "")
-        if "delivered" in r:
-            note = f"delivered {r['delivered']}  {note}"
-        rows.append(
-            f"{name:<22}{cell(r['seconds'], 9)}{cell(r.get('ratio_to_fault_free'), 8)}"
-            f"{cell(r.get('per_s'), 8)}{cell(r.get('requests'), 10)}{cell(r.get('pauses'), 8)}"
-            f"{cell(r.get('holds'), 7)}{cell(r['dead'], 6)}  {note}"
-        )
+        rows.append(row("poison: 300 clean", {"seconds": r["fault_free_300_seconds"]}))
+        for kind in POISONS:
+            c = r[kind]
+            note = f"poison dead {c.get('poison_dead')}/3, attempts {c.get('poison_attempts')}"
+            rows.append(row(f"poison: {kind}", {**c, "seconds": c["good_seconds"]}, note))
     return rows
 
 
