@@ -21,7 +21,8 @@ from tests.helpers import backfill
 from worker import capacity, keys
 from worker.connection import connect
 from worker.errors import ConfigError, RedisFull
-from worker.intake import RedisCheck, accept
+from worker.intake import accept
+from worker.intake_health import RedisCheck
 from worker.local.processes import LocalRedis, WorkerProcess, local_env
 from worker.local.stub import ProviderStub
 from worker.record import BackfillRecord
@@ -153,6 +154,7 @@ def test_a_full_redis_is_named_full_everywhere_and_nothing_is_half_written(
     assert answer.status_code == 503
     assert answer.headers["Retry-After"]
     assert b"Redis is full" in bytes(answer.body)
+
     async def healthz_problem() -> str:
         client = aioredis.Redis.from_url(small.url)
         try:

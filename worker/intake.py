@@ -43,9 +43,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from worker.capacity import Memory
 from worker.errors import RedisFull
 from worker.intake_body import BODY_SCHEMA, MAX_BODY, Refused, decode, parse_body
+from worker.intake_health import RedisCheck
 from worker.lookup import InvalidQuery, find, query_args
 from worker.producer import enqueue_record, log_enqueued
 from worker.redact import mask_number
@@ -53,7 +53,6 @@ from worker.store import Store
 
 RETRY_AFTER_S = 5
 LOOKUP_LIMIT = 100  # deliveries per page of GET /v1/backfills?msgid=...
-HEALTH_TIMEOUT_S = 0.25
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,12}")
 _UTF8 = ("utf-8", "utf8")
 log = structlog.get_logger("worker.intake")
@@ -206,29 +205,6 @@ def _accept_here(body: bytes, caller: str) -> tuple[int, bytes, dict[str, str]]:
 
 def _ready() -> bool:
     return _store is not None
-
-
-class RedisCheck:
-    """PING on a client of its own, from the event loop; concurrent checks share one PING."""
-
-    def __init__(self, client: aioredis.Redis) -> None:
-        self.client = client
-        self._ping: asyncio.Future[str] | None = None
-
-    async def problem(self) -> str:
-        """Why Redis did not answer within HEALTH_TIMEOUT_S; empty when it did."""
-        if self._ping is None or self._ping.done():
-            self._ping = asyncio.ensure_future(self._check())
-        return await asyncio.shield(self._ping)  # one caller leaving does not cancel the rest
-
-    async def _check(self) -> str:
-        try:
-            with anyio.fail_after(HEALTH_TIMEOUT_S):
-                info = await self.client.info("memory")
-        except (redis.RedisError, TimeoutError) as exc:
-            return type(exc).__name__
-        memory = Memory(None, int(info.get("used_memory") or 0), int(info.get("maxmemory") or 0))
-        return memory.full_message() if memory.full else ""
 
 
 def create_app(

@@ -34,7 +34,8 @@ from redis.backoff import NoBackoff
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from worker.connection import connect, sentinel_nodes
-from worker.intake import HEALTH_TIMEOUT_S, RETRY_AFTER_S, Limits
+from worker.intake import RETRY_AFTER_S, Limits
+from worker.intake_health import HEALTH_TIMEOUT_S
 from worker.runtime import build_store
 from worker.settings import Settings
 from worker.store import Store

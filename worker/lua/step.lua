@@ -71,6 +71,7 @@ local events = {}
 local unlane, gone, clear_probe, keep_probe = {l = {}, b = {}}, {}, false, false
 local delivered_n = 0  -- deliveries recorded by this step, for the 10 s counters
 local answered, settled = {}, false  -- deliveries the provider answered; suspects marked
+local ended_probes = nil  -- the probes an outage hold ended by this step had sent
 
 -- Append an attempt document to a delivery's history, keeping the last `history`.
 local function remember(id, doc)
@@ -196,6 +197,7 @@ local function detect()
     redis.call('DEL', OUTAGE_SEEN)
     if flags[5] then
       local start = tonumber(string.match(flags[5], '^(%d+)|')) or now
+      ended_probes = tonumber(string.match(flags[5], '^%d+|%d+|(%d+)$')) or 0
       redis.call('DEL', OUTAGE)
       local reason = redis.call('GET', PAUSED)
       if reason and string.sub(reason, 1, 7) == 'outage:' then
@@ -721,7 +723,15 @@ if clear_probe and not keep_probe and flags[2] then
   settle()
   gone[#gone + 1] = PROBE
   gone[#gone + 1] = PROBE_LOCK
-  if ramp_start > 0 then
+  -- its first probe was answered: a false alarm (one record's redirect or drop), so no
+  -- ramp at all; else from the rate before a short one, or from ramp_start
+  local false_alarm = ended_probes and ended_probes <= 1
+  if ended_probes == nil then
+    false_alarm = tonumber(flags[2]) == math.min(1000, pause_ms)  -- the first pause's wait
+  end
+  if false_alarm then
+    gone[#gone + 1] = RAMP
+  elseif ramp_start > 0 then
     local before = redis.pcall('GET', BEFORE)
     local began, was = string.match(type(before) == 'string' and before or '', '^(%d+)|(.+)$')
     local from = ramp_start
