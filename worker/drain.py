@@ -150,10 +150,20 @@ def send_batch(
     def one(claim: Claim) -> Finish:
         item = attempt(ctx, claim, claimed_at, holding=holding)
         if claim.record is not None:
-            ctx.limiter.observe(item.answer.latency_ms, item.verdict.evidence)
+            ctx.limiter.observe(item.answer.latency_ms, load_evidence(item))
         return item
 
     return lanes_module.send(ctx.limiter.pool(), one, claims, lanes, fleet.stopping)
+
+
+def load_evidence(item: Finish) -> Evidence:
+    """What an attempt tells the in-flight limiter: a timeout says the provider struggles
+    under our load; a fast refusal (a reset connection, a quick 503) says nothing of load,
+    and halving the requests in flight for it would only slow the records it spares."""
+    evidence = item.verdict.evidence
+    if evidence.down and not (item.answer.error or "").startswith(("timeout", "deadline")):
+        return Evidence.NONE
+    return evidence
 
 
 def attempt(ctx: Context, claim: Claim, claimed_at: float, *, holding: bool = False) -> Finish:
