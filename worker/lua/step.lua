@@ -1,21 +1,21 @@
 -- One round trip per batch of deliveries: record the attempts just made (if any), then
--- claim the next due deliveries (if asked). lib.lua is prepended.
--- ARGV: 1 n (attempts to record)  2 k (deliveries to claim, 0 for none)
---   then n times 11 values: id, token, outcome (or 'release': claimed, never sent),
---     attempt document (JSON), counted (1/0), retry_ms, the last error (a pause's
---     reason), hold_ms, lane (l/b), callers, evidence ('1' points at a provider outage,
---     '0' the provider answered, '-' neither, 's' its own, 'w' as '1' with a Retry-After:
+-- claim the next due deliveries (if asked). Its contract (scripts.STEP), lib.lua and the
+-- step_*.lua parts are prepended. Arguments, by name:
+--   n (attempts to record), k (deliveries to claim, 0 for none), lease_ms (also the
+--     probe's), rate per s, burst, max_wait_ms, max_attempts, prefer (l/b: the lane looked
+--     at first), pause_ms, gap_ms (how much later each next delivery of the batch may
+--     start: the worker sends them in turn, and gives the rest back as soon as one attempt
+--     is slow), marker_ttl_s, keep_s (how long a delivered record keeps its hash; 0:
+--     compacted at once), history (attempt documents kept), then the outage detector's:
+--     failures, distinct deliveries, window_ms, probe cap ms, ramp start (per s, 0 for
+--     none), ramp doubling ms, retried (deliveries whose retry failed too), short_ms (a
+--     hold or pause no longer than this resumes near the rate before it, not at the
+--     ramp's start)
+--   then per attempt: id, token, outcome (or 'release': claimed, never sent), attempt
+--     document (JSON), counted (1/0), retry_ms, the last error (a pause's reason),
+--     hold_ms, lane (l/b), callers, evidence ('1' points at a provider outage, '0' the
+--     provider answered, '-' neither, 's' its own, 'w' as '1' with a Retry-After:
 --     policy.Evidence)
---   then: lease_ms (also the probe's), rate per s, burst, max_wait_ms, max_attempts,
---     prefer (l/b: the lane looked at first), pause_ms, gap_ms (how much later each next
---     delivery of the batch may start: the worker sends them in turn, and gives the rest
---     back as soon as one attempt is slow), marker_ttl_s, keep_s (how long a delivered
---     record keeps its hash; 0: compacted at once), history (attempt documents kept),
---     then the outage detector's: failures, distinct deliveries, window_ms, probe cap ms,
---     ramp start (per s, 0 for none), ramp doubling ms, retried (deliveries whose retry
---     failed too), short_ms (a hold or pause no longer than this resumes near the rate
---     before it, not at the ramp's start)
---   last: the key prefix
 -- Returns {recorded, status, claims, events}: recorded is {verdict, first pause} per
 -- attempt (verdict 'held': a failure during an outage hold, its count given back);
 -- status is {why the claims stopped ('idle', 'paused', 'probing', 'throttled', 'again',
@@ -27,34 +27,34 @@
 -- A claimed delivery's lease covers its place in the batch: the
 -- i-th (from 0) is leased for one attempt lease plus i gaps.
 -- Every argument is checked before the first write.
-local n, k = num(ARGV[1], 0, 64), num(ARGV[2], 0, 64)
-local W = 11
+local n, k = num(ARGV[ARG.n], 0, 64), num(ARGV[ARG.k], 0, 64)
 local outcomes = {delivered = true, duplicate = true, retry = true, dead = true, paused = true,
   release = true}
-local c = 3 + (n or 0) * W
-local lease_ms, rate, burst = num(ARGV[c], 1, 864e5), num(ARGV[c + 1], 0, 1e6),
-  num(ARGV[c + 2], 1, 1e6)
-local max_wait, max_attempts = num(ARGV[c + 3], 0, 36e5), num(ARGV[c + 4], 1, 1000)
-local pause_ms, gap_ms = num(ARGV[c + 6], 1, 864e5), num(ARGV[c + 7], 0, 864e5)
-local marker_ttl, keep, history = num(ARGV[c + 8], 1, 1e9), num(ARGV[c + 9], 0, 1e9),
-  num(ARGV[c + 10], 1, 10000)
-local o_failures, o_distinct = num(ARGV[c + 11], 1, 1000), num(ARGV[c + 12], 1, 1000)
-local o_window, o_cap = num(ARGV[c + 13], 1, 864e5), num(ARGV[c + 14], 1, 864e5)
-local ramp_start, ramp_ms = num(ARGV[c + 15], 0, 1e6), num(ARGV[c + 16], 1, 864e5)
-local o_retried, short_ms = num(ARGV[c + 17], 0, 1000), num(ARGV[c + 18], 0, 864e5)
-local ok = n and k and n == math.floor(n) and k == math.floor(k) and #ARGV == c + 19 and gap_ms
+local function arg(name, lo, hi) return num(ARGV[ARG[name]], lo, hi) end
+local lease_ms, rate, burst = arg('lease_ms', 1, 864e5), arg('rate', 0, 1e6), arg('burst', 1, 1e6)
+local max_wait, max_attempts = arg('max_wait_ms', 0, 36e5), arg('max_attempts', 1, 1000)
+local pause_ms, gap_ms = arg('pause_ms', 1, 864e5), arg('gap_ms', 0, 864e5)
+local marker_ttl, keep, history = arg('marker_ttl_s', 1, 1e9), arg('keep_s', 0, 1e9),
+  arg('history', 1, 10000)
+local o_failures, o_distinct = arg('o_failures', 1, 1000), arg('o_distinct', 1, 1000)
+local o_window, o_cap = arg('o_window_ms', 1, 864e5), arg('o_cap_ms', 1, 864e5)
+local ramp_start, ramp_ms = arg('ramp_start', 0, 1e6), arg('ramp_ms', 1, 864e5)
+local o_retried, short_ms = arg('o_retried', 0, 1000), arg('short_ms', 0, 864e5)
+local prefer = ARGV[ARG.prefer]
+local ok = n and k and n == math.floor(n) and k == math.floor(k) and #ARGV == FIRST + n * WIDTH
+  and gap_ms
   and marker_ttl and keep and history
   and lease_ms and rate and burst and max_wait and max_attempts and pause_ms
-  and (ARGV[c + 5] == 'l' or ARGV[c + 5] == 'b') and o_failures and o_distinct and o_window
+  and (prefer == 'l' or prefer == 'b') and o_failures and o_distinct and o_window
   and o_cap and ramp_start and ramp_ms and o_retried and short_ms
 for i = 0, (ok and n or 0) - 1 do
-  local a = 3 + i * W
-  ok = ok and ARGV[a] ~= '' and outcomes[ARGV[a + 2]] and (ARGV[a + 4] == '0' or ARGV[a + 4] == '1')
-    and string.len(ARGV[a + 3]) <= 65536 and num(ARGV[a + 5], 0, 1e11)
-    and num(ARGV[a + 7], 0, 864e5) and (ARGV[a + 8] == 'l' or ARGV[a + 8] == 'b')
-    and not string.find(ARGV[a + 9], '|', 1, true)
-    and (ARGV[a + 10] == '1' or ARGV[a + 10] == '0' or ARGV[a + 10] == '-'
-      or ARGV[a + 10] == 's' or ARGV[a + 10] == 'w')
+  local a = FIRST + i * WIDTH
+  ok = ok and ARGV[a + EACH.id] ~= '' and outcomes[ARGV[a + EACH.outcome]] and (ARGV[a + EACH.counted] == '0' or ARGV[a + EACH.counted] == '1')
+    and string.len(ARGV[a + EACH.doc]) <= 65536 and num(ARGV[a + EACH.retry_ms], 0, 1e11)
+    and num(ARGV[a + EACH.hold_ms], 0, 864e5) and (ARGV[a + EACH.lane] == 'l' or ARGV[a + EACH.lane] == 'b')
+    and not string.find(ARGV[a + EACH.callers], '|', 1, true)
+    and (ARGV[a + EACH.evidence] == '1' or ARGV[a + EACH.evidence] == '0' or ARGV[a + EACH.evidence] == '-'
+      or ARGV[a + EACH.evidence] == 's' or ARGV[a + EACH.evidence] == 'w')
 end
 if not ok then
   return redis.error_reply('step: bad argument')
@@ -62,6 +62,10 @@ end
 local now = now_ms()
 -- The fleet's flags, read once: pause, probe, rate clock, ramp, outage. A write below
 -- that changes one marks them stale, and the claim reads them again.
+local PAUSED, PROBE, PROBE_LOCK, RATE, OUTAGE = KEY.paused, KEY.probe, KEY.probe_lock, KEY.rate,
+  KEY.outage
+local OUTAGE_SEEN, RAMP, OUTAGE_LAST, HELD_BY, BEFORE = KEY.outage_seen, KEY.ramp,
+  KEY.outage_last, KEY.held_by, KEY.before
 local flags = redis.call('MGET', PAUSED, PROBE, RATE, RAMP, OUTAGE)
 local stale_flags = false
 local events = {}
@@ -83,7 +87,7 @@ end
 -- after a short one, sends resume near it rather than at the ramp's start.
 local function note_before()
   local span = math.floor(now / 10000)
-  local got = redis.call('MGET', P .. 'n:' .. span, P .. 'n:' .. (span - 1))
+  local got = redis.call('MGET', counted_key(span), counted_key(span - 1))
   local count = (tonumber(got[1]) or 0) + (tonumber(got[2]) or 0)
   local rate = count * 1000 / math.max(now - (span - 1) * 10000, 1)
   redis.pcall('SET', BEFORE, string.format('%d|%.3f', now, rate), 'NX', 'PX', 3600000)
@@ -129,9 +133,9 @@ local function suspect(kind, id)
   if answered[id] then
     return
   end
-  local h = redis.pcall('HMGET', delivery_key(id), 's', 'g')
+  local h = redis.pcall('HMGET', delivery_key(id), F.state, F.suspect)
   if not h['err'] and h[1] == 'p' and not string.find(h[2] or '', kind, 1, true) then
-    redis.call('HSET', delivery_key(id), 'g', (h[2] or '') .. kind)
+    redis.call('HSET', delivery_key(id), F.suspect, (h[2] or '') .. kind)
   end
 end
 
@@ -182,10 +186,10 @@ end
 local function detect()
   local up, down = false, {}
   for i = 0, n - 1 do
-    local a = 3 + i * W
-    if ARGV[a + 10] == '0' then
-      up, answered[ARGV[a]] = true, true
-    elseif ARGV[a + 10] == '1' or ARGV[a + 10] == 'w' then
+    local a = FIRST + i * WIDTH
+    if ARGV[a + EACH.evidence] == '0' then
+      up, answered[ARGV[a + EACH.id]] = true, true
+    elseif ARGV[a + EACH.evidence] == '1' or ARGV[a + EACH.evidence] == 'w' then
       down[#down + 1] = a
     end
   end
@@ -216,8 +220,8 @@ local function detect()
   end
   local mine = {}
   for _, a in ipairs(down) do
-    local member = ARGV[a] .. '|' .. ARGV[a + 1]
-    if ARGV[a + 10] == 'w' then
+    local member = ARGV[a + EACH.id] .. '|' .. ARGV[a + EACH.token]
+    if ARGV[a + EACH.evidence] == 'w' then
       member = member .. '|w'  -- it asked us to wait (Retry-After): never verified at once
     end
     mine[member] = true
@@ -250,18 +254,18 @@ local function detect()
   -- the fleet holds: no claims but one probe at a time, the first at once (the failed
   -- retries already showed the outage), then after 1 s, doubling up to the cap
   local wait = 1
-  local last_error = ARGV[down[#down] + 6]
+  local last_error = ARGV[down[#down] + EACH.last_error]
   note_before()
   hold(tostring(now), wait, last_error, 0)
-  redis.call('SET', OUTAGE_LAST, ARGV[down[#down]])
+  redis.call('SET', OUTAGE_LAST, ARGV[down[#down] + EACH.id])
   redis.call('DEL', OUTAGE_SEEN)
   local given_back = {}
   for _, member in ipairs(seen) do
     local id = string.match(member, '^([^|]*)|')
     if id and not mine[member] then
-      local h = redis.pcall('HMGET', delivery_key(id), 's', 'c')
+      local h = redis.pcall('HMGET', delivery_key(id), F.state, F.attempts)
       if not h['err'] and h[1] == 'p' and counter(h[2]) and (tonumber(h[2]) or 0) > 0 then
-        redis.call('HINCRBY', delivery_key(id), 'c', -1)
+        redis.call('HINCRBY', delivery_key(id), F.attempts, -1)
         given_back[#given_back + 1] = id
       end
     end
@@ -271,30 +275,30 @@ local function detect()
     '', '', '', '', '0'}
 end
 
--- Record one attempt (the 15 values from ARGV[a]) and move its delivery on.
+-- Record one attempt (its values from ARGV[a + EACH.id]) and move its delivery on.
 local function finish(a)
-  local id, token, outcome = ARGV[a], ARGV[a + 1], ARGV[a + 2]
-  local retry_ms, hold_ms = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 7])
-  local key, lane = delivery_key(id), lane_key(ARGV[a + 8])
+  local id, token, outcome = ARGV[a + EACH.id], ARGV[a + EACH.token], ARGV[a + EACH.outcome]
+  local retry_ms, hold_ms = tonumber(ARGV[a + EACH.retry_ms]), tonumber(ARGV[a + EACH.hold_ms])
+  local key, lane = delivery_key(id), lane_key(ARGV[a + EACH.lane])
   if outcome == 'delivered' or outcome == 'duplicate' then
     -- whoever's claim it was, the provider has it: what idempotent enqueue needs for the
     -- dedupe window is that it was delivered, when, and who may read it
     local marker = tostring(now)
-    if ARGV[a + 9] ~= '' then
-      marker = marker .. '|' .. ARGV[a + 9]
+    if ARGV[a + EACH.callers] ~= '' then
+      marker = marker .. '|' .. ARGV[a + EACH.callers]
     end
-    redis.call('SET', P .. 'k:' .. id, marker, 'EX', marker_ttl)
-    unlane[ARGV[a + 8]][#unlane[ARGV[a + 8]] + 1] = id
+    redis.call('SET', marker_key(id), marker, 'EX', marker_ttl)
+    unlane[ARGV[a + EACH.lane]][#unlane[ARGV[a + EACH.lane]] + 1] = id
     delivered_n = delivered_n + 1
     clear_probe = true  -- any answer but "account blocked" proves the account works
     if keep > 0 then
       -- kept a while for `status` and operators; a delivery gone since its claim has all
       -- three fields new, and goes again
-      local added = redis.pcall('HSET', key, 's', 'd', 'y', now, 'l', 0)
+      local added = redis.pcall('HSET', key, F.state, 'd', F.delivered_at, now, F.lease, 0)
       if added == 3 then
         gone[#gone + 1] = key
       elseif type(added) == 'number' then
-        remember(id, ARGV[a + 3])
+        remember(id, ARGV[a + EACH.doc])
         redis.call('EXPIRE', key, keep)
         redis.call('EXPIRE', attempts_key(id), keep)
       end
@@ -304,45 +308,45 @@ local function finish(a)
     end
     return 'delivered', 0
   end
-  local h = redis.pcall('HMGET', key, 'k', 'c', 'a', 's')
+  local h = redis.pcall('HMGET', key, F.claims, F.attempts, F.app_id, F.state)
   if h['err'] or not h[4] or not counter(h[2]) then
     return 'missing', 0  -- gone, or corrupt since its claim: the next claim deals with it
   end
   if h[1] ~= token then
     if outcome ~= 'release' then
-      remember(id, ARGV[a + 3])  -- kept in the history only
+      remember(id, ARGV[a + EACH.doc])  -- kept in the history only
     end
     return 'stale', 0
   end
   local attempts = tonumber(h[2]) or 0
-  if ARGV[a + 4] == '0' then
+  if ARGV[a + EACH.counted] == '0' then
     attempts = attempts - 1
   end
   if outcome == 'release' then
     -- claimed in a batch, never sent (the worker is stopping): due again now, uncounted
-    redis.call('HSET', key, 'u', now, 'l', 0, 'c', attempts)
+    redis.call('HSET', key, F.due, now, F.lease, 0, F.attempts, attempts)
     redis.call('ZADD', lane, now, id)
     return 'released', 0
   end
-  if flags[5] and (ARGV[a + 10] == '1' or ARGV[a + 10] == 'w') then
+  if flags[5] and (ARGV[a + EACH.evidence] == '1' or ARGV[a + EACH.evidence] == 'w') then
     -- a failure during an outage hold: the outage's, not the record's; its count goes back
-    if ARGV[a + 4] == '1' then
+    if ARGV[a + EACH.counted] == '1' then
       attempts = attempts - 1
     end
-    remember(id, ARGV[a + 3])
+    remember(id, ARGV[a + EACH.doc])
     redis.call('SET', OUTAGE_LAST, id)
     held_by('o', id)
-    local resume = now + hold_probe(ARGV[a + 6])
-    redis.call('HSET', key, 'u', resume, 'l', 0, 'c', math.max(attempts, 0))
+    local resume = now + hold_probe(ARGV[a + EACH.last_error])
+    redis.call('HSET', key, F.due, resume, F.lease, 0, F.attempts, math.max(attempts, 0))
     redis.call('ZADD', lane, resume, id)
     return 'held', 0
   end
-  remember(id, ARGV[a + 3])
-  if ARGV[a + 10] == 's' then
+  remember(id, ARGV[a + EACH.doc])
+  if ARGV[a + EACH.evidence] == 's' then
     suspect('o', id)  -- it failed while the provider answered others: its own trouble
   end
-  if flags[5] and ARGV[a + 10] ~= '0' and (outcome == 'retry' or outcome == 'dead') then
-    hold_probe(ARGV[a + 6])  -- a probe that failed, counted (a suspect's): the next waits
+  if flags[5] and ARGV[a + EACH.evidence] ~= '0' and (outcome == 'retry' or outcome == 'dead') then
+    hold_probe(ARGV[a + EACH.last_error])  -- a probe that failed, counted (a suspect's): the next waits
   end
   if hold_ms > 0 then
     -- "too frequent": no worker sends before now + hold
@@ -351,19 +355,19 @@ local function finish(a)
       redis.call('SET', RATE, tostring(until_), 'PX', math.ceil(hold_ms) + 1000)
     end
   end
-  if ARGV[a + 10] == '0' and outcome ~= 'paused' then
+  if ARGV[a + EACH.evidence] == '0' and outcome ~= 'paused' then
     clear_probe = true  -- the provider answered, and not "account blocked"
   end
   if outcome == 'retry' then
     local due = now + retry_ms
-    redis.call('HSET', key, 'u', due, 'l', 0, 'c', attempts)
+    redis.call('HSET', key, F.due, due, F.lease, 0, F.attempts, attempts)
     redis.call('ZADD', lane, due, id)
     return 'retry', 0
   end
   if outcome == 'dead' then
-    redis.call('HSET', key, 's', 'x', 'z', now, 'l', 0, 'c', attempts)
+    redis.call('HSET', key, F.state, 'x', F.dead_at, now, F.lease, 0, F.attempts, attempts)
     redis.call('ZREM', lane, id)
-    redis.call('ZADD', DEAD, now, id)
+    redis.call('ZADD', KEY.dead, now, id)
     redis.call('ZADD', dead_app_key(h[3] or ''), now, id)
     return 'dead', 0
   end
@@ -377,11 +381,11 @@ local function finish(a)
   -- probes follow after 1 s, then twice as long each time one is refused, up to pause_ms:
   -- a short block costs seconds, a long one a probe per pause_ms
   local wait = math.min(math.max((tonumber(flags[2]) or 0) * 2, 1000), pause_ms)
-  local first = redis.call('SET', PAUSED, ARGV[a + 6], 'NX', 'PX', math.floor(wait))
+  local first = redis.call('SET', PAUSED, ARGV[a + EACH.last_error], 'NX', 'PX', math.floor(wait))
   redis.call('SET', PROBE, string.format('%d', wait))
   redis.call('DEL', PROBE_LOCK)
   local resume = now + math.max(redis.call('PTTL', PAUSED), 0)
-  redis.call('HSET', key, 'u', resume, 'l', 0, 'c', attempts)
+  redis.call('HSET', key, F.due, resume, F.lease, 0, F.attempts, attempts)
   redis.call('ZADD', lane, resume, id)
   return 'paused', first and 1 or 0
 end
@@ -399,8 +403,8 @@ local function inspect(lane, id, any_due)
   -- the delivery's fields when it may be claimed now (`any_due`: whenever it is due, as
   -- long as no attempt holds it), else nil (it was dealt with)
   local key = delivery_key(id)
-  local h = redis.pcall('HMGET', key, 's', 'u', 'l', 'c', 'k', 'a', 'm', 'n', 't', 'r', 'i',
-    'g')
+  local h = redis.pcall('HMGET', key, F.state, F.due, F.lease, F.attempts, F.claims, F.app_id,
+    F.msgid, F.number, F.time, F.replay, F.callers, F.suspect)
   if h['err'] then
     local kind = redis.call('TYPE', key)['ok']
     redis.call('RENAME', key, key .. ':corrupt')
@@ -487,9 +491,9 @@ local function probe_target()
   end
   local last = redis.pcall('GET', OUTAGE_LAST)
   last = type(last) == 'string' and last or ''
-  local last_app = last ~= '' and redis.pcall('HGET', delivery_key(last), 'a') or false
+  local last_app = last ~= '' and redis.pcall('HGET', delivery_key(last), F.app_id) or false
   local function retry_last()
-    local lane = last ~= '' and redis.pcall('HGET', delivery_key(last), 'q')
+    local lane = last ~= '' and redis.pcall('HGET', delivery_key(last), F.lane)
     local h = (lane == 'l' or lane == 'b') and inspect(lane, last, true)
     return h and {lane, last, h}
   end
@@ -499,7 +503,7 @@ local function probe_target()
       for _, id in ipairs(redis.call('ZRANGEBYSCORE', lane_key(lane), '-inf', now, 'LIMIT', 0, 8)) do
         if id ~= last then
           pick = pick or id
-          if redis.pcall('HGET', delivery_key(id), 'a') ~= last_app then
+          if redis.pcall('HGET', delivery_key(id), F.app_id) ~= last_app then
             pick = id
             break
           end
@@ -536,7 +540,7 @@ local function verify_target()
   for _, member in ipairs(seen) do
     local id = string.match(member, '^([^|]*)|')
     if id and count[id] == 1 and string.sub(member, -2) ~= '|w' then
-      local lane = redis.pcall('HGET', delivery_key(id), 'q')
+      local lane = redis.pcall('HGET', delivery_key(id), F.lane)
       local h = (lane == 'l' or lane == 'b') and inspect(lane, id, true)
       if h then
         return {lane, id, h}
@@ -559,7 +563,7 @@ local function take(lane, id, h, claims, leases, limits)
   local token = (tonumber(h[5]) or 0) + 1
   local attempt = (tonumber(h[4]) or 0) + 1
   local lease = now + wait + lease_ms + gap_ms * #claims
-  redis.call('HSET', delivery_key(id), 'k', token, 'c', attempt, 'l', lease)
+  redis.call('HSET', delivery_key(id), F.claims, token, F.attempts, attempt, F.lease, lease)
   leases[#leases + 1] = lease
   leases[#leases + 1] = id
   claims[#claims + 1] = {id, tostring(token), tostring(attempt), h[6], h[7] or '', h[8],
@@ -622,7 +626,7 @@ local function claim_batch(claims)
     end
     redis.call('ZADD', lane_key(target[1]), unpack(leases))
   end
-  local order = ARGV[c + 5] == 'b' and {'b', 'l'} or {'l', 'b'}
+  local order = prefer == 'b' and {'b', 'l'} or {'l', 'b'}
   for _, lane in ipairs(order) do
     local lk = lane_key(lane)
     for _ = 1, 4 do
@@ -665,15 +669,15 @@ end
 -- stale and missing attempts are not outcomes) and the
 -- newest deliveries (bf:done, the newest 10,000 by time): the console's chart and list.
 local function note(tally, done)
-  local minute_key = P .. 'm:' .. math.floor(now / 60000)
+  local minute = minute_key(math.floor(now / 60000))
   for verdict, count in pairs(tally) do
     -- pcall: a key overwritten with another type is skipped, never fails the step
-    redis.pcall('HINCRBY', minute_key, verdict, count)
+    redis.pcall('HINCRBY', minute, verdict, count)
   end
-  redis.pcall('EXPIRE', minute_key, 3720)
+  redis.pcall('EXPIRE', minute, 3720)
   if #done > 0 then
-    redis.pcall('ZADD', P .. 'done', unpack(done))
-    redis.pcall('ZREMRANGEBYRANK', P .. 'done', 0, -10001)
+    redis.pcall('ZADD', KEY.done, unpack(done))
+    redis.pcall('ZREMRANGEBYRANK', KEY.done, 0, -10001)
   end
 end
 
@@ -683,14 +687,14 @@ if n > 0 then
   detect()
 end
 for i = 0, n - 1 do
-  local verdict, first = finish(3 + i * W)
+  local verdict, first = finish(FIRST + i * WIDTH)
   recorded[#recorded + 1] = {verdict, first}
   if charted[verdict] then
     tally[verdict] = (tally[verdict] or 0) + 1
   end
   if verdict == 'delivered' then
     done[#done + 1] = now
-    done[#done + 1] = ARGV[3 + i * W]
+    done[#done + 1] = ARGV[FIRST + i * WIDTH + EACH.id]
   end
 end
 if n > 0 then
@@ -698,14 +702,14 @@ if n > 0 then
 end
 if delivered_n > 0 then
   -- deliveries per 10 s (bf:n:<ms / 10,000>), kept an hour: the console's recent figures
-  local counter_key = P .. 'n:' .. math.floor(now / 10000)
+  local counter_key = counted_key(math.floor(now / 10000))
   -- pcall: a counter overwritten with another type is skipped, never fails the step
   if redis.pcall('INCRBY', counter_key, delivered_n) == delivered_n then
     redis.call('EXPIRE', counter_key, 3610)
   end
   -- and per hour (bf:nh:<ms / 3,600,000>), kept as long as the delivered markers: how
   -- many there are is then counted, never scanned for
-  local hour_key = P .. 'nh:' .. math.floor(now / 3600000)
+  local hour_key = counted_hour_key(math.floor(now / 3600000))
   if redis.pcall('INCRBY', hour_key, delivered_n) == delivered_n then
     redis.call('EXPIRE', hour_key, marker_ttl + 3600)
   end
