@@ -1,6 +1,6 @@
 """The contract between Python and the Lua scripts: each script's keys and arguments by name
 (``worker/scripts.py``) and the delivery hash's field letters (``keys.FIELD``) are what the
-Lua reads."""
+Lua reads; no Lua function is long either (the same 60-line rule as Python's)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from worker.connection import connect
 from worker.local.processes import LocalRedis
 
 LUA = Path(__file__).resolve().parent.parent / "worker" / "lua"
+MAX_FUNCTION_LINES = 60  # as tests/test_structure.py's for Python
 
 
 def _text(*names: str) -> str:
@@ -82,3 +83,25 @@ def test_a_script_reading_a_name_not_in_its_contract_fails_at_once(
         with pytest.raises(redis.ResponseError, match=f"not in the contract: {what}"):
             client.eval(source, len(scripts.PURGE.keys), *scripts.PURGE.key_list(), "bf:")
     client.close()
+
+
+def lua_functions(text: str) -> list[tuple[str, int]]:
+    """Each Lua function (name, lines): from ``function`` to the ``end`` at its indent."""
+    lines = text.splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        match = re.match(r"^(\s*)(?:local )?function ([\w.:]+)", line)
+        if not match or re.search(r"\bend\s*$", line):
+            continue
+        indent = match.group(1)
+        end = next(j for j in range(i + 1, len(lines)) if lines[j] == f"{indent}end")
+        found.append((match.group(2), end - i + 1))
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(LUA.glob("*.lua")), ids=lambda p: p.name)
+def test_no_lua_function_is_long(path: Path) -> None:
+    functions = lua_functions(path.read_text())
+    assert functions or path.stem in ("beat", "purge", "replay", "step_args"), path.name
+    for name, length in functions:
+        assert length <= MAX_FUNCTION_LINES, f"{path.name}: {name}: {length} lines"

@@ -128,4 +128,4 @@ BEAT = Script("beat", {"workers": keys.WORKERS}, ("node", "ttl_s"), ("field", "v
 
 ALL = {script.name: script for script in (ENQUEUE, STEP, REPLAY, PURGE, BEAT)}
 # the parts prepended to a script after lib.lua (lua/<part>.lua), so no function is long
-PARTS: dict[str, tuple[str, ...]] = {"step": ()}
+PARTS = {"step": ("step_args", "step_outage", "step_finish", "step_claim")}
