@@ -4,6 +4,7 @@ Lua reads; no Lua function is long either (the same 60-line rule as Python's).""
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -105,3 +106,45 @@ def test_no_lua_function_is_long(path: Path) -> None:
     assert functions or path.stem in ("beat", "purge", "replay", "step_args"), path.name
     for name, length in functions:
         assert length <= MAX_FUNCTION_LINES, f"{path.name}: {name}: {length} lines"
+
+
+# The modules that own Redis access: the store and the read model beside it, the connection
+# and its checks, the places that turn Redis's errors into the project's (Redis full, down),
+# and the local tooling that starts a private Redis. Everything else asks them.
+OWN_REDIS = {
+    "worker.store", "worker.reads", "worker.connection", "worker.capacity", "worker.runtime",
+    "worker.dead_letters", "worker.bulk", "worker.waker", "worker.intake",
+    "worker.intake_server", "worker.console.app", "worker.cli.common", "worker.cli.find",
+    "worker.cli.services", "worker.local.processes",
+}  # fmt: skip
+
+
+def _imports_redis(path: Path) -> bool:
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        if any(name.split(".")[0] == "redis" for name in names):
+            return True
+    return False
+
+
+def test_redis_is_imported_only_by_the_modules_that_own_redis_access() -> None:
+    root = LUA.parent.parent
+    found = {
+        ".".join(path.relative_to(root).with_suffix("").parts)
+        for path in sorted((root / "worker").rglob("*.py"))
+        if _imports_redis(path)
+    }
+    assert found <= OWN_REDIS, sorted(found - OWN_REDIS)
+
+
+def test_every_script_is_called_through_its_contract() -> None:
+    root = LUA.parent.parent
+    for path in sorted((root / "worker").rglob("*.py")):
+        text = path.read_text()
+        calls = re.findall(r"register_script|\"EVALSHA\"|\.eval\(|\.evalsha\(", text)
+        if path.name != "store.py":
+            assert not calls, f"{path.name} runs a script around its contract"
+    store = (root / "worker" / "store.py").read_text()
+    assert "scripts.ALL" in store

@@ -241,7 +241,7 @@ class Store:
         pipe = self.redis.pipeline(transaction=False)
         for delivery_id in delivery_ids:
             pipe.exists(keys.marker(delivery_id))
-            pipe.hget(keys.delivery(delivery_id), "s")
+            pipe.hget(keys.delivery(delivery_id), keys.FIELD["state"])
         flat = pipe.execute()
         return [
             "delivered" if flat[i] else delivery.STATES.get(flat[i + 1] or "")
