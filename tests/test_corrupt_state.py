@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from tests.conftest import read_log, unique, wait_for
-from worker import keys
+from worker import keys, scripts
 from worker.connection import connect
 from worker.local.processes import LocalRedis
 from worker.local.stub import ProviderStub
@@ -289,8 +289,12 @@ def step_args(store: Store, delivery_id: str, second_outcome: str = "") -> list[
     with pytest.raises(_Captured):
         capturing.step(finished, claim=True, prefer_bulk=False, lease_s=5.5, max_attempts=6,
                        rate_per_s=0.5, burst=3, max_wait_s=4.75)  # fmt: skip
-    ((command, _sha, numkeys, *args),) = client.sent
-    assert (str(command).upper(), int(numkeys)) == ("EVALSHA", 0)  # no KEYS: all in ARGV
+    ((command, _sha, numkeys, *sent),) = client.sent
+    args = sent[int(numkeys) :]
+    assert (str(command).upper(), int(numkeys)) == (
+        "EVALSHA",
+        len(scripts.STEP.keys),
+    )  # the declared keys
     args = [str(a) for a in args]
     assert args[-1] == P
     assert args[:2] == [str(len(finished)), "1"]
@@ -357,7 +361,7 @@ def test_a_script_given_good_arguments_does_change_the_state(quiet: Store, scrip
     delivery_id = _prepare(quiet, script)
     args = _good(quiet, script, delivery_id)
     before = dump(quiet.redis)
-    getattr(quiet, f"_{script}")([], args)
+    quiet._call(script, args)
     assert dump(quiet.redis) != before
 
 
@@ -369,7 +373,7 @@ def test_a_script_given_a_bad_argument_changes_nothing(
     args = _bad(quiet, script, delivery_id, where, value)
     before = dump(quiet.redis)
     with pytest.raises(redis.ResponseError, match=f"{script}: bad argument"):
-        getattr(quiet, f"_{script}")([], args)
+        quiet._call(script, args)
     assert dump(quiet.redis) == before
 
 

@@ -322,7 +322,7 @@ def test_enqueue_script_checks_every_argument_before_writing(
     ids, apps = [call[6], call[11]], {call[7], call[12]}
     index_before = {app: r.zcard(keys.index(app)) for app in apps}
     with pytest.raises(redis.ResponseError, match="enqueue: bad argument"):
-        store._enqueue([], spoil(call))
+        store._call("enqueue", spoil(call))
     # nothing of either record was written: no delivery, no lane entry, no index entry
     # (the session worker may change other tests' keys meanwhile, so only these are read)
     for delivery in ids:
@@ -330,7 +330,7 @@ def test_enqueue_script_checks_every_argument_before_writing(
         assert r.zscore(keys.LIVE, delivery) is None
         assert r.zscore(keys.BULK, delivery) is None
     assert {app: r.zcard(keys.index(app)) for app in apps} == index_before
-    created = store._enqueue([], _two_record_call())  # the unspoilt call passes
+    created = store._call("enqueue", _two_record_call())  # the unspoilt call passes
     assert created[0::2] == [1, 1]
 
 

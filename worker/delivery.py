@@ -1,7 +1,7 @@
 """A delivery as Redis keeps it, and as people read it (pure: no I/O).
 
 Stored forms are short because there are millions of them (``keys.py`` lists the keys,
-``lua/lib.lua`` the hash's one-letter fields); ``status`` turns them into the readable
+``keys.FIELD`` the hash's one-letter fields); ``status`` turns them into the readable
 document that ``backfill status``, the dead-letter commands and the intake show.
 """
 
@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from worker import keys
 from worker.record import BackfillRecord
 
 STATES = {"p": "pending", "x": "dead", "d": "delivered"}
@@ -23,7 +24,11 @@ _ATTEMPT_FIELDS = {
     "n": "attempt", "at": "at", "h": "http_status", "s": "api_status", "r": "api_reason",
     "e": "error", "l": "latency_ms", "o": "outcome", "w": "retry_in_s",
 }  # fmt: skip
-_TIMES = {"u": "due_at", "w": "created_at", "z": "dead_at", "y": "delivered_at", "l": "lease_until"}
+F = keys.FIELD  # the delivery hash's field letters
+_TIMES = {
+    F["due"]: "due_at", F["created"]: "created_at", F["dead_at"]: "dead_at",
+    F["delivered_at"]: "delivered_at", F["lease"]: "lease_until",
+}  # fmt: skip
 
 
 def delivery_id(record: BackfillRecord) -> str:
@@ -85,16 +90,16 @@ def status(delivery_id: str, fields: Mapping[str, str], history: Sequence[str]) 
         break
     out: dict[str, Any] = {
         "delivery_id": delivery_id,
-        "state": STATES.get(fields.get("s", ""), fields.get("s", "")),
-        "app_id": fields.get("a", ""),
-        "msgid": fields.get("m", ""),
-        "number": fields.get("n", ""),
-        "time": fields.get("t", ""),
-        "lane": LANES.get(fields.get("q", ""), ""),
-        "attempts": _readable_int(fields.get("c") or "0"),
+        "state": STATES.get(fields.get(F["state"], ""), fields.get(F["state"], "")),
+        "app_id": fields.get(F["app_id"], ""),
+        "msgid": fields.get(F["msgid"], ""),
+        "number": fields.get(F["number"], ""),
+        "time": fields.get(F["time"], ""),
+        "lane": LANES.get(fields.get(F["lane"], ""), ""),
+        "attempts": _readable_int(fields.get(F["attempts"]) or "0"),
         "last_error": last_error,
-        "replay": fields.get("r") == "1",
-        "callers": fields.get("i", ""),
+        "replay": fields.get(F["replay"]) == "1",
+        "callers": fields.get(F["callers"], ""),
     }
     for short, name in _TIMES.items():
         if fields.get(short) not in (None, "", "0"):

@@ -3,7 +3,7 @@
 Short names: there is one delivery key per record, millions of them in a backfill.
 ``lua/lib.lua`` builds the same names from ``PREFIX`` (every script gets it last).
 
-- ``bf:d:<id>``        hash: a pending or dead delivery (fields: see ``lua/lib.lua``)
+- ``bf:d:<id>``        hash: a pending or dead delivery (fields: ``FIELD`` below)
 - ``bf:a:<id>``        list: its last attempt documents (compact JSON), oldest first
 - ``bf:k:<id>``        string with the dedupe TTL: "<delivered ms>|<callers>" once delivered
 - ``bf:q:live``        sorted set: pending live deliveries by due time (ms)
@@ -62,6 +62,9 @@ RATE = PREFIX + "rate"
 OUTAGE = PREFIX + "outage"
 OUTAGE_SEEN = PREFIX + "outage:seen"
 RAMP = PREFIX + "ramp"
+OUTAGE_LAST = PREFIX + "outage:last"
+HELD_BY = PREFIX + "held:by"
+BEFORE = PREFIX + "before"
 COUNTED_EVERY_MS = 10_000  # the span of one ``delivered_in`` counter
 DONE = PREFIX + "done"
 DONE_KEPT = 10_000  # the step script keeps this many of the newest (lua/step.lua)
@@ -120,3 +123,20 @@ def worker(node: str) -> str:
 def index(app_id: str) -> str:
     """One app's lookup index (msgid and delivery_id of each of its deliveries)."""
     return f"{PREFIX}x:{app_id}"
+
+
+# The fields of a delivery hash, by name: one letter each, as they are stored once per
+# delivery. The scripts get the same table (``F.<name>``, see scripts.py). States: p
+# pending, x dead, d delivered (kept a while); lanes: l live, b bulk; suspect: 'p' its
+# account-blocked answers and 'o' its outage-like failures are its own (a pause or hold it
+# kept was ended by others).
+FIELD = {
+    "app_id": "a", "msgid": "m", "number": "n", "time": "t",  # the record
+    "state": "s", "lane": "q",
+    "due": "u", "lease": "l",  # ms
+    "attempts": "c", "claims": "k",  # attempts counted; claims made (the claim token)
+    "created": "w", "dead_at": "z", "delivered_at": "y",  # ms
+    "replay": "r",  # 1 after a replay
+    "callers": "i",  # the intake tokens that may read it
+    "suspect": "g",
+}  # fmt: skip

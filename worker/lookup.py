@@ -27,13 +27,13 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-
-from worker import delivery, keys
-from worker.briefs import read_briefs
+from worker import delivery, keys, reads
 from worker.errors import BackfillError
+from worker.reads import Client, read_briefs
 from worker.record import PATTERNS
 from worker.redact import cap, mask_number
+
+F = keys.FIELD  # the delivery hash's field letters
 
 MAX_LIMIT = 1000
 SCAN_BUDGET = 2000  # index entries (and apps) one call looks at before it gives a cursor
@@ -122,7 +122,7 @@ def query_args(pairs: Iterable[tuple[str, str]], max_limit: int) -> dict[str, An
 
 
 def find(
-    redis_client: redis.Redis,
+    redis_client: Client,
     msgid: str | None,
     app_id: str | None,
     callers: str | None = None,
@@ -168,54 +168,39 @@ def _range(query: Query, after: str) -> tuple[str, str]:
     return (f"({after}" if after else low), high
 
 
-def _entries(client: redis.Redis, app: str, query: Query, after: str, want: int) -> list[str]:
+def _entries(client: Client, app: str, query: Query, after: str, want: int) -> list[str]:
     low, high = _range(query, after)
-    try:
-        rows: list[Any] = client.zrangebylex(keys.index(app), low, high, start=0, num=want)
-    except redis.ResponseError:  # not a sorted set: enqueue leaves such a key alone too
-        return []
-    return [_text(row) for row in rows]
+    return reads.index_entries(client, app, low, high, want)
 
 
-def _probed_apps(client: redis.Redis, query: Query) -> Iterator[tuple[str, list[str]]]:
+def _probed_apps(client: Client, query: Query) -> Iterator[tuple[str, list[str]]]:
     """Each app to search, in order, with its first entries (probed a chunk at a time)."""
     if query.app_id is not None:
         yield query.app_id, _entries(client, query.app_id, query, query.after, _probe(query))
         return
     low = f"[{query.start_app}" if query.start_app else "-"
     while True:
-        try:
-            names = [_text(n) for n in client.zrangebylex(keys.INDEX_APPS, low, "+", 0, APP_CHUNK)]
-        except redis.ResponseError:
-            return
+        names = reads.indexed_apps(client, low, APP_CHUNK)
         if not names:
             return
-        pipe = client.pipeline(transaction=False)
-        for app in names:
-            start = query.after if app == query.start_app else ""
-            low_, high = _range(query, start)
-            pipe.zrangebylex(keys.index(app), low_, high, start=0, num=_probe(query))
-        for app, rows in zip(names, pipe.execute(raise_on_error=False), strict=True):
-            yield app, [] if isinstance(rows, Exception) else [_text(row) for row in rows]
+        ranges = [
+            (app, *_range(query, query.after if app == query.start_app else "")) for app in names
+        ]
+        yield from zip(names, reads.first_entries(client, ranges, _probe(query)), strict=True)
         if len(names) < APP_CHUNK:
             return
         low = f"({names[-1]}"
 
 
-def _next_app_cursor(client: redis.Redis, query: Query, app: str) -> str | None:
+def _next_app_cursor(client: Client, query: Query, app: str) -> str | None:
     """The cursor that starts at the app after ``app`` (None when ``app`` was the last)."""
     if query.app_id is not None:
         return None
-    try:
-        names = client.zrangebylex(keys.INDEX_APPS, f"({app}", "+", 0, 1)
-    except redis.ResponseError:
-        return None
-    return _write_cursor(_text(names[0]), "") if names else None
+    names = reads.indexed_apps(client, f"({app}", 1)
+    return _write_cursor(names[0], "") if names else None
 
 
-def _summaries(
-    client: redis.Redis, app: str, members: Sequence[str]
-) -> list[dict[str, Any] | None]:
+def _summaries(client: Client, app: str, members: Sequence[str]) -> list[dict[str, Any] | None]:
     """Each index entry's delivery as a summary (with its callers), None when it is gone."""
     if not members:
         return []
@@ -249,7 +234,7 @@ def _summary(
     due = None
     if state == "pending":
         due = doc.get("due_at")
-        if _int(fields.get("c")) > 0 and _int(fields.get("u")) > now_ms:
+        if _int(fields.get(F["attempts"])) > 0 and _int(fields.get(F["due"])) > now_ms:
             state = "waiting retry"
     return {
         "delivery_id": delivery_id,

@@ -2,19 +2,19 @@
 
 The two lanes (sorted sets of pending deliveries by due time) are the source of truth;
 Celery messages only wake a worker up, and a woken worker drains the lanes itself. Each
-state change is one Lua script (``lua/``, with ``lib.lua`` prepended), so a delivery is
-never half-written, and the scripts read Redis's own clock, so worker clocks may drift.
+state change is one Lua script (``lua/``, called through its contract in ``scripts.py``),
+so a delivery is never half-written, and the scripts read Redis's own clock, so worker
+clocks may drift.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from importlib import resources
 from typing import Any
 
 import redis
 
-from worker import capacity, delivery, keys
+from worker import capacity, delivery, keys, scripts
 from worker.clock import clock
 from worker.connection import TRANSIENT_REDIS, persist
 from worker.policy import OutageRules, Outcome
@@ -24,20 +24,9 @@ from worker.steps import BULK, LIVE, Finish, StepResult, parse_step_reply
 # How many attempt documents a delivery keeps (the audit log has every one).
 HISTORY = 50
 DEFAULT_OUTAGE = OutageRules()
-
-
-# Scripts that run on a full Redis (``noeviction`` at ``maxmemory``): a step records
-# deliveries (compacting them), a purge deletes, a heartbeat is a few bytes. Every other
-# script is refused whole by a full Redis before its first command: it never half-writes.
-WHEN_FULL = frozenset({"step", "purge", "beat"})
-
-
-def _script(*names: str) -> str:
-    flags = "#!lua flags=allow-oom" if names[-1] in WHEN_FULL else "#!lua"
-    return "\n".join(
-        [flags]
-        + [resources.files("worker").joinpath(f"lua/{name}.lua").read_text() for name in names]
-    )
+# Scripts run on a full Redis (``noeviction`` at ``maxmemory``) only when their contract
+# says so (``when_full``: a step, a purge, a heartbeat). Every other script is refused
+# whole by a full Redis before its first command: it never half-writes.
 
 
 class Store:
@@ -54,19 +43,23 @@ class Store:
         lookup_index: bool = True,
     ) -> None:
         self.redis, self.lookup_index = client, lookup_index
-        self._outage_args = [
+        self._outage_args = dict(zip(scripts.OUTAGE_ARGS, [
             outage.failures, outage.deliveries, max(int(outage.window_s * 1000), 1),
             max(int(outage.probe_cap_s * 1000), 1), outage.ramp_start_per_s,
             max(int(outage.ramp_double_s * 1000), 1), outage.retried,
             max(int(outage.short_s * 1000), 0),
-        ]  # fmt: skip
+        ], strict=True))  # fmt: skip
         self.dedupe_ttl_s, self.keep_delivered_s, self.pause_s = (
             dedupe_ttl_s, keep_delivered_s, pause_s,
         )  # fmt: skip
-        self._enqueue, self._step, self._replay, self._purge, self._beat = (
-            client.register_script(_script("lib", name))
-            for name in ("enqueue", "step", "replay", "purge", "beat")
-        )
+        self._scripts = {
+            name: client.register_script(script.source()) for name, script in scripts.ALL.items()
+        }
+        self._step_keys = scripts.STEP.key_list()
+
+    def _call(self, name: str, argv: Sequence[Any]) -> Any:
+        """Run a script with its declared keys and ``argv`` (built by its contract)."""
+        return self._scripts[name](scripts.ALL[name].key_list(), list(argv))
 
     def enqueue(
         self, record: BackfillRecord, *, caller: str | None = None, wake_queue: str = "",
@@ -103,16 +96,21 @@ class Store:
         """
         if not records:
             return []
-        args: list[Any] = [
-            lane, caller or "", int(due_in_s * 1000), wake_queue, wake, int(self.lookup_index),
-        ]  # fmt: skip
-        for record in records:
-            args += [
-                delivery.delivery_id(record), record.app_id, record.msgid or "",
-                record.number, record.time,
-            ]  # fmt: skip
+        argv = scripts.ENQUEUE.argv(
+            {
+                "lane": lane, "caller": caller or "", "due_in_ms": int(due_in_s * 1000),
+                "wake_queue": wake_queue, "wake": wake, "index": int(self.lookup_index),
+            },
+            (
+                {
+                    "id": delivery.delivery_id(record), "app_id": record.app_id,
+                    "msgid": record.msgid or "", "number": record.number, "time": record.time,
+                }
+                for record in records
+            ),
+        )  # fmt: skip
         try:
-            flat = self._enqueue([], [*args, keys.PREFIX])
+            flat = self._call("enqueue", argv)
         except redis.exceptions.OutOfMemoryError:
             raise capacity.full_error(self.redis) from None  # refused whole: nothing stored
         return [(str(flat[i + 1]), bool(int(flat[i]))) for i in range(0, len(flat), 2)]
@@ -141,14 +139,14 @@ class Store:
         """
         finished = [] if done is None else [done] if isinstance(done, Finish) else list(done)
         want = int(claim)
-        args: list[Any] = [len(finished), want]
-        for item in finished:
-            args += self._finish_args(item)
-        args += [
-            int(lease_s * 1000), rate_per_s, burst, int(max_wait_s * 1000), max_attempts,
-            BULK if prefer_bulk else LIVE, self._pause_ms, int(gap_s * 1000),
-            self.dedupe_ttl_s, self.keep_delivered_s, HISTORY, *self._outage_args, keys.PREFIX,
-        ]  # fmt: skip
+        settings = {
+            "n": len(finished), "k": want, "lease_ms": int(lease_s * 1000), "rate": rate_per_s,
+            "burst": burst, "max_wait_ms": int(max_wait_s * 1000), "max_attempts": max_attempts,
+            "prefer": BULK if prefer_bulk else LIVE, "pause_ms": self._pause_ms,
+            "gap_ms": int(gap_s * 1000), "marker_ttl_s": self.dedupe_ttl_s,
+            "keep_s": self.keep_delivered_s, "history": HISTORY, **self._outage_args,
+        }  # fmt: skip
+        args = scripts.STEP.argv(settings, [self._finish_args(item) for item in finished])
         try:
             reply = self._run_step(args)
         except TRANSIENT_REDIS:
@@ -162,11 +160,13 @@ class Store:
     def _run_step(self, args: list[Any]) -> Any:
         # EVALSHA straight away: redis-py's Script wrapper costs ~2% of a worker's CPU
         try:
-            return self.redis.execute_command("EVALSHA", self._step.sha, 0, *args)  # type: ignore[no-untyped-call]
+            return self.redis.execute_command(  # type: ignore[no-untyped-call]
+                "EVALSHA", self._scripts["step"].sha, len(self._step_keys), *self._step_keys, *args
+            )
         except redis.exceptions.NoScriptError:
-            return self._step([], args)  # loads it (a restarted Redis has no scripts)
+            return self._call("step", args)  # loads it (a restarted Redis has no scripts)
 
-    def _finish_args(self, done: Finish) -> list[Any]:
+    def _finish_args(self, done: Finish) -> dict[str, Any]:
         answer = done.answer
         doc = ""  # a delivered record compacted at once keeps no history: none to send
         if self.keep_delivered_s or done.outcome not in (Outcome.DELIVERED, Outcome.DUPLICATE):
@@ -176,13 +176,13 @@ class Store:
                 api_reason=answer.api_reason, error=answer.error, latency_ms=answer.latency_ms,
                 retry_in_s=done.retry_in_s,
             )  # fmt: skip
-        return [
-            done.claim.delivery_id, done.claim.token, done.outcome, doc,
-            "1" if done.verdict.counted else "0",
-            int((done.retry_in_s or 0.0) * 1000), done.last_error,
-            int(done.verdict.hold_s * 1000), done.claim.lane, done.claim.callers,
-            done.verdict.evidence,
-        ]  # fmt: skip
+        return {
+            "id": done.claim.delivery_id, "token": done.claim.token, "outcome": done.outcome,
+            "doc": doc, "counted": "1" if done.verdict.counted else "0",
+            "retry_ms": int((done.retry_in_s or 0.0) * 1000), "last_error": done.last_error,
+            "hold_ms": int(done.verdict.hold_s * 1000), "lane": done.claim.lane,
+            "callers": done.claim.callers, "evidence": done.verdict.evidence,
+        }  # fmt: skip
 
     @property
     def _pause_ms(self) -> int:
@@ -207,8 +207,8 @@ class Store:
     def beat(self, node: str, fields: Mapping[str, str], ttl_s: int) -> None:
         """Write one worker's heartbeat hash (see ``worker.heartbeat``) and list the node
         in ``bf:workers`` by its expiry, dropping nodes whose beats ended long ago."""
-        pairs = [part for pair in fields.items() for part in pair]
-        self._beat([], [node, ttl_s, *pairs, keys.PREFIX])
+        pairs = [{"field": name, "value": value} for name, value in fields.items()]
+        self._call("beat", scripts.BEAT.argv({"node": node, "ttl_s": ttl_s}, pairs))
 
     def beats(self, node: str | None = None) -> dict[str, dict[str, str]]:
         """The live workers' heartbeats by node (just ``node``'s when given), read from the
@@ -241,7 +241,7 @@ class Store:
         pipe = self.redis.pipeline(transaction=False)
         for delivery_id in delivery_ids:
             pipe.exists(keys.marker(delivery_id))
-            pipe.hget(keys.delivery(delivery_id), "s")
+            pipe.hget(keys.delivery(delivery_id), keys.FIELD["state"])
         flat = pipe.execute()
         return [
             "delivered" if flat[i] else delivery.STATES.get(flat[i + 1] or "")
@@ -333,10 +333,11 @@ class Store:
         """Make dead deliveries pending again (bulk lane, fresh budget); the ids replayed."""
         if not delivery_ids:
             return []
-        return [str(i) for i in self._replay([], [*delivery_ids, keys.PREFIX])]
+        argv = scripts.REPLAY.argv({}, ({"id": i} for i in delivery_ids))
+        return [str(i) for i in self._call("replay", argv)]
 
     def purge(self, delivery_ids: Sequence[str]) -> int:
         """Delete dead deliveries for good (others are left alone); how many went."""
         if not delivery_ids:
             return 0
-        return int(self._purge([], [*delivery_ids, keys.PREFIX]))
+        return int(self._call("purge", scripts.PURGE.argv({}, ({"id": i} for i in delivery_ids))))

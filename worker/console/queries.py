@@ -14,11 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
-
-from worker import delivery, keys, lookup
+from worker import delivery, keys, lookup, reads
 from worker.audit import redactor
-from worker.briefs import read_briefs
+from worker.reads import Client, read_briefs
 from worker.redact import mask_number, redact
 from worker.store import Store
 
@@ -99,7 +97,7 @@ def shown(doc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def summaries(client: redis.Redis, delivery_ids: Sequence[str]) -> list[dict[str, Any]]:
+def summaries(client: Client, delivery_ids: Sequence[str]) -> list[dict[str, Any]]:
     """One shown row per delivery still known (its last attempt only), in one round trip."""
     rows = []
     for delivery_id, (fields, last, marker) in zip(
@@ -140,7 +138,7 @@ def record(store: Store, delivery_id: str) -> dict[str, Any] | None:
     return None if found is None else shown(found)
 
 
-def recent(client: redis.Redis, now_ms: int, budget: int = 0, window_s: int = 7 * 86_400) -> Recent:
+def recent(client: Client, now_ms: int, budget: int = 0, window_s: int = 7 * 86_400) -> Recent:
     """Deliveries in the last minute and hour, from the 10 s counters the step script
     keeps (``keys.delivered_in``: exact to within one 10 s span), and those kept for the
     dedupe window (``window_s``), from its hourly counters (``keys.delivered_in_hour``).
@@ -153,9 +151,10 @@ def recent(client: redis.Redis, now_ms: int, budget: int = 0, window_s: int = 7 
     spans = 3_600_000 // keys.COUNTED_EVERY_MS
     hour = now_ms // keys.COUNTED_HOUR_MS
     hours = -(-window_s * 1000 // keys.COUNTED_HOUR_MS)  # the hours the window touches
-    names = [keys.delivered_in(span - i) for i in range(spans)]
-    names += [keys.delivered_in_hour(hour - i) for i in range(hours + 1)]
-    counts = [_count(v) for v in client.mget(names)]
+    raw = reads.delivered_counts(
+        client, [span - i for i in range(spans)], [hour - i for i in range(hours + 1)]
+    )
+    counts = [_count(v) for v in raw]
     minute, last_hour = sum(counts[: 60_000 // keys.COUNTED_EVERY_MS]), sum(counts[:spans])
     return Recent(minute, last_hour, sum(counts[spans:]), False, 0)
 
@@ -164,20 +163,17 @@ def _count(value: Any) -> int:
     return int(value) if isinstance(value, str) and value.isascii() and value.isdigit() else 0
 
 
-def oldest_pending(client: redis.Redis, now_ms: int) -> Oldest:
+def oldest_pending(client: Client, now_ms: int) -> Oldest:
     """The oldest pending delivery by creation time: all of them when there are at most
     PENDING_READ_BUDGET, else the SAMPLE_PER_LANE earliest due in each lane."""
-    sizes = [int(client.zcard(lane)) for lane in (keys.LIVE, keys.BULK)]
+    sizes = reads.lane_sizes(client)
     exact = sum(sizes) <= PENDING_READ_BUDGET
     stop = -1 if exact else SAMPLE_PER_LANE - 1
-    ids = [str(m) for lane in (keys.LIVE, keys.BULK) for m in client.zrange(lane, 0, stop)]
+    ids = reads.lane_heads(client, stop)
     oldest: tuple[int, str] | None = None
     for start in range(0, len(ids), 1000):
         chunk = ids[start : start + 1000]
-        pipe = client.pipeline(transaction=False)
-        for delivery_id in chunk:
-            pipe.hget(keys.delivery(delivery_id), "w")
-        for delivery_id, created in zip(chunk, pipe.execute(raise_on_error=False), strict=True):
+        for delivery_id, created in zip(chunk, reads.created_times(client, chunk), strict=True):
             if not (isinstance(created, str) and created.isascii() and created.isdigit()):
                 continue
             if oldest is None or int(created) < oldest[0]:
@@ -214,7 +210,7 @@ def dead_groups(store: Store, window: int = DEAD_WINDOW) -> list[DeadGroup]:
     return list(groups.values())
 
 
-def dead_errors(client: redis.Redis, delivery_ids: Sequence[str]) -> list[str]:
+def dead_errors(client: Client, delivery_ids: Sequence[str]) -> list[str]:
     """The shown last error of each dead letter (as ``dead_groups`` groups them)."""
     rows = {row["delivery_id"]: row for row in summaries(client, delivery_ids)}
     return [(rows.get(i, {}).get("last_error") or "(no error recorded)") for i in delivery_ids]

@@ -11,14 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-
-from worker import keys
+from worker import reads
 from worker.console.queries import summaries
+from worker.reads import Client
 
 MINUTES = 60  # the chart's span
 PAGE = 50
-LANES = {"live": keys.LIVE, "bulk": keys.BULK}
+LANES = reads.LANES
 STATES = {  # a state the list filters by, and how the page names it
     "pending": "pending, due now",
     "waiting": "waiting retry (or in flight)",
@@ -57,14 +56,11 @@ class Page:
     more: bool
 
 
-def outcomes(client: redis.Redis, now_ms: int) -> list[Minute]:
+def outcomes(client: Client, now_ms: int) -> list[Minute]:
     """The last MINUTES minutes (the current one last), each with its verdicts counted."""
     current = now_ms // 60_000
     minutes = range(current - MINUTES + 1, current + 1)
-    pipe = client.pipeline(transaction=False)
-    for minute in minutes:
-        pipe.hgetall(keys.outcomes_in(minute))
-    found = pipe.execute(raise_on_error=False)
+    found = reads.minute_outcomes(client, minutes)
     return [
         Minute(minute * 60_000, _counts(value))
         for minute, value in zip(minutes, found, strict=True)
@@ -77,43 +73,21 @@ def _counts(value: Any) -> dict[str, int]:
     return {str(k): int(v) for k, v in value.items() if str(v).isascii() and str(v).isdigit()}
 
 
-def lanes(client: redis.Redis, now_ms: int) -> list[Lane]:
+def lanes(client: Client, now_ms: int) -> list[Lane]:
     """Both lanes: depth, due now, and the delivery due first (overdue if in the past)."""
-    pipe = client.pipeline(transaction=False)
-    for key in LANES.values():
-        pipe.zcard(key)
-        pipe.zcount(key, "-inf", now_ms)
-        pipe.zrange(key, 0, 0, withscores=True)
-    found = pipe.execute()
     out = []
-    for at, name in enumerate(LANES):
-        depth, due, first = found[3 * at : 3 * at + 3]
+    for name, (depth, due, first) in zip(LANES, reads.lane_figures(client, now_ms), strict=True):
         first_id, first_ms = (str(first[0][0]), float(first[0][1])) if first else ("", 0.0)
-        out.append(Lane(name, int(depth), int(due), first_id, first_ms))
+        out.append(Lane(name, depth, due, first_id, first_ms))
     return out
 
 
-def page_of(client: redis.Redis, state: str, lane: str, number: int, now_ms: int) -> Page:
+def page_of(client: Client, state: str, lane: str, number: int, now_ms: int) -> Page:
     """Page ``number`` (from 1) of the deliveries in ``state`` (one of STATES; pending and
     waiting: of the lane ``lane``), in due order (dead and delivered: newest first)."""
     start = (number - 1) * PAGE
     if state in LANED:
-        key = LANES[lane]
-        due = int(client.zcount(key, "-inf", now_ms))
-        total = due if state == "pending" else int(client.zcard(key)) - due
-        first = start if state == "pending" else due + start
-        rows: list[Any] = (
-            client.zrange(key, first, first + PAGE - 1, withscores=True) if start < total else []
-        )
-        wanted = [
-            str(member) for member, score in rows
-            if (float(score) <= now_ms) == (state == "pending")
-        ]  # fmt: skip
+        wanted, total = reads.lane_page(client, lane, state == "pending", start, PAGE, now_ms)
     else:
-        key = keys.DEAD if state == "dead" else keys.DONE
-        pipe = client.pipeline(transaction=True)
-        pipe.zcard(key)
-        pipe.zrevrange(key, start, start + PAGE - 1)
-        total, members = pipe.execute()
-        wanted = [str(member) for member in members]
-    return Page(summaries(client, wanted), int(total), number, start + PAGE < int(total))
+        wanted, total = reads.newest_page(client, state == "dead", start, PAGE)
+    return Page(summaries(client, wanted), total, number, start + PAGE < total)

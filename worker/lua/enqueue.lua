@@ -1,11 +1,10 @@
 -- Store deliveries unless the same record is pending or delivered (idempotent enqueue).
 -- A delivery_id is derived from the record's four fields, so the delivery itself (or,
 -- once delivered, its marker) is the idempotency key: nothing is stored twice. One call
--- takes one record or a whole batch. lib.lua is prepended.
--- ARGV: 1 lane (l/b)  2 caller ('' for none)  3 due in ms  4 queue ('' for no wake-up)
---       5 wake-up message  6 '1' to keep the lookup index (BACKFILL_LOOKUP_INDEX), '0'
---       not, then per record: id, app_id, msgid ('' for none), number, time;
---       last: the key prefix
+-- takes one record or a whole batch. Its contract and lib.lua are prepended (scripts.ENQUEUE):
+-- lane (l/b), caller ('' for none), due in ms, wake queue ('' for no wake-up), wake-up
+-- message, index ('1' to keep the lookup index: BACKFILL_LOOKUP_INDEX, '0' not), then per
+-- record: id, app_id, msgid ('' for none), number, time.
 -- Returns per record {created (1/0), delivery_id}, flattened. A record that is dead is
 -- brought back (same delivery_id, a fresh attempt budget). A caller (an intake token's
 -- name) joins the delivery's callers, also when it was there already.
@@ -14,24 +13,26 @@
 -- sweep below. An index key of the wrong type is left alone (not indexed, logged by Redis):
 -- the lookup index never stops a delivery.
 -- Every argument and every key's type is checked before the first write.
-local n = (#ARGV - 7) / 5
-local lane, caller, due_in = ARGV[1], ARGV[2], num(ARGV[3], 0, 1e11)
+local n = (#ARGV - FIRST) / WIDTH
+local lane, caller, due_in = ARGV[ARG.lane], ARGV[ARG.caller], num(ARGV[ARG.due_in_ms], 0, 1e11)
+local wake_queue, index_flag = ARGV[ARG.wake_queue], ARGV[ARG.index]
 if n < 1 or n ~= math.floor(n) or (lane ~= 'l' and lane ~= 'b') or not due_in
-    or string.find(caller, '[,|]') or (ARGV[4] ~= '' and ARGV[5] == '')
-    or (ARGV[6] ~= '0' and ARGV[6] ~= '1') then
+    or string.find(caller, '[,|]') or (wake_queue ~= '' and ARGV[ARG.wake] == '')
+    or (index_flag ~= '0' and index_flag ~= '1') then
   return redis.error_reply('enqueue: bad argument')
 end
 local states = {}  -- each record's current state ('p', 'x', 'd', or false when new)
 for i = 0, n - 1 do
-  local a = 7 + 5 * i
-  if not string.match(ARGV[a], '^[%w_-]+$') or ARGV[a + 1] == '' or ARGV[a + 3] == ''
-      or not string.match(ARGV[a + 4], '^%d+$')
-      or string.find(ARGV[a + 1] .. ARGV[a + 2], '\0', 1, true) then
+  local a = FIRST + WIDTH * i
+  local id, app = ARGV[a + EACH.id], ARGV[a + EACH.app_id]
+  if not string.match(id, '^[%w_-]+$') or app == '' or ARGV[a + EACH.number] == ''
+      or not string.match(ARGV[a + EACH.time], '^%d+$')
+      or string.find(app .. ARGV[a + EACH.msgid], '\0', 1, true) then
     return redis.error_reply('enqueue: bad argument: record ' .. i)
   end
-  local state = redis.pcall('HGET', delivery_key(ARGV[a]), 's')
+  local state = redis.pcall('HGET', delivery_key(id), F.state)
   if type(state) == 'table' and state['err'] then
-    return redis.error_reply('enqueue: corrupt state: ' .. delivery_key(ARGV[a])
+    return redis.error_reply('enqueue: corrupt state: ' .. delivery_key(id)
       .. ' is not a hash')
   end
   states[i] = state
@@ -45,10 +46,11 @@ local function typed(key, want)
   redis.log(redis.LOG_WARNING, 'backfill enqueue: ' .. key .. ' is a ' .. kind .. ': not indexed')
   return false
 end
-local indexing = ARGV[6] == '1' and typed(INDEX_APPS, 'zset') and typed(INDEX_HAND, 'hash')
+local indexing = index_flag == '1' and typed(KEY.index_apps, 'zset')
+  and typed(KEY.index_hand, 'hash')
 local indexable = {}  -- app_id -> whether its index may be written
 for i = 0, n - 1 do
-  local app = ARGV[8 + 5 * i]
+  local app = ARGV[FIRST + WIDTH * i + EACH.app_id]
   if indexable[app] == nil then
     indexable[app] = indexing and typed(index_key(app), 'zset')
   end
@@ -73,20 +75,20 @@ local function sweep(app, m)
   local key = index_key(app)
   local kind = redis.call('TYPE', key)['ok']
   if kind == 'none' then
-    redis.call('ZREM', INDEX_APPS, app)
-    redis.call('HDEL', INDEX_HAND, app)
+    redis.call('ZREM', KEY.index_apps, app)
+    redis.call('HDEL', KEY.index_hand, app)
     return
   elseif kind ~= 'zset' then
     return
   end
-  local from = redis.call('HGET', INDEX_HAND, app)
+  local from = redis.call('HGET', KEY.index_hand, app)
   local rows = redis.call('ZRANGEBYLEX', key, from and '(' .. from or '-', '+', 'LIMIT', 0, m)
   local gone = {}
   for _, member in ipairs(rows) do
     local at = string.find(member, '\0', 1, true)
     local id = at and string.sub(member, at + 1) or ''
     if not string.match(id, '^[%w_-]+$')
-        or redis.call('EXISTS', delivery_key(id), P .. 'k:' .. id) == 0 then
+        or redis.call('EXISTS', delivery_key(id), marker_key(id)) == 0 then
       gone[#gone + 1] = member
     end
   end
@@ -94,13 +96,13 @@ local function sweep(app, m)
     redis.call('ZREM', key, unpack(gone))
   end
   if #rows < m then
-    redis.call('HDEL', INDEX_HAND, app)  -- the end: the next sweep starts from the first
+    redis.call('HDEL', KEY.index_hand, app)  -- the end: the next sweep starts from the first
   else
-    redis.call('HSET', INDEX_HAND, app, rows[#rows])
+    redis.call('HSET', KEY.index_hand, app, rows[#rows])
   end
   if #gone > 0 and redis.call('EXISTS', key) == 0 then
-    redis.call('ZREM', INDEX_APPS, app)
-    redis.call('HDEL', INDEX_HAND, app)
+    redis.call('ZREM', KEY.index_apps, app)
+    redis.call('HDEL', KEY.index_hand, app)
   end
 end
 
@@ -109,17 +111,17 @@ local due = now + due_in
 local entries, apps = {}, {}  -- app_id -> {0, member, 0, member, ...}; apps in order
 local out, created, scheduled, seen = {}, 0, {}, {}
 for i = 0, n - 1 do
-  local a = 7 + 5 * i
-  local id = ARGV[a]
+  local a = FIRST + WIDTH * i
+  local id = ARGV[a + EACH.id]
   local key = delivery_key(id)
   local state = states[i]
   if seen[id] then
     state = 'again'  -- the same record earlier in this batch: dealt with there
   end
   seen[id] = true
-  local marker_key, marker = P .. 'k:' .. id, false
+  local marker, marker_at = false, marker_key(id)
   if state ~= 'again' and (not state or (state == 'd' and caller ~= '')) then
-    marker = redis.call('GET', marker_key)
+    marker = redis.call('GET', marker_at)
   end
   local new = 0
   if marker then
@@ -127,24 +129,25 @@ for i = 0, n - 1 do
     local at, callers = string.match(marker, '^([^|]*)|?(.*)$')
     local joined = with_caller(callers)
     if joined ~= callers then
-      redis.call('SET', marker_key, at .. '|' .. joined, 'KEEPTTL')
+      redis.call('SET', marker_at, at .. '|' .. joined, 'KEEPTTL')
     end
   elseif state == 'x' then
-    local app = redis.call('HGET', key, 'a') or ''
-    redis.call('HSET', key, 's', 'p', 'c', 0, 'u', due, 'l', 0, 'r', 1, 'q', lane)
-    redis.call('HDEL', key, 'z', 'g')
-    redis.call('ZREM', DEAD, id)
+    local app = redis.call('HGET', key, F.app_id) or ''
+    redis.call('HSET', key, F.state, 'p', F.attempts, 0, F.due, due, F.lease, 0, F.replay, 1,
+      F.lane, lane)
+    redis.call('HDEL', key, F.dead_at, F.suspect)
+    redis.call('ZREM', KEY.dead, id)
     redis.call('ZREM', dead_app_key(app), id)
     new = 1
   elseif not state then
-    local fields = {'a', ARGV[a + 1], 'n', ARGV[a + 3], 't', ARGV[a + 4], 's', 'p', 'u', due,
-      'w', now, 'q', lane}
-    if ARGV[a + 2] ~= '' then
-      fields[#fields + 1] = 'm'
-      fields[#fields + 1] = ARGV[a + 2]
+    local fields = {F.app_id, ARGV[a + EACH.app_id], F.number, ARGV[a + EACH.number], F.time,
+      ARGV[a + EACH.time], F.state, 'p', F.due, due, F.created, now, F.lane, lane}
+    if ARGV[a + EACH.msgid] ~= '' then
+      fields[#fields + 1] = F.msgid
+      fields[#fields + 1] = ARGV[a + EACH.msgid]
     end
     if caller ~= '' then
-      fields[#fields + 1] = 'i'
+      fields[#fields + 1] = F.callers
       fields[#fields + 1] = caller
     end
     redis.call('HSET', key, unpack(fields))
@@ -152,16 +155,16 @@ for i = 0, n - 1 do
   end
   -- pending, revived, or delivered but kept a while (read first by status): the hash too
   if caller ~= '' and state and state ~= 'again' then
-    local callers = redis.call('HGET', key, 'i')
+    local callers = redis.call('HGET', key, F.callers)
     local joined = with_caller(callers)
     if joined ~= callers then
-      redis.call('HSET', key, 'i', joined)
+      redis.call('HSET', key, F.callers, joined)
     end
   end
   if new == 1 then
     scheduled[#scheduled + 1] = due
     scheduled[#scheduled + 1] = id
-    local app = ARGV[a + 1]
+    local app = ARGV[a + EACH.app_id]
     if indexable[app] then
       if not entries[app] then
         entries[app] = {}
@@ -169,7 +172,7 @@ for i = 0, n - 1 do
       end
       local list = entries[app]
       list[#list + 1] = 0
-      list[#list + 1] = ARGV[a + 2] .. '\0' .. id
+      list[#list + 1] = ARGV[a + EACH.msgid] .. '\0' .. id
     end
   end
   created = created + new
@@ -187,23 +190,23 @@ for _, app in ipairs(apps) do
   for first = 1, #list, 2000 do
     redis.call('ZADD', index_key(app), unpack(list, first, math.min(first + 1999, #list)))
   end
-  redis.call('ZADD', INDEX_APPS, 0, app)
+  redis.call('ZADD', KEY.index_apps, 0, app)
   sweep(app, #list)
 end
 if #apps > 0 then
   -- and a few of the next app's, in turn, so an app that stopped enqueuing is swept too
-  local last = redis.call('HGET', INDEX_HAND, '')
-  local next_app = redis.call('ZRANGEBYLEX', INDEX_APPS, last and '(' .. last or '-', '+',
+  local last = redis.call('HGET', KEY.index_hand, '')
+  local next_app = redis.call('ZRANGEBYLEX', KEY.index_apps, last and '(' .. last or '-', '+',
     'LIMIT', 0, 1)[1]
   if not next_app and last then
-    next_app = redis.call('ZRANGEBYLEX', INDEX_APPS, '-', '+', 'LIMIT', 0, 1)[1]
+    next_app = redis.call('ZRANGEBYLEX', KEY.index_apps, '-', '+', 'LIMIT', 0, 1)[1]
   end
   if next_app then
-    redis.call('HSET', INDEX_HAND, '', next_app)
+    redis.call('HSET', KEY.index_hand, '', next_app)
     sweep(next_app, 16)
   end
 end
-if created > 0 and ARGV[4] ~= '' then
-  redis.call('LPUSH', ARGV[4], ARGV[5])  -- wake a worker: the record goes out at once
+if created > 0 and wake_queue ~= '' then
+  redis.call('LPUSH', wake_queue, ARGV[ARG.wake])  -- wake a worker: the record goes out at once
 end
 return out

@@ -1,12 +1,5 @@
--- Shared by every script (prepended): checks, the clock, the rate limit, dead-lettering.
--- Field names of a delivery hash (short: they are stored once per delivery):
---   a app_id, m msgid, n number, t time      the record
---   s state (p pending, x dead)              q lane (l live, b bulk)
---   u due (ms)  l lease until (ms)           c attempts counted  k claims (the claim token)
---   w created (ms)  z dead at (ms)           r 1 after a replay  i callers (intake tokens)
---   y delivered at (ms)                     g suspect: 'p' its account-blocked answers and
---                                            'o' its outage-like failures are its own (a
---                                            pause or hold it kept was ended by others)
+-- Shared by every script (prepended after its contract, scripts.py): checks, the clock,
+-- the rate limit, dead-lettering. A delivery hash's fields are F.<name> (keys.FIELD).
 local function finite(x)
   return x ~= nil and x == x and x ~= math.huge and x ~= -math.huge
 end
@@ -53,31 +46,32 @@ local function rate_wait(key, now, rate, burst, max_wait)
   return wait
 end
 
--- The key names, from the prefix the store passes as the last argument of every script.
+-- The fixed keys are the script's declared KEYS (KEY.<name>, scripts.py); the keys of one
+-- delivery, app or time span are built here from the prefix every script gets last.
 local P = ARGV[#ARGV]
 local function delivery_key(id) return P .. 'd:' .. id end
 local function attempts_key(id) return P .. 'a:' .. id end
-local function lane_key(lane) return P .. (lane == 'b' and 'q:bulk' or 'q:live') end
-local DEAD, PAUSED, PROBE, PROBE_LOCK, RATE = P .. 'dead', P .. 'paused', P .. 'probe',
-  P .. 'probe:lock', P .. 'rate'
-local OUTAGE, OUTAGE_SEEN, RAMP = P .. 'outage', P .. 'outage:seen', P .. 'ramp'
-local OUTAGE_LAST, HELD_BY, BEFORE = P .. 'outage:last', P .. 'held:by', P .. 'before'
+local function marker_key(id) return P .. 'k:' .. id end
+local function lane_key(lane) return lane == 'b' and KEY.bulk or KEY.live end
 local function dead_app_key(app) return P .. 'dead:app:' .. app end
--- The lookup index (keys.py, lookup.py): one app's deliveries as '<msgid>\0<id>', the apps
--- indexed, and where the enqueue's sweep of each app stopped.
+-- The lookup index (keys.py, lookup.py): one app's deliveries as '<msgid>\0<id>'.
 local function index_key(app) return P .. 'x:' .. app end
-local INDEX_APPS, INDEX_HAND = P .. 'xa', P .. 'xh'
+local function worker_key(node) return P .. 'worker:' .. node end  -- its heartbeat
+-- The counters by time span (keys.py): deliveries per 10 s and per hour, attempts per minute.
+local function counted_key(span) return P .. 'n:' .. span end
+local function counted_hour_key(hour) return P .. 'nh:' .. hour end
+local function minute_key(minute) return P .. 'm:' .. minute end
 
 -- Move a delivery to the dead letters with the reason as its last attempt document.
 local function bury(id, lane, app, now, reason)
   local key = delivery_key(id)
   if redis.call('TYPE', key)['ok'] == 'hash' then
-    redis.call('HSET', key, 's', 'x', 'z', now, 'l', 0)
+    redis.call('HSET', key, F.state, 'x', F.dead_at, now, F.lease, 0)
   end
   redis.call('RPUSH', attempts_key(id), cjson.encode({o = 'dead', at = now, e = reason}))
   redis.call('ZREM', lane_key('l'), id)
   redis.call('ZREM', lane_key('b'), id)
-  redis.call('ZADD', DEAD, now, id)
+  redis.call('ZADD', KEY.dead, now, id)
   if app and app ~= '' then
     redis.call('ZADD', dead_app_key(app), now, id)
   end
