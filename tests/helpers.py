@@ -7,10 +7,13 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import redis
 
 from worker import keys
+from worker.connection import connect
+from worker.store import Store
 
 
 def backfill(
@@ -26,6 +29,12 @@ def backfill(
         timeout=timeout,
         check=False,
     )
+
+
+def open_store(redis_url: str, **options: Any) -> Store:
+    """A Store on ``redis_url``: dedupe window an hour, delivered records kept an hour,
+    unless ``options`` (``Store``'s keywords) say otherwise."""
+    return Store(connect(redis_url), **{"dedupe_ttl_s": 3600, "keep_delivered_s": 3600, **options})
 
 
 def snapshot(r: redis.Redis) -> set[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,6 @@ import pytest
 
 from tests.conftest import API_KEY, API_SECRET, read_log, wait_for
 from worker import keys
-from worker.connection import connect
 from worker.local.processes import LocalRedis, WorkerProcess
 from worker.local.stub import ProviderStub
 from worker.record import BackfillRecord
@@ -38,24 +37,9 @@ QUICK = {
 
 
 @pytest.fixture
-def provider() -> Iterator[ProviderStub]:
-    with ProviderStub(API_KEY, API_SECRET) as stub:
-        yield stub
-
-
-@pytest.fixture
-def fleet(
-    private_redis: LocalRedis,
-    provider: ProviderStub,
-    spawn_worker: Callable[..., WorkerProcess],
-) -> Callable[..., tuple[Store, WorkerProcess]]:
-    def start(**env: str) -> tuple[Store, WorkerProcess]:
-        env = {"BACKFILL_BASE_URL": provider.url, **QUICK, **env}
-        worker = spawn_worker(private_redis.url, **env)
-        store = Store(connect(private_redis.url), dedupe_ttl_s=3600, keep_delivered_s=3600)
-        return store, worker
-
-    return start
+def fleet_env() -> dict[str, str]:
+    """``fleet`` starts its workers with quick retries and short timeouts."""
+    return QUICK
 
 
 def records(count: int, tag: str, apps: int = 1) -> list[BackfillRecord]:

@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -86,12 +85,6 @@ def test_health_names_an_offset_and_fails_only_when_it_is_not_corrected() -> Non
     assert "behind" in said
     assert "NOT corrected" in said
     assert fatal
-
-
-@pytest.fixture
-def provider() -> Iterator[ProviderStub]:
-    with ProviderStub(API_KEY, API_SECRET, max_skew_s=300) as stub:
-        yield stub
 
 
 def records(count: int, tag: str) -> list[BackfillRecord]:

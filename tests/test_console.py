@@ -31,7 +31,6 @@ from redis.retry import Retry
 from tests.conftest import API_KEY, API_SECRET, unique, wait_for, worker_settings
 from worker import delivery, keys
 from worker.audit import configure_logging, redactor
-from worker.connection import connect
 from worker.console.app import create_app
 from worker.console.auth import Guard, parse_users, same_origin
 from worker.console.chart import nice_top
@@ -48,30 +47,14 @@ SCRIPT = "<script>alert(1)</script>"
 
 
 @pytest.fixture(scope="module")
-def console_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    """A Redis of this module's own: the console's figures count every key in it."""
-    server = LocalRedis(tmp_path_factory.mktemp("console-redis")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def console_worker(
-    console_redis: LocalRedis, stub: ProviderStub, tmp_path_factory: pytest.TempPathFactory
+    module_redis: LocalRedis, stub: ProviderStub, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[WorkerProcess]:
-    env = worker_settings(console_redis.url, stub.url)
+    env = worker_settings(module_redis.url, stub.url)
     process = WorkerProcess(env, tmp_path_factory.mktemp("console-worker") / "worker.log")
     process.start().wait_ready()
     yield process
     process.stop()
-
-
-@pytest.fixture
-def store(console_redis: LocalRedis) -> Iterator[Store]:
-    client = connect(console_redis.url)
-    yield Store(client, dedupe_ttl_s=3600, keep_delivered_s=3600)
-    client.flushdb()
-    client.close()
 
 
 class Console(requests.Session):
@@ -229,9 +212,9 @@ def test_console_users_are_parsed_and_bad_ones_refused_naming_the_user() -> None
 
 
 def test_the_console_command_refuses_bad_users_and_serves_good_ones(
-    console_redis: LocalRedis, tmp_path: Path
+    module_redis: LocalRedis, tmp_path: Path
 ) -> None:
-    env = {**os.environ, "BACKFILL_REDIS_URL": console_redis.url}
+    env = {**os.environ, "BACKFILL_REDIS_URL": module_redis.url}
     command = [sys.executable, "-m", "worker", "console", "--port"]
     for users, expected in [
         (None, "BACKFILL_CONSOLE_USERS: required"),

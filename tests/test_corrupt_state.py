@@ -15,8 +15,8 @@ import pytest
 import redis
 
 from tests.conftest import read_log, unique, wait_for
+from tests.helpers import open_store
 from worker import keys
-from worker.connection import connect
 from worker.local.processes import LocalRedis
 from worker.local.stub import ProviderStub
 from worker.policy import AnswerClass, Evidence, OutageRules, Outcome, Verdict
@@ -186,13 +186,11 @@ def test_a_pause_without_a_ttl_is_given_one_and_holds_every_claim(
 
 
 @pytest.fixture(scope="module")
-def quiet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+def quiet(module_redis: LocalRedis) -> Iterator[Store]:
     """A Redis of its own with no worker: nothing but the script under test writes."""
-    server = LocalRedis(tmp_path_factory.mktemp("scripts")).start()
-    store = Store(connect(server.url), dedupe_ttl_s=3601, keep_delivered_s=61, pause_s=1.5)
+    store = open_store(module_redis.url, dedupe_ttl_s=3601, keep_delivered_s=61, pause_s=1.5)
     yield store
     store.redis.close()
-    server.stop()
 
 
 def dump(client: redis.Redis) -> dict[str, Any]:

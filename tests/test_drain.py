@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 
 from tests.conftest import unique, wait_for
-from worker.connection import connect
+from tests.helpers import open_store
 from worker.lanes import LIVE_WAIT_MS, MAX_BATCH, RELEASED, batch_size, lanes_wanted, stop_lane
 from worker.local.processes import LocalRedis, WorkerProcess
 from worker.local.stub import ProviderStub
@@ -15,7 +15,6 @@ from worker.policy import RELEASE, AnswerClass, Evidence, Outcome, Verdict
 from worker.provider import Answer
 from worker.record import BackfillRecord
 from worker.steps import Claim, Finish
-from worker.store import Store
 
 Spawn = Callable[..., WorkerProcess]
 
@@ -38,7 +37,7 @@ def test_a_live_record_overtakes_a_bulk_backlog(
     stub: ProviderStub, private_redis: LocalRedis, spawn_worker: Spawn
 ) -> None:
     spawn_worker(private_redis.url, concurrency=4)
-    store = Store(connect(private_redis.url), dedupe_ttl_s=3600, keep_delivered_s=3600)
+    store = open_store(private_redis.url)
     bulk, live = unique("bulk"), unique("live")
     backlog = records(4000, bulk)
     for start in range(0, len(backlog), 1000):
@@ -56,7 +55,7 @@ def test_a_stream_of_live_records_cannot_stop_bulk(
     stub: ProviderStub, private_redis: LocalRedis, spawn_worker: Spawn
 ) -> None:
     spawn_worker(private_redis.url, concurrency=2)
-    store = Store(connect(private_redis.url), dedupe_ttl_s=3600, keep_delivered_s=3600)
+    store = open_store(private_redis.url)
     bulk, live = unique("bulk"), unique("live")
     store.enqueue_many(records(300, bulk))
     wait_for(lambda: sent(stub, bulk), 30, 0.05)

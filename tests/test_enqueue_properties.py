@@ -12,9 +12,8 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,8 +22,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker import InvalidRecord, enqueue_backfill, enqueue_record, keys, producer
-from worker.connection import connect
-from worker.local.processes import LocalRedis
 from worker.record import EARLIEST_TIME_MS, FIELDS, BackfillRecord
 from worker.runtime import wake_message
 from worker.store import Store
@@ -114,21 +111,18 @@ def drafts(draw: st.DrawFn, *, keyword: bool) -> tuple[dict[str, Any], str | Non
     return data, kind
 
 
-@pytest.fixture(scope="module")
-def quiet_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    server = LocalRedis(Path(tmp_path_factory.mktemp("props"))).start()
-    yield server
-    server.stop()
+@pytest.fixture
+def store_options() -> dict[str, Any]:
+    """``store`` keeps no delivered record."""
+    return {"keep_delivered_s": 0}
 
 
 @pytest.fixture
-def store(quiet_redis: LocalRedis, monkeypatch: pytest.MonkeyPatch) -> Iterator[Store]:
-    """The producer's store, pointed at the quiet Redis (its wake-ups wait there unread)."""
-    own = Store(connect(quiet_redis.url), dedupe_ttl_s=3600)
-    monkeypatch.setattr(producer, "get_store", lambda: own)
-    yield own
-    own.redis.flushdb()
-    own.redis.close()
+def producer_store(store: Store, monkeypatch: pytest.MonkeyPatch) -> Store:
+    """The producer's store is ``store``, on the module's quiet Redis (its wake-ups wait
+    there unread)."""
+    monkeypatch.setattr(producer, "get_store", lambda: store)
+    return store
 
 
 def dump(client: redis.Redis) -> dict[str, Any]:
@@ -168,7 +162,8 @@ def both_paths(paths: Counter[str]) -> None:
     assert paths["rejected"] >= total / 5, paths
 
 
-def test_any_mapping_is_accepted_or_rejected_by_field(store: Store) -> None:
+def test_any_mapping_is_accepted_or_rejected_by_field(producer_store: Store) -> None:
+    store = producer_store
     paths: Counter[str] = Counter()
 
     @SETTINGS
@@ -181,7 +176,8 @@ def test_any_mapping_is_accepted_or_rejected_by_field(store: Store) -> None:
     both_paths(paths)
 
 
-def test_any_keyword_call_is_accepted_or_rejected_by_field(store: Store) -> None:
+def test_any_keyword_call_is_accepted_or_rejected_by_field(producer_store: Store) -> None:
+    store = producer_store
     paths: Counter[str] = Counter()
 
     @SETTINGS

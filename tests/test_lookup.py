@@ -48,20 +48,10 @@ ANSWERS = {
 # -- a Redis of this module's own, with no worker: the tests move deliveries on themselves
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    local = LocalRedis(tmp_path_factory.mktemp("lookup-redis")).start()
-    yield local
-    local.stop()
-
-
 @pytest.fixture
-def store(server: LocalRedis) -> Iterator[Store]:
-    """A store that compacts a delivered record at once (only its marker stays)."""
-    own = Store(connect(server.url), dedupe_ttl_s=3600, keep_delivered_s=0)
-    own.redis.flushdb()
-    yield own
-    own.redis.close()
+def store_options() -> dict[str, Any]:
+    """``store`` compacts a delivered record at once (only its marker stays)."""
+    return {"keep_delivered_s": 0}
 
 
 def rec(app: str = "app-a", msgid: str | None = None, number: str = NUMBER) -> BackfillRecord:
@@ -259,9 +249,9 @@ def test_entries_of_gone_deliveries_are_swept_and_live_ones_kept(store: Store) -
     assert kept == {r.msgid for r in alive + fresh}
 
 
-def test_an_entry_goes_once_its_delivered_marker_expires(server: LocalRedis) -> None:
-    short = Store(connect(server.url), dedupe_ttl_s=1, keep_delivered_s=0)  # a 1 s window
-    short.redis.flushdb()
+@pytest.mark.parametrize("store_options", [{"dedupe_ttl_s": 1, "keep_delivered_s": 0}])
+def test_an_entry_goes_once_its_delivered_marker_expires(store: Store) -> None:
+    short = store  # a 1 s window
     short.enqueue_many([rec(msgid=f"m-{i}") for i in range(20)])
     settle(short, Outcome.DELIVERED)
     assert {r["state"] for r in find(short.redis, None, "app-a", limit=100)[0]} == {"delivered"}
@@ -270,7 +260,6 @@ def test_an_entry_goes_once_its_delivered_marker_expires(server: LocalRedis) -> 
     assert find(short.redis, None, "app-a", limit=100) == ([], None)
     short.enqueue_many([rec(msgid=f"n-{i}") for i in range(10)])  # sweeps 20 entries
     assert {m[0] for m in entries(short.redis, "app-a")} == {f"n-{i}" for i in range(10)}
-    short.redis.close()
 
 
 def test_an_idle_app_is_swept_in_turn_by_other_apps_enqueues(store: Store) -> None:
@@ -571,9 +560,9 @@ def test_the_intake_survives_huge_and_repeated_queries(intake: Intake) -> None:
 
 
 def test_with_the_index_off_enqueue_writes_no_index_and_find_finds_nothing(
-    server: LocalRedis,
+    module_redis: LocalRedis,
 ) -> None:
-    client = connect(server.url)
+    client = connect(module_redis.url)
     client.flushdb()
     off = Store(client, dedupe_ttl_s=3600, keep_delivered_s=0, lookup_index=False)
     on = Store(client, dedupe_ttl_s=3600, keep_delivered_s=0)

@@ -23,7 +23,6 @@ import pytest
 from tests.conftest import unique, wait_for
 from tests.helpers import backfill
 from worker import keys
-from worker.connection import connect
 from worker.console import actions
 from worker.dead_letters import batches, fixed_end, replay_until
 from worker.local.processes import LocalRedis, WorkerProcess
@@ -38,8 +37,9 @@ BAD = Answer(AnswerClass.BAD_RECORD, api_status="-9", api_reason="invalid number
 
 
 @pytest.fixture
-def store(private_redis: LocalRedis) -> Store:
-    return Store(connect(private_redis.url), dedupe_ttl_s=3600, keep_delivered_s=3600)
+def store_redis(private_redis: LocalRedis) -> LocalRedis:
+    """``store`` works on this test's own Redis, where the test's workers run."""
+    return private_redis
 
 
 def records(count: int, app_id: str = "app-m") -> list[BackfillRecord]:

@@ -11,16 +11,15 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import API_KEY, API_SECRET, read_log, wait_for
+from tests.conftest import read_log, wait_for
 from worker import keys
-from worker.connection import connect
-from worker.local.processes import LocalRedis, WorkerProcess
+from worker.local.processes import WorkerProcess
 from worker.local.stub import ProviderStub
 from worker.policy import Evidence, outage_evidence, retry_window
 from worker.record import BackfillRecord
@@ -36,23 +35,9 @@ SHORT = {
 
 
 @pytest.fixture
-def provider() -> Iterator[ProviderStub]:
-    with ProviderStub(API_KEY, API_SECRET) as stub:
-        yield stub
-
-
-@pytest.fixture
-def fleet(
-    private_redis: LocalRedis,
-    provider: ProviderStub,
-    spawn_worker: Callable[..., WorkerProcess],
-) -> Callable[..., tuple[Store, WorkerProcess]]:
-    def start(**env: str) -> tuple[Store, WorkerProcess]:
-        worker = spawn_worker(private_redis.url, BACKFILL_BASE_URL=provider.url, **{**SHORT, **env})
-        store = Store(connect(private_redis.url), dedupe_ttl_s=3600, keep_delivered_s=3600)
-        return store, worker
-
-    return start
+def fleet_env() -> dict[str, str]:
+    """``fleet`` starts its workers with the short retry window."""
+    return SHORT
 
 
 def records(count: int, tag: str) -> list[BackfillRecord]:
