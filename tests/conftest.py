@@ -7,9 +7,7 @@ covered by the unit tests of ``worker.settings`` and ``worker.policy``.
 
 from __future__ import annotations
 
-import json
 import os
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +16,11 @@ from typing import Any
 import pytest
 import redis
 
-from tests.helpers import open_store
+from tests.helpers import (
+    open_store,
+    read_log,
+    wait_for,  # noqa: F401 - the test modules import it from here
+)
 from worker import keys
 from worker.local.processes import LocalRedis, WorkerProcess, local_env
 from worker.local.stub import ProviderStub
@@ -26,25 +28,6 @@ from worker.store import Store
 
 API_KEY = "test-key-0001"
 API_SECRET = "s3cret-value-that-must-never-be-logged"
-
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, every_s: float = 0.05) -> Any:
-    """Poll until ``predicate()`` is truthy; returns its value or fails the test."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout_s} s")
-        time.sleep(every_s)
-
-
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """Every JSON line of a worker log (a non-JSON line fails the test)."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def unique(prefix: str = "m") -> str:
@@ -244,20 +227,15 @@ def provider() -> Iterator[ProviderStub]:
 
 
 @pytest.fixture
-def fleet_env() -> dict[str, str]:
-    """The worker settings ``fleet`` starts with; a module overrides this fixture."""
-    return {}
-
-
-@pytest.fixture
 def fleet(
     private_redis: LocalRedis,
     provider: ProviderStub,
     spawn_worker: Callable[..., WorkerProcess],
-    fleet_env: dict[str, str],
+    request: pytest.FixtureRequest,
 ) -> Callable[..., tuple[Store, WorkerProcess]]:
-    """``fleet(**env)``: a worker on this test's own Redis and ``provider``, with
-    ``fleet_env`` then ``env``; and a Store on that Redis."""
+    """``fleet(**env)``: a worker on this test's own Redis and ``provider``, with the
+    module's ``FLEET_ENV`` then ``env``; and a Store on that Redis."""
+    fleet_env: dict[str, str] = getattr(request.module, "FLEET_ENV", {})
 
     def start(**env: str) -> tuple[Store, WorkerProcess]:
         settings = {"BACKFILL_BASE_URL": provider.url, **fleet_env, **env}

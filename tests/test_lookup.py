@@ -4,26 +4,22 @@ intake's ``GET /v1/backfills?msgid=``, against real Redis, a real CLI and a real
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
 import requests
 from click.testing import CliRunner
 
+from tests import intake_helpers
 from tests.conftest import unique, wait_for
 from worker import enqueue_backfill, keys, lookup
 from worker.cli import main
 from worker.connection import connect
 from worker.delivery import delivery_id as id_of
-from worker.local.processes import LocalRedis, free_port
+from worker.local.processes import LocalRedis
 from worker.lookup import InvalidQuery, find, parse_query
 from worker.policy import AnswerClass, Outcome, Verdict
 from worker.provider import Answer
@@ -406,54 +402,25 @@ def test_backfill_find_refuses_bad_input_naming_the_field(
 # -- the intake, a real subprocess, with the session's worker
 
 
-class Intake:
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.session = requests.Session()
-
+class Intake(intake_helpers.Intake):
     def find(self, query: str, token: str | None = SHOP_TOKEN) -> requests.Response:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return self.session.get(f"{self.url}/v1/backfills?{query}", headers=headers, timeout=10)
+        return self.get(f"/v1/backfills?{query}", token)
 
-    def post(self, body: Any, token: str = SHOP_TOKEN) -> requests.Response:
-        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-        return self.session.post(f"{self.url}/v1/backfills", json=body, headers=headers, timeout=30)
-
-
-@contextmanager
-def running_intake(env: dict[str, str], log_path: Path) -> Iterator[Intake]:
-    port = free_port()
-    tokens = f"{SHOP}:{SHOP_TOKEN},{CRM}:{CRM_TOKEN}"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "worker", "intake", "--port", str(port)],
-            env={**os.environ, **env, "BACKFILL_INTAKE_TOKENS": tokens},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    client = Intake(f"http://127.0.0.1:{port}")
-    try:
-        wait_for(lambda: healthy(client), 20, 0.1)
-        yield client
-    finally:
-        client.session.close()
-        process.terminate()
-        process.wait(10)
-
-
-def healthy(client: Intake) -> bool:
-    try:
-        return client.session.get(f"{client.url}/healthz", timeout=5).status_code == 200
-    except requests.ConnectionError:
-        return False
+    def post(self, body: Any, token: str | None = SHOP_TOKEN, raw: bytes | None = None,
+             **headers: str) -> requests.Response:  # fmt: skip
+        return super().post(body, token, raw, **headers)
 
 
 @pytest.fixture(scope="module")
 def intake(
     settings_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Intake]:
-    with running_intake(settings_env, tmp_path_factory.mktemp("intake") / "intake.log") as up:
-        yield up
+    log_path = tmp_path_factory.mktemp("intake") / "intake.log"
+    tokens = f"{SHOP}:{SHOP_TOKEN},{CRM}:{CRM_TOKEN}"
+    with intake_helpers.running_intake(
+        settings_env, log_path, tokens=tokens, client_class=Intake
+    ) as up:
+        yield cast(Intake, up)
 
 
 def body(app: str, msgid: str, number: str = NUMBER) -> dict[str, str]:
@@ -555,7 +522,7 @@ def test_the_intake_survives_huge_and_repeated_queries(intake: Intake) -> None:
         assert 400 <= huge.status_code < 500
     except requests.ConnectionError:
         pass
-    assert healthy(intake)
+    assert intake_helpers.healthy(intake)
     assert intake.find(f"msgid={unique()}").json() == {"deliveries": [], "next_cursor": None}
 
 

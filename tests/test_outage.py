@@ -12,12 +12,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.conftest import read_log, wait_for
+from tests.conftest import wait_for
+from tests.helpers import events, state_counts
 from worker import keys
 from worker.local.processes import WorkerProcess
 from worker.local.stub import ProviderStub
@@ -26,7 +25,7 @@ from worker.record import BackfillRecord
 from worker.store import Store
 
 # A short retry window: 3 attempts, 0.2 s then 0.4 s at most between them (0.6 s in all).
-SHORT = {
+FLEET_ENV = {  # what ``fleet`` starts its workers with
     "BACKFILL_MAX_ATTEMPTS": "3",
     "BACKFILL_BACKOFF_BASE_S": "0.2",
     "BACKFILL_BACKOFF_CAP_S": "1",
@@ -34,28 +33,11 @@ SHORT = {
 }
 
 
-@pytest.fixture
-def fleet_env() -> dict[str, str]:
-    """``fleet`` starts its workers with the short retry window."""
-    return SHORT
-
-
 def records(count: int, tag: str) -> list[BackfillRecord]:
     return [
         BackfillRecord(f"app-{tag}", f"8613{i:09d}", str(1_700_000_000_000 + i), msgid=f"{tag}-{i}")
         for i in range(count)
     ]
-
-
-def states(store: Store, ids: list[str]) -> dict[str | None, int]:
-    found: dict[str | None, int] = {}
-    for state in store.states(ids):
-        found[state] = found.get(state, 0) + 1
-    return found
-
-
-def events(worker: WorkerProcess, name: str) -> list[dict[str, Any]]:
-    return [line for line in read_log(Path(worker.log_path)) if line.get("event") == name]
 
 
 def test_what_points_at_the_provider() -> None:
@@ -86,13 +68,13 @@ def test_an_outage_longer_than_the_retry_window_dead_letters_nothing(
     went_down = time.time()
     ids = [i for i, _ in store.enqueue_many(records(300, f"out{down}"), source="test")]
     wait_for(lambda: store.redis.exists(keys.OUTAGE), timeout_s=20)
-    assert states(store, ids).get("dead", 0) == 0
+    assert state_counts(store, ids).get("dead", 0) == 0
     time.sleep(max(went_down + outage_s - time.time(), 0))
     provider.set_down(None)
     came_back = time.time()
-    wait_for(lambda: states(store, ids).get("delivered") == 300, timeout_s=120)
+    wait_for(lambda: state_counts(store, ids).get("delivered") == 300, timeout_s=120)
 
-    assert states(store, ids) == {"delivered": 300}
+    assert state_counts(store, ids) == {"delivered": 300}
     assert store.redis.zcard(keys.DEAD) == 0
     # the step script counted each delivery once, in its 10 s span (the console's figures)
     counters = store.redis.mget(list(store.redis.scan_iter(keys.delivered_in("*"))))
@@ -130,10 +112,10 @@ def test_per_record_failures_mixed_with_successes_do_not_hold(
     ids = [i for i, _ in store.enqueue_many(batch, source="test")]
     held = False
     deadline = time.monotonic() + 60
-    while states(store, ids).get("delivered") != 120 and time.monotonic() < deadline:
+    while state_counts(store, ids).get("delivered") != 120 and time.monotonic() < deadline:
         held = held or bool(store.redis.exists(keys.OUTAGE))
         time.sleep(0.02)
-    assert states(store, ids) == {"delivered": 120}
+    assert state_counts(store, ids) == {"delivered": 120}
     assert not held
     assert events(worker, "postback.outage") == []
 
@@ -164,5 +146,5 @@ def test_a_hold_survives_a_worker_restart_and_probes_one_at_a_time(
     assert "HOLDING for a provider outage" in health.stdout
     assert "HTTP 503" in health.stdout
     provider.set_down(None)
-    wait_for(lambda: states(store, ids).get("delivered") == 40, timeout_s=60)
+    wait_for(lambda: state_counts(store, ids).get("delivered") == 40, timeout_s=60)
     assert store.redis.zcard(keys.DEAD) == 0
