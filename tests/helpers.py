@@ -19,6 +19,7 @@ import redis
 from worker import keys
 from worker.connection import connect
 from worker.local.processes import WorkerProcess
+from worker.steps import Claim, Finish
 from worker.store import Store
 
 
@@ -91,6 +92,23 @@ def state_counts(store: Store, ids: list[str]) -> dict[str | None, int]:
     for state in store.states(ids):
         found[state] = found.get(state, 0) + 1
     return found
+
+
+def step_through(
+    store: Store, answer: Callable[[Claim], Finish], *, claim: int, max_attempts: int
+) -> list[str]:
+    """Claim every due delivery, ``claim`` a step, and finish each with ``answer(claim)``
+    through the real step script, as a drain does; the ids finished."""
+    finished: list[str] = []
+    done: list[Finish] = []
+    while True:
+        result = store.step(
+            done, claim=claim, prefer_bulk=False, lease_s=60, max_attempts=max_attempts
+        )
+        finished += [item.claim.delivery_id for item in done]
+        if not result.claims:
+            return finished
+        done = [answer(c) for c in result.claims]
 
 
 def snapshot(r: redis.Redis) -> set[str]:

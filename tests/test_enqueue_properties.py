@@ -162,29 +162,24 @@ def both_paths(paths: Counter[str]) -> None:
     assert paths["rejected"] >= total / 5, paths
 
 
-def test_any_mapping_is_accepted_or_rejected_by_field(producer_store: Store) -> None:
-    store = producer_store
+def explore(store: Store, keyword: bool, enqueue: Callable[[dict[str, Any]], str]) -> None:
+    """Drafts, keyword-ready or not, through ``enqueue``: each is accepted or refused by
+    field (``check``), and both paths are taken often."""
     paths: Counter[str] = Counter()
 
     @SETTINGS
-    @given(draft=drafts(keyword=False))
+    @given(draft=drafts(keyword=keyword))
     def run(draft: tuple[dict[str, Any], str | None]) -> None:
         data, broken = draft
-        paths[check(store, data, broken, lambda: enqueue_record(BackfillRecord.parse(data)))] += 1
+        paths[check(store, data, broken, lambda: enqueue(data))] += 1
 
     run()
     both_paths(paths)
+
+
+def test_any_mapping_is_accepted_or_rejected_by_field(producer_store: Store) -> None:
+    explore(producer_store, False, lambda data: enqueue_record(BackfillRecord.parse(data)))
 
 
 def test_any_keyword_call_is_accepted_or_rejected_by_field(producer_store: Store) -> None:
-    store = producer_store
-    paths: Counter[str] = Counter()
-
-    @SETTINGS
-    @given(draft=drafts(keyword=True))
-    def run(draft: tuple[dict[str, Any], str | None]) -> None:
-        data, broken = draft
-        paths[check(store, data, broken, lambda: enqueue_backfill(**data))] += 1
-
-    run()
-    both_paths(paths)
+    explore(producer_store, True, lambda data: enqueue_backfill(**data))

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from tests import intake_helpers
 from tests.conftest import unique, wait_for
+from tests.helpers import step_through
 from worker import enqueue_backfill, keys, lookup
 from worker.cli import main
 from worker.connection import connect
@@ -57,15 +58,11 @@ def rec(app: str = "app-a", msgid: str | None = None, number: str = NUMBER) -> B
 def settle(store: Store, outcome: Outcome) -> list[str]:
     """Claim every due delivery and record ``outcome`` for it through the real step
     script, as a worker does; the ids settled."""
-    settled: list[str] = []
-    done: list[Finish] = []
-    while True:
-        step = store.step(done, claim=8, prefer_bulk=False, lease_s=60, max_attempts=16)
-        settled += [item.claim.delivery_id for item in done]
-        if not step.claims:
-            return settled
-        retry = 3600.0 if outcome == Outcome.RETRY else None
-        done = [Finish(claim, ANSWERS[outcome], Verdict(outcome, retry)) for claim in step.claims]
+    retry = 3600.0 if outcome == Outcome.RETRY else None
+    verdict = Verdict(outcome, retry)
+    return step_through(
+        store, lambda c: Finish(c, ANSWERS[outcome], verdict), claim=8, max_attempts=16
+    )
 
 
 def entries(client: redis.Redis, app: str) -> set[tuple[str, str]]:
