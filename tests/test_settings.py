@@ -323,8 +323,8 @@ def test_a_taken_metrics_port_stops_the_worker_with_exit_2(
 def test_a_taken_metrics_port_stops_celery_s_own_worker_command_too(
     settings_env: dict[str, str], private_redis: LocalRedis
 ) -> None:
-    with metrics_port_taken(settings_env, private_redis) as (port, env):
-        env = {**os.environ, **env}
+    with metrics_port_taken(settings_env, private_redis) as (port, worker_env):
+        env = {**os.environ, **worker_env}
         result = subprocess.run(
             [sys.executable, "-m", "celery", "-A", "worker", "worker", "--without-mingle"],
             env=env,
