@@ -317,8 +317,9 @@ def _text(html: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
 
 
+@pytest.mark.usefixtures("console_worker")
 def test_delivery_page_shows_every_attempt_with_the_number_masked(
-    client: Console, store: Store, stub: ProviderStub, console_worker: WorkerProcess
+    client: Console, store: Store, stub: ProviderStub
 ) -> None:
     delivery_id = dead(stub, store, ["503", "status:-24"])
     page = client.get(f"/deliveries/{delivery_id}")
@@ -414,8 +415,9 @@ def test_search_by_delivery_id_msgid_and_app_id_a_page_at_a_time(
 # -- what it changes ------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("console_worker")
 def test_a_cross_site_post_is_refused_and_changes_nothing(
-    client: Console, store: Store, stub: ProviderStub, console_worker: WorkerProcess
+    client: Console, store: Store, stub: ProviderStub
 ) -> None:
     delivery_id = dead(stub, store)
     token = csrf(client.get(f"/deliveries/{delivery_id}").text)
@@ -457,11 +459,11 @@ def test_same_origin_compares_the_origin_or_referer_with_the_host() -> None:
     assert not same_origin({"host": "c.example", "origin": "http://[::1"})
 
 
+@pytest.mark.usefixtures("console_worker")
 def test_replay_from_the_delivery_page_delivers_it_and_is_audited(
     client: Console,
     store: Store,
     stub: ProviderStub,
-    console_worker: WorkerProcess,
     audit_lines: Callable[[], list[dict[str, Any]]],
 ) -> None:
     delivery_id = dead(stub, store, ["status:-24", "ok"])
@@ -481,11 +483,11 @@ def test_replay_from_the_delivery_page_delivers_it_and_is_audited(
     assert again.headers["location"].endswith("done=not-dead")
 
 
+@pytest.mark.usefixtures("console_worker")
 def test_dead_letters_are_grouped_by_last_error_and_a_group_replays_alone(
     client: Console,
     store: Store,
     stub: ProviderStub,
-    console_worker: WorkerProcess,
     audit_lines: Callable[[], list[dict[str, Any]]],
 ) -> None:
     bad = [dead(stub, store, ["status:-24"]) for _ in range(2)]
@@ -518,11 +520,11 @@ def test_dead_letters_are_grouped_by_last_error_and_a_group_replays_alone(
         assert client.get("/dead", params={"done": "replayed", "n": n}).status_code == 200
 
 
+@pytest.mark.usefixtures("console_worker")
 def test_purge_needs_a_confirmation_step(
     client: Console,
     store: Store,
     stub: ProviderStub,
-    console_worker: WorkerProcess,
     audit_lines: Callable[[], list[dict[str, Any]]],
 ) -> None:
     one, two, three = (dead(stub, store, ["status:-24"]) for _ in range(3))
@@ -647,8 +649,9 @@ def test_a_large_group_is_counted_whole_listed_in_part_and_replayed_whole(
 # -- watching -----------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("console_worker")
 def test_the_overview_charts_outcomes_per_minute_and_shows_the_lanes(
-    client: Console, store: Store, stub: ProviderStub, console_worker: WorkerProcess
+    client: Console, store: Store, stub: ProviderStub
 ) -> None:
     delivered = [sent(stub, store, ["ok"]), sent(stub, store, ["503", "ok"])]
     died = dead(stub, store, ["status:-24"])
