@@ -25,13 +25,12 @@ from typing import Any
 import pytest
 
 from tests.conftest import API_KEY, API_SECRET, read_log, wait_for
+from tests.helpers import open_store
 from worker import keys
 from worker.clock import SharedClock, offset_problem
-from worker.connection import connect
 from worker.local.processes import LocalRedis, WorkerProcess
 from worker.local.stub import ProviderStub
 from worker.record import BackfillRecord
-from worker.store import Store
 
 AHEAD = ("faketime", "-f", "+600")  # ten minutes ahead
 SKEW = """import time
@@ -143,7 +142,7 @@ def test_a_worker_ten_minutes_ahead_signs_with_the_shared_clock(
 ) -> None:  # fmt: skip
     worker = start_ahead(settings_env, private_redis.url, provider.url, tmp_path / "w.log")
     try:
-        store = Store(connect(private_redis.url), dedupe_ttl_s=3600, keep_delivered_s=3600)
+        store = open_store(private_redis.url)
         ids = [i for i, _ in store.enqueue_many(records(100, "ahead"), source="test")]
         wait_for(lambda: store.states(ids).count("delivered") == 100, timeout_s=90)
         assert "-16" not in provider.stats()["codes"]  # type: ignore[operator]
@@ -173,7 +172,7 @@ def test_uncorrected_the_run_of_minus_16_holds_instead_of_dead_lettering(
         BACKFILL_CLOCK_CORRECTION="false",
     )  # fmt: skip
     try:
-        store = Store(connect(private_redis.url), dedupe_ttl_s=3600, keep_delivered_s=3600)
+        store = open_store(private_redis.url)
         ids = [i for i, _ in store.enqueue_many(records(60, "skew"), source="test")]
         wait_for(lambda: store.redis.exists(keys.OUTAGE), timeout_s=60)
         lines = read_log(Path(worker.log_path))

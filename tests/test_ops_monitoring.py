@@ -17,11 +17,10 @@ import requests
 import yaml
 
 from tests.conftest import unique, wait_for
-from worker.connection import connect
+from tests.helpers import open_store
 from worker.local.processes import LocalRedis, WorkerProcess, free_port
 from worker.local.stub import ProviderStub
 from worker.record import BackfillRecord
-from worker.store import Store
 
 OPS = Path(__file__).resolve().parent.parent / "ops"
 ALERTS = OPS / "prometheus" / "alerts.yml"
@@ -95,7 +94,7 @@ def served_names(
         process.wait_ready()
         tag = unique("monitoring")
         stub.set_plan({f"{tag}-dead": ["status:-9"]})
-        store = Store(connect(server.url), dedupe_ttl_s=3600, keep_delivered_s=3600)
+        store = open_store(server.url)
         for msgid in (f"{tag}-ok", f"{tag}-dead"):
             store.enqueue(BackfillRecord("mon", "8613512345678", "1681184764000", msgid=msgid))
         url = f"http://127.0.0.1:{port}/metrics"
@@ -235,7 +234,7 @@ def test_the_unit_tests_notice_a_changed_rule(tmp_path: Path, before: str, after
 def test_the_overdue_gauge_is_how_long_each_lanes_oldest_due_delivery_waited(
     private_redis: LocalRedis,
 ) -> None:
-    store = Store(connect(private_redis.url), dedupe_ttl_s=3600, keep_delivered_s=3600)
+    store = open_store(private_redis.url)
     assert store.gauges("backfill", time.time())["overdue_live_s"] == 0.0
     later = [BackfillRecord("mon", "8613512345678", "1681184764000", msgid=unique("later"))]
     store.enqueue_many(later, due_in_s=3600)
