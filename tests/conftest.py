@@ -7,9 +7,7 @@ covered by the unit tests of ``worker.settings`` and ``worker.policy``.
 
 from __future__ import annotations
 
-import json
 import os
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,31 +16,18 @@ from typing import Any
 import pytest
 import redis
 
+from tests.helpers import (
+    open_store,
+    read_log,
+    wait_for,  # noqa: F401 - the test modules import it from here
+)
 from worker import keys
 from worker.local.processes import LocalRedis, WorkerProcess, local_env
 from worker.local.stub import ProviderStub
+from worker.store import Store
 
 API_KEY = "test-key-0001"
 API_SECRET = "s3cret-value-that-must-never-be-logged"
-
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, every_s: float = 0.05) -> Any:
-    """Poll until ``predicate()`` is truthy; returns its value or fails the test."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout_s} s")
-        time.sleep(every_s)
-
-
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """Every JSON line of a worker log (a non-JSON line fails the test)."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def unique(prefix: str = "m") -> str:
@@ -79,7 +64,12 @@ def reset_caches() -> None:
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
     """A private Redis for the whole session (the shared one on 6379 is left alone)."""
-    server = LocalRedis(tmp_path_factory.mktemp("redis")).start()
+    yield from _serving(tmp_path_factory.mktemp("redis"))
+
+
+def _serving(workdir: Path) -> Iterator[LocalRedis]:
+    """A private Redis in ``workdir``, stopped when the generator ends."""
+    server = LocalRedis(workdir).start()
     yield server
     server.stop()
 
@@ -146,12 +136,64 @@ def audit(worker_log: Path) -> Callable[[str], list[dict[str, Any]]]:
     return attempts_of
 
 
+def _redis_servers(workdir: Callable[[], Path]) -> Iterator[Callable[..., LocalRedis]]:
+    """A factory of private Redis servers in ``workdir()``; it kills them all when done."""
+    started: list[LocalRedis] = []
+
+    def start(**options: Any) -> LocalRedis:
+        server = LocalRedis(workdir() / f"redis-{len(started)}", **options).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.kill()
+
+
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[LocalRedis]:
-    """A Redis of this test's own (for tests that kill workers or Redis)."""
-    server = LocalRedis(tmp_path / "redis", appendonly=True).start()
-    yield server
-    server.kill()
+def private_redis_factory(tmp_path: Path) -> Iterator[Callable[..., LocalRedis]]:
+    """``private_redis_factory(appendonly=..., extra_args=(...))``: a Redis of this test's
+    own per call, with ``LocalRedis``'s options (maxmemory and the like in ``extra_args``);
+    all killed at the end of the test."""
+    yield from _redis_servers(lambda: tmp_path)
+
+
+@pytest.fixture
+def private_redis(private_redis_factory: Callable[..., LocalRedis]) -> LocalRedis:
+    """A Redis of this test's own, AOF on (for tests that kill workers or Redis)."""
+    return private_redis_factory(appendonly=True)
+
+
+@pytest.fixture(scope="module")
+def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
+    """A Redis of this test module's own, with no worker unless the module starts one:
+    nothing else writes there, so a module may count every key in it."""
+    yield from _serving(tmp_path_factory.mktemp("module-redis"))
+
+
+@pytest.fixture
+def store_options() -> dict[str, Any]:
+    """The ``Store`` options of ``store`` (see ``helpers.open_store``); a module overrides
+    this fixture to change them."""
+    return {}
+
+
+@pytest.fixture
+def store_redis(module_redis: LocalRedis) -> LocalRedis:
+    """The Redis ``store`` works on: the module's own; a module overrides this fixture
+    to use another (``private_redis``)."""
+    return module_redis
+
+
+@pytest.fixture
+def store(store_redis: LocalRedis, store_options: dict[str, Any]) -> Iterator[Store]:
+    """A Store on ``store_redis`` with ``store_options``, its Redis empty at the start
+    and at the end of each test."""
+    own = open_store(store_redis.url, **store_options)
+    own.redis.flushdb()
+    yield own
+    own.redis.flushdb()
+    own.redis.close()
 
 
 @pytest.fixture
@@ -175,6 +217,32 @@ def spawn_worker(
     yield spawn
     for process in started:
         process.kill()
+
+
+@pytest.fixture
+def provider() -> Iterator[ProviderStub]:
+    """A provider stub of this test's own (``stub`` is the session's, shared)."""
+    with ProviderStub(API_KEY, API_SECRET) as own:
+        yield own
+
+
+@pytest.fixture
+def fleet(
+    private_redis: LocalRedis,
+    provider: ProviderStub,
+    spawn_worker: Callable[..., WorkerProcess],
+    request: pytest.FixtureRequest,
+) -> Callable[..., tuple[Store, WorkerProcess]]:
+    """``fleet(**env)``: a worker on this test's own Redis and ``provider``, with the
+    module's ``FLEET_ENV`` then ``env``; and a Store on that Redis."""
+    fleet_env: dict[str, str] = getattr(request.module, "FLEET_ENV", {})
+
+    def start(**env: str) -> tuple[Store, WorkerProcess]:
+        settings = {"BACKFILL_BASE_URL": provider.url, **fleet_env, **env}
+        worker = spawn_worker(private_redis.url, **settings)
+        return open_store(private_redis.url), worker
+
+    return start
 
 
 # The quick subset (`pytest -m "not slow"`, about a minute) leaves out every test that

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import pytest
 import redis
 
 from worker import keys
+from worker.connection import connect
+from worker.local.processes import WorkerProcess
+from worker.steps import Claim, Finish
+from worker.store import Store
 
 
 def backfill(
@@ -26,6 +36,79 @@ def backfill(
         timeout=timeout,
         check=False,
     )
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, every_s: float = 0.05) -> Any:
+    """Poll until ``predicate()`` is truthy; returns its value or fails the test."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout_s} s")
+        time.sleep(every_s)
+
+
+@contextmanager
+def serving(
+    args: list[str], env: dict[str, str], log_path: Path, ready: Callable[[], bool]
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``python -m worker *args`` with ``env`` (all of it), its output in ``log_path``;
+    given once ``ready()``, terminated on exit."""
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "worker", *args], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_for(ready, 20, 0.1)
+        yield process
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def open_store(redis_url: str, **options: Any) -> Store:
+    """A Store on ``redis_url``: dedupe window an hour, delivered records kept an hour,
+    unless ``options`` (``Store``'s keywords) say otherwise."""
+    return Store(connect(redis_url), **{"dedupe_ttl_s": 3600, "keep_delivered_s": 3600, **options})
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """Every JSON line of a worker log (a non-JSON line fails the test)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def events(worker: WorkerProcess, name: str) -> list[dict[str, Any]]:
+    """The lines of ``worker``'s log whose event is ``name``, in order."""
+    return [line for line in read_log(Path(worker.log_path)) if line.get("event") == name]
+
+
+def state_counts(store: Store, ids: list[str]) -> dict[str | None, int]:
+    """How many of ``ids`` are in each state (None: gone)."""
+    found: dict[str | None, int] = {}
+    for state in store.states(ids):
+        found[state] = found.get(state, 0) + 1
+    return found
+
+
+def step_through(
+    store: Store, answer: Callable[[Claim], Finish], *, claim: int, max_attempts: int
+) -> list[str]:
+    """Claim every due delivery, ``claim`` a step, and finish each with ``answer(claim)``
+    through the real step script, as a drain does; the ids finished."""
+    finished: list[str] = []
+    done: list[Finish] = []
+    while True:
+        result = store.step(
+            done, claim=claim, prefer_bulk=False, lease_s=60, max_attempts=max_attempts
+        )
+        finished += [item.claim.delivery_id for item in done]
+        if not result.claims:
+            return finished
+        done = [answer(c) for c in result.claims]
 
 
 def snapshot(r: redis.Redis) -> set[str]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +12,8 @@ from typing import Any
 
 import requests
 
-from tests.conftest import unique, wait_for
+from tests.conftest import unique
+from tests.helpers import serving
 from worker.local.processes import free_port
 
 TOKEN = "intake-token-php-shop-0123456789"
@@ -42,27 +41,27 @@ class Intake:
 
 
 @contextmanager
-def running_intake(env: dict[str, str], log_path: Path, *args: str) -> Iterator[Intake]:
-    """A real ``backfill intake`` subprocess (uvicorn), stopped on exit."""
+def running_intake(
+    env: dict[str, str],
+    log_path: Path,
+    *args: str,
+    tokens: str = TOKENS,
+    client_class: type[Intake] = Intake,
+) -> Iterator[Intake]:
+    """A real ``backfill intake`` subprocess (uvicorn) that knows ``tokens``, and a
+    ``client_class`` on it; stopped on exit."""
     port = free_port()
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "worker", "intake", "--port", str(port), *args],
-            env={**os.environ, **env, "BACKFILL_INTAKE_TOKENS": TOKENS},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    client = Intake(f"http://127.0.0.1:{port}", log_path)
-    try:
-        wait_for(lambda: _healthy(client), 20, 0.1)
-        yield client
-    finally:
-        client.session.close()
-        process.terminate()
-        process.wait(10)
+    env = {**os.environ, **env, "BACKFILL_INTAKE_TOKENS": tokens}
+    client = client_class(f"http://127.0.0.1:{port}", log_path)
+    with serving(["intake", "--port", str(port), *args], env, log_path, lambda: healthy(client)):
+        try:
+            yield client
+        finally:
+            client.session.close()
 
 
-def _healthy(client: Intake) -> bool:
+def healthy(client: Intake) -> bool:
+    """``/healthz`` answers 200."""
     try:
         return client.get("/healthz", token=None).status_code == 200
     except requests.ConnectionError:

@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import API_KEY, API_SECRET, read_log, wait_for
+from tests.conftest import API_KEY, API_SECRET, wait_for
+from tests.helpers import events, state_counts
 from worker import keys
-from worker.connection import connect
 from worker.local.processes import LocalRedis, WorkerProcess
 from worker.local.stub import ProviderStub
 from worker.record import BackfillRecord
 from worker.store import Store
 
-QUICK = {
+FLEET_ENV = {  # what ``fleet`` starts its workers with
     "BACKFILL_MAX_ATTEMPTS": "6",
     "BACKFILL_BACKOFF_BASE_S": "0.2",
     "BACKFILL_BACKOFF_CAP_S": "1",
@@ -37,27 +35,6 @@ QUICK = {
 }
 
 
-@pytest.fixture
-def provider() -> Iterator[ProviderStub]:
-    with ProviderStub(API_KEY, API_SECRET) as stub:
-        yield stub
-
-
-@pytest.fixture
-def fleet(
-    private_redis: LocalRedis,
-    provider: ProviderStub,
-    spawn_worker: Callable[..., WorkerProcess],
-) -> Callable[..., tuple[Store, WorkerProcess]]:
-    def start(**env: str) -> tuple[Store, WorkerProcess]:
-        env = {"BACKFILL_BASE_URL": provider.url, **QUICK, **env}
-        worker = spawn_worker(private_redis.url, **env)
-        store = Store(connect(private_redis.url), dedupe_ttl_s=3600, keep_delivered_s=3600)
-        return store, worker
-
-    return start
-
-
 def records(count: int, tag: str, apps: int = 1) -> list[BackfillRecord]:
     return [
         BackfillRecord(
@@ -65,17 +42,6 @@ def records(count: int, tag: str, apps: int = 1) -> list[BackfillRecord]:
         )
         for i in range(count)
     ]
-
-
-def counts(store: Store, ids: list[str]) -> dict[str | None, int]:
-    found: dict[str | None, int] = {}
-    for state in store.states(ids):
-        found[state] = found.get(state, 0) + 1
-    return found
-
-
-def events(worker: WorkerProcess, name: str) -> list[dict[str, Any]]:
-    return [line for line in read_log(Path(worker.log_path)) if line.get("event") == name]
 
 
 def watch_holds(store: Store, stop: threading.Event) -> list[float]:
@@ -103,7 +69,7 @@ def test_a_provider_that_drops_each_first_request_never_holds_the_fleet(
     batch = records(1000, "first")
     provider.set_plan({str(r.msgid): ["drop"] for r in batch})
     ids = [i for i, _ in store.enqueue_many(batch, source="test")]
-    wait_for(lambda: counts(store, ids).get("delivered") == 1000, timeout_s=120)
+    wait_for(lambda: state_counts(store, ids).get("delivered") == 1000, timeout_s=120)
 
     assert events(worker, "postback.outage") == []
     assert store.redis.zcard(keys.DEAD) == 0
@@ -123,7 +89,7 @@ def test_a_flaky_provider_delivers_everything_soon_after_a_short_account_block(
     threading.Timer(3.0, provider.set_down, args=(None,)).start()
     started = time.monotonic()
     ids = [i for i, _ in store.enqueue_many(batch, source="test")]
-    wait_for(lambda: counts(store, ids).get("delivered") == 100, timeout_s=60)
+    wait_for(lambda: state_counts(store, ids).get("delivered") == 100, timeout_s=60)
     took = time.monotonic() - started
 
     assert store.redis.zcard(keys.DEAD) == 0
@@ -148,8 +114,8 @@ def test_a_few_poison_records_are_dead_lettered_while_the_rest_flow(
     bad_ids = [i for i, _ in store.enqueue_many(bad, source="test")]
     good_ids = [i for i, _ in store.enqueue_many(good, source="test")]
     try:
-        wait_for(lambda: counts(store, good_ids).get("delivered") == 300, timeout_s=90)
-        wait_for(lambda: counts(store, bad_ids).get("dead") == 3, timeout_s=90)
+        wait_for(lambda: state_counts(store, good_ids).get("delivered") == 300, timeout_s=90)
+        wait_for(lambda: state_counts(store, bad_ids).get("dead") == 3, timeout_s=90)
     finally:
         stop.set()
 
@@ -173,7 +139,7 @@ def test_random_failures_neither_hold_nor_lose_anything(
         holds = watch_holds(store, stop)
         ids = [i for i, _ in store.enqueue_many(records(600, "random", apps=4), source="test")]
         try:
-            wait_for(lambda: counts(store, ids).get("delivered") == 600, timeout_s=120)
+            wait_for(lambda: state_counts(store, ids).get("delivered") == 600, timeout_s=120)
         finally:
             stop.set()
         assert store.redis.zcard(keys.DEAD) == 0

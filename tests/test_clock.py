@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,13 +25,12 @@ from typing import Any
 import pytest
 
 from tests.conftest import API_KEY, API_SECRET, read_log, wait_for
+from tests.helpers import open_store
 from worker import keys
 from worker.clock import SharedClock, offset_problem
-from worker.connection import connect
 from worker.local.processes import LocalRedis, WorkerProcess
 from worker.local.stub import ProviderStub
 from worker.record import BackfillRecord
-from worker.store import Store
 
 AHEAD = ("faketime", "-f", "+600")  # ten minutes ahead
 SKEW = """import time
@@ -86,12 +84,6 @@ def test_health_names_an_offset_and_fails_only_when_it_is_not_corrected() -> Non
     assert "behind" in said
     assert "NOT corrected" in said
     assert fatal
-
-
-@pytest.fixture
-def provider() -> Iterator[ProviderStub]:
-    with ProviderStub(API_KEY, API_SECRET, max_skew_s=300) as stub:
-        yield stub
 
 
 def records(count: int, tag: str) -> list[BackfillRecord]:
@@ -150,7 +142,7 @@ def test_a_worker_ten_minutes_ahead_signs_with_the_shared_clock(
 ) -> None:  # fmt: skip
     worker = start_ahead(settings_env, private_redis.url, provider.url, tmp_path / "w.log")
     try:
-        store = Store(connect(private_redis.url), dedupe_ttl_s=3600, keep_delivered_s=3600)
+        store = open_store(private_redis.url)
         ids = [i for i, _ in store.enqueue_many(records(100, "ahead"), source="test")]
         wait_for(lambda: store.states(ids).count("delivered") == 100, timeout_s=90)
         assert "-16" not in provider.stats()["codes"]  # type: ignore[operator]
@@ -180,7 +172,7 @@ def test_uncorrected_the_run_of_minus_16_holds_instead_of_dead_lettering(
         BACKFILL_CLOCK_CORRECTION="false",
     )  # fmt: skip
     try:
-        store = Store(connect(private_redis.url), dedupe_ttl_s=3600, keep_delivered_s=3600)
+        store = open_store(private_redis.url)
         ids = [i for i, _ in store.enqueue_many(records(60, "skew"), source="test")]
         wait_for(lambda: store.redis.exists(keys.OUTAGE), timeout_s=60)
         lines = read_log(Path(worker.log_path))

@@ -31,7 +31,6 @@ from redis.retry import Retry
 from tests.conftest import API_KEY, API_SECRET, unique, wait_for, worker_settings
 from worker import delivery, keys
 from worker.audit import configure_logging, redactor
-from worker.connection import connect
 from worker.console.app import create_app
 from worker.console.auth import Guard, parse_users, same_origin
 from worker.console.chart import nice_top
@@ -48,30 +47,14 @@ SCRIPT = "<script>alert(1)</script>"
 
 
 @pytest.fixture(scope="module")
-def console_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    """A Redis of this module's own: the console's figures count every key in it."""
-    server = LocalRedis(tmp_path_factory.mktemp("console-redis")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def console_worker(
-    console_redis: LocalRedis, stub: ProviderStub, tmp_path_factory: pytest.TempPathFactory
+    module_redis: LocalRedis, stub: ProviderStub, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[WorkerProcess]:
-    env = worker_settings(console_redis.url, stub.url)
+    env = worker_settings(module_redis.url, stub.url)
     process = WorkerProcess(env, tmp_path_factory.mktemp("console-worker") / "worker.log")
     process.start().wait_ready()
     yield process
     process.stop()
-
-
-@pytest.fixture
-def store(console_redis: LocalRedis) -> Iterator[Store]:
-    client = connect(console_redis.url)
-    yield Store(client, dedupe_ttl_s=3600, keep_delivered_s=3600)
-    client.flushdb()
-    client.close()
 
 
 class Console(requests.Session):
@@ -229,9 +212,9 @@ def test_console_users_are_parsed_and_bad_ones_refused_naming_the_user() -> None
 
 
 def test_the_console_command_refuses_bad_users_and_serves_good_ones(
-    console_redis: LocalRedis, tmp_path: Path
+    module_redis: LocalRedis, tmp_path: Path
 ) -> None:
-    env = {**os.environ, "BACKFILL_REDIS_URL": console_redis.url}
+    env = {**os.environ, "BACKFILL_REDIS_URL": module_redis.url}
     command = [sys.executable, "-m", "worker", "console", "--port"]
     for users, expected in [
         (None, "BACKFILL_CONSOLE_USERS: required"),
@@ -334,8 +317,9 @@ def _text(html: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
 
 
+@pytest.mark.usefixtures("console_worker")
 def test_delivery_page_shows_every_attempt_with_the_number_masked(
-    client: Console, store: Store, stub: ProviderStub, console_worker: WorkerProcess
+    client: Console, store: Store, stub: ProviderStub
 ) -> None:
     delivery_id = dead(stub, store, ["503", "status:-24"])
     page = client.get(f"/deliveries/{delivery_id}")
@@ -431,8 +415,9 @@ def test_search_by_delivery_id_msgid_and_app_id_a_page_at_a_time(
 # -- what it changes ------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("console_worker")
 def test_a_cross_site_post_is_refused_and_changes_nothing(
-    client: Console, store: Store, stub: ProviderStub, console_worker: WorkerProcess
+    client: Console, store: Store, stub: ProviderStub
 ) -> None:
     delivery_id = dead(stub, store)
     token = csrf(client.get(f"/deliveries/{delivery_id}").text)
@@ -474,11 +459,11 @@ def test_same_origin_compares_the_origin_or_referer_with_the_host() -> None:
     assert not same_origin({"host": "c.example", "origin": "http://[::1"})
 
 
+@pytest.mark.usefixtures("console_worker")
 def test_replay_from_the_delivery_page_delivers_it_and_is_audited(
     client: Console,
     store: Store,
     stub: ProviderStub,
-    console_worker: WorkerProcess,
     audit_lines: Callable[[], list[dict[str, Any]]],
 ) -> None:
     delivery_id = dead(stub, store, ["status:-24", "ok"])
@@ -498,11 +483,11 @@ def test_replay_from_the_delivery_page_delivers_it_and_is_audited(
     assert again.headers["location"].endswith("done=not-dead")
 
 
+@pytest.mark.usefixtures("console_worker")
 def test_dead_letters_are_grouped_by_last_error_and_a_group_replays_alone(
     client: Console,
     store: Store,
     stub: ProviderStub,
-    console_worker: WorkerProcess,
     audit_lines: Callable[[], list[dict[str, Any]]],
 ) -> None:
     bad = [dead(stub, store, ["status:-24"]) for _ in range(2)]
@@ -535,11 +520,11 @@ def test_dead_letters_are_grouped_by_last_error_and_a_group_replays_alone(
         assert client.get("/dead", params={"done": "replayed", "n": n}).status_code == 200
 
 
+@pytest.mark.usefixtures("console_worker")
 def test_purge_needs_a_confirmation_step(
     client: Console,
     store: Store,
     stub: ProviderStub,
-    console_worker: WorkerProcess,
     audit_lines: Callable[[], list[dict[str, Any]]],
 ) -> None:
     one, two, three = (dead(stub, store, ["status:-24"]) for _ in range(3))
@@ -664,8 +649,9 @@ def test_a_large_group_is_counted_whole_listed_in_part_and_replayed_whole(
 # -- watching -----------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("console_worker")
 def test_the_overview_charts_outcomes_per_minute_and_shows_the_lanes(
-    client: Console, store: Store, stub: ProviderStub, console_worker: WorkerProcess
+    client: Console, store: Store, stub: ProviderStub
 ) -> None:
     delivered = [sent(stub, store, ["ok"]), sent(stub, store, ["503", "ok"])]
     died = dead(stub, store, ["status:-24"])

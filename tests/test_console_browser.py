@@ -12,8 +12,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from tests.conftest import unique, wait_for
-from worker.connection import connect
+from tests.helpers import open_store, serving
 from worker.local.processes import LocalRedis, WorkerProcess, free_port
 from worker.local.stub import ProviderStub
 from worker.record import BackfillRecord
@@ -57,20 +55,9 @@ def console_url(
         "BACKFILL_REDIS_URL": private_redis.url,
         "BACKFILL_CONSOLE_USERS": f"{USER}:{PASSWORD}",
     }
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "worker", "console", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: _listening(url), 20, 0.1)
+    with serving(["console", "--port", str(port)], env, log_path, lambda: _listening(url)):
         yield url, log_path
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 def _listening(url: str) -> bool:
@@ -136,16 +123,18 @@ def purge_the_first_dead_letter(browser: webdriver.Chrome, url: str) -> None:
     wait_for(lambda: "done=purged" in browser.current_url, 10)
 
 
+@pytest.fixture
+def served(private_redis: LocalRedis, spawn_worker: Callable[..., WorkerProcess]) -> Store:
+    """A worker on this test's own Redis (the console's), and a Store there."""
+    spawn_worker(private_redis.url)
+    return open_store(private_redis.url)
+
+
 def test_an_operator_finds_a_msgid_reads_its_attempts_and_replays_it_to_delivered(
-    browser: webdriver.Chrome,
-    console_url: tuple[str, Path],
-    private_redis: LocalRedis,
-    spawn_worker: Callable[..., WorkerProcess],
-    stub: ProviderStub,
+    browser: webdriver.Chrome, console_url: tuple[str, Path], served: Store, stub: ProviderStub
 ) -> None:
     url, console_log = console_url
-    spawn_worker(private_redis.url)
-    store = Store(connect(private_redis.url), dedupe_ttl_s=3600)
+    store = served
     msgid, other = unique("browser"), unique("browser")
     stub.set_plan({msgid: ["503", "status:-24", "ok"], other: ["status:-24"]})
     ids = [
@@ -229,15 +218,10 @@ def visit_the_lists(browser: webdriver.Chrome, url: str) -> list[Path]:
 
 
 def test_every_page_renders_and_is_kept_as_a_screenshot(
-    browser: webdriver.Chrome,
-    console_url: tuple[str, Path],
-    private_redis: LocalRedis,
-    spawn_worker: Callable[..., WorkerProcess],
-    stub: ProviderStub,
+    browser: webdriver.Chrome, console_url: tuple[str, Path], served: Store, stub: ProviderStub
 ) -> None:
     url, _ = console_url
-    spawn_worker(private_redis.url)
-    store = Store(connect(private_redis.url), dedupe_ttl_s=3600, keep_delivered_s=3600)
+    store = served
     plans = {unique("ok"): ["ok"], unique("late"): ["503", "ok"], unique("bad"): ["status:-24"],
              unique("bad"): ["status:-24"], unique("gone"): ["status:-9"]}  # fmt: skip
     stub.set_plan(plans)

@@ -13,15 +13,13 @@ import http.client
 import json
 import os
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.helpers import serving
 from worker.local.processes import LocalRedis, free_port
 
 USER, PASSWORD = "operator", "a-long-console-password"
@@ -35,17 +33,8 @@ def console(private_redis: LocalRedis, tmp_path: Path) -> Iterator[tuple[int, Pa
     log_path = tmp_path / "console.log"
     env = {**os.environ, "BACKFILL_REDIS_URL": private_redis.url,
            "BACKFILL_CONSOLE_USERS": f"{USER}:{PASSWORD}"}  # fmt: skip
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "worker", "console", "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        wait_for(lambda: _listening(port), 20, 0.1)
+    with serving(["console", "--port", str(port)], env, log_path, lambda: _listening(port)):
         yield port, log_path
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 @pytest.fixture(autouse=True)

@@ -114,7 +114,8 @@ def test_no_lua_function_is_long(path: Path) -> None:
 OWN_REDIS = {
     "worker.store", "worker.reads", "worker.connection", "worker.capacity", "worker.runtime",
     "worker.dead_letters", "worker.bulk", "worker.waker", "worker.intake",
-    "worker.intake_server", "worker.intake_health", "worker.console.app", "worker.cli.common", "worker.cli.find",
+    "worker.intake_server", "worker.intake_health", "worker.console.app", "worker.cli.common",
+    "worker.cli.find",
     "worker.cli.services", "worker.local.processes",
 }  # fmt: skip
 

@@ -15,8 +15,8 @@ import pytest
 import redis
 
 from tests.conftest import read_log, unique, wait_for
+from tests.helpers import open_store
 from worker import keys, scripts
-from worker.connection import connect
 from worker.local.processes import LocalRedis
 from worker.local.stub import ProviderStub
 from worker.policy import AnswerClass, Evidence, OutageRules, Outcome, Verdict
@@ -45,6 +45,17 @@ def due_now(r: redis.Redis, delivery_id: str, *, hash_too: bool = True) -> None:
     if hash_too:
         r.hset(keys.delivery(delivery_id), "u", now_ms)
     r.zadd(keys.LIVE, {delivery_id: now_ms})
+
+
+def corrupted(r: redis.Redis, field: str, value: str, *, hash_too: bool = True) -> tuple[str, str]:
+    """A parked delivery with ``field`` set to ``value``, made due, and dead-lettered by
+    the workers: its msgid and delivery id."""
+    msgid = unique()
+    delivery_id = parked(msgid)
+    r.hset(keys.delivery(delivery_id), field, value)
+    due_now(r, delivery_id, hash_too=hash_too)
+    wait_for(lambda: r.zscore(keys.DEAD, delivery_id) is not None, 10)
+    return msgid, delivery_id
 
 
 def lines(worker_log: Path, event: str, delivery_id: str) -> list[dict[str, Any]]:
@@ -95,11 +106,7 @@ def test_an_orphan_is_dropped_from_the_schedule_with_one_line(
 def test_a_corrupt_delivery_is_dead_lettered_once_with_the_field(
     stub: ProviderStub, r: redis.Redis, worker_log: Path, field: str, value: str, name: str
 ) -> None:
-    msgid = unique()
-    delivery_id = parked(msgid)
-    r.hset(keys.delivery(delivery_id), field, value)
-    due_now(r, delivery_id, hash_too=field != "u")
-    wait_for(lambda: r.zscore(keys.DEAD, delivery_id) is not None, 10)
+    msgid, delivery_id = corrupted(r, field, value, hash_too=field != "u")
     stored = r.hgetall(keys.delivery(delivery_id))
     assert stored["s"] == "x"
     if field not in ("s", "l"):  # a dead letter has its own state and no lease
@@ -144,11 +151,7 @@ def test_a_delivery_key_of_the_wrong_type_is_kept_aside_and_dead_lettered(
 def test_a_stored_record_that_no_longer_validates_is_dead_lettered_not_sent(
     stub: ProviderStub, r: redis.Redis, audit: Any, field: str, name: str, value: str
 ) -> None:
-    msgid = unique()
-    delivery_id = parked(msgid)
-    r.hset(keys.delivery(delivery_id), field, value)
-    due_now(r, delivery_id)
-    wait_for(lambda: r.zscore(keys.DEAD, delivery_id) is not None, 10)
+    msgid, delivery_id = corrupted(r, field, value)
     status = get_store().status(delivery_id)
     assert status is not None
     assert status["state"] == "dead"
@@ -186,13 +189,11 @@ def test_a_pause_without_a_ttl_is_given_one_and_holds_every_claim(
 
 
 @pytest.fixture(scope="module")
-def quiet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+def quiet(module_redis: LocalRedis) -> Iterator[Store]:
     """A Redis of its own with no worker: nothing but the script under test writes."""
-    server = LocalRedis(tmp_path_factory.mktemp("scripts")).start()
-    store = Store(connect(server.url), dedupe_ttl_s=3601, keep_delivered_s=61, pause_s=1.5)
+    store = open_store(module_redis.url, dedupe_ttl_s=3601, keep_delivered_s=61, pause_s=1.5)
     yield store
     store.redis.close()
-    server.stop()
 
 
 def dump(client: redis.Redis) -> dict[str, Any]:

@@ -7,6 +7,8 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
@@ -32,37 +34,10 @@ def _read_until(stream: object, marker: str, lines: list[str]) -> None:
     raise AssertionError("".join(lines))
 
 
-def test_the_stub_runs_without_credentials_and_prints_what_it_expects() -> None:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "worker", "stub", "--port", str(port)],
-        env=_clean_env(),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        lines: list[str] = []
-        _read_until(process.stderr, "point a worker at it", lines)
-        said = "".join(lines)
-        assert f"BACKFILL_BASE_URL=http://127.0.0.1:{port}/sms" in said
-        assert LOCAL_API_KEY in said
-        assert LOCAL_API_SECRET in said
-        url = f"http://127.0.0.1:{port}/sms/postback/backfill"
-        signed = build_headers(LOCAL_API_KEY, LOCAL_API_SECRET)
-        assert requests.post(url, json=BODY, headers=signed, timeout=5).json()["status"] == "0"
-        wrong = build_headers(LOCAL_API_KEY, "another-secret")
-        assert requests.post(url, json=BODY, headers=wrong, timeout=5).json()["status"] == "-1"
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(10)
-        assert process.stderr is not None
-        process.stderr.close()
-
-
-def test_the_stub_never_echoes_credentials_it_was_given() -> None:
-    port = free_port()
-    given = {"BACKFILL_API_KEY": "a-real-looking-key", "BACKFILL_API_SECRET": API_SECRET}
-    env = {**_clean_env(), **given}
+@contextmanager
+def stub_saying(env: dict[str, str], port: int, marker: str) -> Iterator[str]:
+    """``backfill stub`` on ``port`` with ``env``: what it said up to ``marker``; it gets
+    SIGINT on exit."""
     process = subprocess.Popen(
         [sys.executable, "-m", "worker", "stub", "--port", str(port)],
         env=env,
@@ -71,16 +46,35 @@ def test_the_stub_never_echoes_credentials_it_was_given() -> None:
     )
     try:
         lines: list[str] = []
-        _read_until(process.stderr, "point a worker", lines)
-        said = "".join(lines)
-        assert "a-real-looking-key" not in said
-        assert API_SECRET not in said
-        assert "BACKFILL_API_KEY" in said
+        _read_until(process.stderr, marker, lines)
+        yield "".join(lines)
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(10)
         assert process.stderr is not None
         process.stderr.close()
+
+
+def test_the_stub_runs_without_credentials_and_prints_what_it_expects() -> None:
+    port = free_port()
+    with stub_saying(_clean_env(), port, "point a worker at it") as said:
+        assert f"BACKFILL_BASE_URL=http://127.0.0.1:{port}/sms" in said
+        assert LOCAL_API_KEY in said
+        assert LOCAL_API_SECRET in said
+        url = f"http://127.0.0.1:{port}/sms/postback/backfill"
+        signed = build_headers(LOCAL_API_KEY, LOCAL_API_SECRET)
+        assert requests.post(url, json=BODY, headers=signed, timeout=5).json()["status"] == "0"
+        wrong = build_headers(LOCAL_API_KEY, "another-secret")
+        assert requests.post(url, json=BODY, headers=wrong, timeout=5).json()["status"] == "-1"
+
+
+def test_the_stub_never_echoes_credentials_it_was_given() -> None:
+    port = free_port()
+    given = {"BACKFILL_API_KEY": "a-real-looking-key", "BACKFILL_API_SECRET": API_SECRET}
+    with stub_saying({**_clean_env(), **given}, port, "point a worker") as said:
+        assert "a-real-looking-key" not in said
+        assert API_SECRET not in said
+        assert "BACKFILL_API_KEY" in said
 
 
 def test_the_stub_help_names_the_variables_it_reads() -> None:

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 
 from tests.conftest import unique, wait_for
-from worker.connection import connect
+from tests.helpers import open_store
 from worker.lanes import LIVE_WAIT_MS, MAX_BATCH, RELEASED, batch_size, lanes_wanted, stop_lane
 from worker.local.processes import LocalRedis, WorkerProcess
 from worker.local.stub import ProviderStub
@@ -34,12 +34,18 @@ def sent(stub: ProviderStub, tag: str) -> list[float]:
     )
 
 
+def bulk_and_live(
+    spawn_worker: Spawn, redis: LocalRedis, concurrency: int
+) -> tuple[Store, str, str]:
+    """A worker on ``redis``, a Store there, and the tags of a bulk and a live batch."""
+    spawn_worker(redis.url, concurrency=concurrency)
+    return open_store(redis.url), unique("bulk"), unique("live")
+
+
 def test_a_live_record_overtakes_a_bulk_backlog(
     stub: ProviderStub, private_redis: LocalRedis, spawn_worker: Spawn
 ) -> None:
-    spawn_worker(private_redis.url, concurrency=4)
-    store = Store(connect(private_redis.url), dedupe_ttl_s=3600, keep_delivered_s=3600)
-    bulk, live = unique("bulk"), unique("live")
+    store, bulk, live = bulk_and_live(spawn_worker, private_redis, concurrency=4)
     backlog = records(4000, bulk)
     for start in range(0, len(backlog), 1000):
         store.enqueue_many(backlog[start : start + 1000])
@@ -55,9 +61,7 @@ def test_a_live_record_overtakes_a_bulk_backlog(
 def test_a_stream_of_live_records_cannot_stop_bulk(
     stub: ProviderStub, private_redis: LocalRedis, spawn_worker: Spawn
 ) -> None:
-    spawn_worker(private_redis.url, concurrency=2)
-    store = Store(connect(private_redis.url), dedupe_ttl_s=3600, keep_delivered_s=3600)
-    bulk, live = unique("bulk"), unique("live")
+    store, bulk, live = bulk_and_live(spawn_worker, private_redis, concurrency=2)
     store.enqueue_many(records(300, bulk))
     wait_for(lambda: sent(stub, bulk), 30, 0.05)
     started = time.time()

@@ -8,17 +8,12 @@ from collections.abc import Callable
 import requests
 
 from tests.conftest import unique, wait_for
-from worker.connection import connect
+from tests.helpers import open_store
 from worker.local.processes import LocalRedis, WorkerProcess, free_port
 from worker.local.stub import ProviderStub
 from worker.record import BackfillRecord
-from worker.store import Store
 
 Spawn = Callable[..., WorkerProcess]
-
-
-def store_on(server: LocalRedis) -> Store:
-    return Store(connect(server.url), dedupe_ttl_s=3600, keep_delivered_s=3600)
 
 
 def records(count: int, tag: str) -> list[BackfillRecord]:
@@ -43,7 +38,7 @@ def test_metrics_are_served_by_a_real_worker(
 ) -> None:
     port = free_port()
     spawn_worker(private_redis.url, BACKFILL_METRICS_PORT=str(port))
-    store = store_on(private_redis)
+    store = open_store(private_redis.url)
     tag = unique("metrics")
     stub.set_plan({f"{tag}-0": ["500", "ok"], f"{tag}-1": ["status:-9"]})
     batch = records(7, tag)
@@ -74,7 +69,7 @@ def test_the_rate_limit_holds_across_workers(
     limit = 40.0
     for _ in range(3):
         spawn_worker(private_redis.url, BACKFILL_RATE_LIMIT=str(limit), concurrency=8)
-    store = store_on(private_redis)
+    store = open_store(private_redis.url)
     tag = unique("rate")
     enqueued_at = time.time()
     ids = [d for d, _ in store.enqueue_many(records(320, tag))]
@@ -96,7 +91,7 @@ def test_too_frequent_answers_slow_the_whole_fleet(
     stub: ProviderStub, private_redis: LocalRedis, spawn_worker: Spawn
 ) -> None:
     spawn_worker(private_redis.url, BACKFILL_SLOWDOWN_S="2")
-    store = store_on(private_redis)
+    store = open_store(private_redis.url)
     tag = unique("slow")
     stub.set_plan({f"{tag}-0": ["status:-15", "ok"]})
     first = store.enqueue_many(records(1, tag))[0][0]

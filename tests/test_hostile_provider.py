@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import pytest
 from tests import hostile
 from tests.certs import CA
 from tests.conftest import API_KEY, API_SECRET, read_log, unique, wait_for
+from tests.helpers import open_store
 from worker import keys
 from worker.connection import connect
 from worker.local.processes import LocalRedis, WorkerProcess, local_env
@@ -40,13 +41,6 @@ def server() -> Iterator[hostile.HostileServer]:
     provider.stop()
 
 
-@pytest.fixture(scope="module")
-def hredis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    process = LocalRedis(tmp_path_factory.mktemp("hostile-redis")).start()
-    yield process
-    process.stop()
-
-
 def hostile_env(redis_url: str, base_url: str) -> dict[str, str]:
     return local_env(
         redis_url, base_url, API_KEY, API_SECRET, max_attempts=MAX_ATTEMPTS,
@@ -57,18 +51,20 @@ def hostile_env(redis_url: str, base_url: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def hworker(
-    server: hostile.HostileServer, hredis: LocalRedis, tmp_path_factory: pytest.TempPathFactory
+    server: hostile.HostileServer,
+    module_redis: LocalRedis,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[WorkerProcess]:
     log_path = tmp_path_factory.mktemp("hostile-worker") / "worker.log"
-    process = WorkerProcess(hostile_env(hredis.url, server.url), log_path, concurrency=8)
+    process = WorkerProcess(hostile_env(module_redis.url, server.url), log_path, concurrency=8)
     process.start().wait_ready()
     yield process
     process.stop()
 
 
 @pytest.fixture(scope="module")
-def store(hredis: LocalRedis) -> Iterator[Store]:
-    own = Store(connect(hredis.url), dedupe_ttl_s=3600, keep_delivered_s=900, pause_s=1.5)
+def store(module_redis: LocalRedis) -> Iterator[Store]:
+    own = open_store(module_redis.url, keep_delivered_s=900, pause_s=1.5)
     yield own
     own.redis.close()
 
@@ -242,7 +238,7 @@ def test_huge_and_compressed_bodies_are_capped_and_worker_memory_stays_flat(
 
 
 def test_provider_text_is_redacted_in_the_log_the_store_and_the_cli(
-    store: Store, server: hostile.HostileServer, hworker: WorkerProcess, hredis: LocalRedis
+    store: Store, server: hostile.HostileServer, hworker: WorkerProcess, module_redis: LocalRedis
 ) -> None:
     delivery_id = send(store, server, [hostile.echo()])
     status = final(store, delivery_id)
@@ -252,7 +248,7 @@ def test_provider_text_is_redacted_in_the_log_the_store_and_the_cli(
     reason = status["attempts_made"][0]["api_reason"]
     assert reason == "rejected Api-Key=[REDACTED] Sign=[REDACTED] number=*********5678"
     assert wait_for(lambda: events(hworker, delivery_id, "postback.dead"))
-    env = {**os.environ, "BACKFILL_REDIS_URL": hredis.url}
+    env = {**os.environ, "BACKFILL_REDIS_URL": module_redis.url}
     shown = [
         subprocess.run(
             [sys.executable, "-m", "worker", *args],
@@ -337,34 +333,34 @@ def test_tls_failures_name_their_reason(
 
 
 def test_a_worker_audits_the_tls_reason_and_warns_of_cleartext(
-    trusted: tuple[CA, Path], tmp_path: Path
+    trusted: tuple[CA, Path], tmp_path: Path, private_redis_factory: Callable[..., LocalRedis]
 ) -> None:
     ca, bundle = trusted
     server = hostile.HostileServer(tls=ca.server_context(tmp_path, expired=True)).start()
-    with LocalRedis(tmp_path / "redis") as local:
-        env = {**hostile_env(local.url, server.url), "REQUESTS_CA_BUNDLE": str(bundle)}
-        worker = WorkerProcess(env, tmp_path / "worker.log").start()
-        try:
-            worker.wait_ready()
-            own = Store(connect(local.url), dedupe_ttl_s=3600)
-            record = BackfillRecord("app-h", NUMBER, "1681184764000", msgid=unique())
-            delivery_id, _ = own.enqueue(record)
-            line = wait_for(lambda: events(worker, delivery_id, "postback.attempt"), 20)[0]
-            assert line["error"] == "tls error: certificate has expired"
-        finally:
-            worker.stop()
-            server.stop()
-        # a loopback http:// provider is not "cleartext on the network"; another host is
-        assert not [e for e in read_log(worker.log_path) if e["event"] == "provider.cleartext"]
-        clear = WorkerProcess(
-            hostile_env(local.url, "http://provider.invalid/sms"), tmp_path / "clear.log"
-        ).start()
-        try:
-            clear.wait_ready()
-            (warning,) = [e for e in read_log(clear.log_path) if e["event"] == "provider.cleartext"]
-            assert warning["level"] == "warning"
-        finally:
-            clear.stop()
+    local = private_redis_factory()
+    env = {**hostile_env(local.url, server.url), "REQUESTS_CA_BUNDLE": str(bundle)}
+    worker = WorkerProcess(env, tmp_path / "worker.log").start()
+    try:
+        worker.wait_ready()
+        own = Store(connect(local.url), dedupe_ttl_s=3600)
+        record = BackfillRecord("app-h", NUMBER, "1681184764000", msgid=unique())
+        delivery_id, _ = own.enqueue(record)
+        line = wait_for(lambda: events(worker, delivery_id, "postback.attempt"), 20)[0]
+        assert line["error"] == "tls error: certificate has expired"
+    finally:
+        worker.stop()
+        server.stop()
+    # a loopback http:// provider is not "cleartext on the network"; another host is
+    assert not [e for e in read_log(worker.log_path) if e["event"] == "provider.cleartext"]
+    clear = WorkerProcess(
+        hostile_env(local.url, "http://provider.invalid/sms"), tmp_path / "clear.log"
+    ).start()
+    try:
+        clear.wait_ready()
+        (warning,) = [e for e in read_log(clear.log_path) if e["event"] == "provider.cleartext"]
+        assert warning["level"] == "warning"
+    finally:
+        clear.stop()
 
 
 def test_a_missing_ca_bundle_stops_the_worker_at_start_up(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import read_log, wait_for
 from tests.helpers import backfill
-from tests.intake_helpers import OTHER, TOKEN, Intake, _healthy, rec, running_intake
+from tests.intake_helpers import OTHER, TOKEN, Intake, healthy, rec, running_intake
 from worker import keys
 from worker.local.processes import LocalRedis, WorkerProcess, free_port
 
@@ -479,7 +479,7 @@ def test_oversized_headers_are_400_and_connections_are_capped(strict_intake: Int
         for sock in idle:
             sock.close()
     # the idle ones gone, the intake answers again
-    assert wait_for(lambda: _healthy(strict_intake), 10, 0.2)
+    assert wait_for(lambda: healthy(strict_intake), 10, 0.2)
 
 
 def test_healthz_answers_during_a_burst_of_batches(intake: Intake, r: redis.Redis) -> None:
@@ -513,7 +513,7 @@ def test_healthz_answers_during_a_burst_of_batches(intake: Intake, r: redis.Redi
         assert (status, body) == (200, {"ok": True}) or (
             status == 503 and re.fullmatch(r"redis: \w*Timeout\w*", body["error"])  # type: ignore[index]
         ), (status, body)
-    assert wait_for(lambda: _healthy(intake), 10, 0.2)
+    assert wait_for(lambda: healthy(intake), 10, 0.2)
     written = list(r.scan_iter(f"{keys.PREFIX}*", count=5000))
     for start in range(0, len(written), 5000):  # faster than the fixture's key-by-key cleanup
         r.delete(*written[start : start + 5000])

@@ -23,7 +23,7 @@ import redis
 import requests
 
 from tests.conftest import wait_for
-from tests.intake_helpers import TOKEN, TOKENS, Intake, _healthy, rec, running_intake
+from tests.intake_helpers import TOKEN, TOKENS, Intake, healthy, rec, running_intake
 from worker import keys
 from worker.local.processes import free_port
 
@@ -178,7 +178,7 @@ def test_body_processes_end_when_the_intake_ends(
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
     try:
-        wait_for(lambda: _healthy(Intake(f"http://127.0.0.1:{port}", tmp_path)), 30, 0.1)
+        wait_for(lambda: healthy(Intake(f"http://127.0.0.1:{port}", tmp_path)), 30, 0.1)
         body = {"records": [rec() for _ in range(400)]}  # over 16 KiB: a body process
         answer = requests.post(f"http://127.0.0.1:{port}/v1/backfills", json=body, timeout=30,
                                headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip

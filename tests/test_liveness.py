@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -42,48 +43,51 @@ def test_the_stall_rule() -> None:
 
 
 def test_health_reports_a_worker_that_has_work_and_finishes_nothing(
-    settings_env: dict[str, str], stub: ProviderStub, tmp_path: Path
+    settings_env: dict[str, str],
+    stub: ProviderStub,
+    tmp_path: Path,
+    private_redis_factory: Callable[..., LocalRedis],
 ) -> None:
     node = f"stall-{unique()}@{socket.gethostname()}"
-    with LocalRedis(tmp_path / "redis") as local:
-        env = {
-            **settings_env,
-            "BACKFILL_REDIS_URL": local.url,
-            "BACKFILL_READ_TIMEOUT_S": "20",
-            "BACKFILL_STALL_AFTER_S": "5",
-        }
-        worker = WorkerProcess(
-            env, tmp_path / "worker.log", concurrency=1, extra_args=(f"--hostname={node}",)
-        ).start()
-        try:
-            worker.wait_ready()
-            assert health(env, "--node", node).returncode == 0
-            store = Store(connect(local.url), dedupe_ttl_s=3600)
-            slow, waiting = unique(), unique()
-            stub.set_plan({slow: ["slow:14"]})  # the only thread is held for 14 s
+    local = private_redis_factory()
+    env = {
+        **settings_env,
+        "BACKFILL_REDIS_URL": local.url,
+        "BACKFILL_READ_TIMEOUT_S": "20",
+        "BACKFILL_STALL_AFTER_S": "5",
+    }
+    worker = WorkerProcess(
+        env, tmp_path / "worker.log", concurrency=1, extra_args=(f"--hostname={node}",)
+    ).start()
+    try:
+        worker.wait_ready()
+        assert health(env, "--node", node).returncode == 0
+        store = Store(connect(local.url), dedupe_ttl_s=3600)
+        slow, waiting = unique(), unique()
+        stub.set_plan({slow: ["slow:14"]})  # the only thread is held for 14 s
 
-            def enqueue(msgid: str) -> None:
-                record = BackfillRecord("app-l", "8613512345678", "1681184764000", msgid=msgid)
-                assert store.enqueue(record)[1]
+        def enqueue(msgid: str) -> None:
+            record = BackfillRecord("app-l", "8613512345678", "1681184764000", msgid=msgid)
+            assert store.enqueue(record)[1]
 
-            enqueue(slow)
-            # the slow attempt is in flight before the other record waits behind it
-            wait_for(lambda: [s for s in stub.seen() if s["msgid"] == slow], 10)
-            enqueue(waiting)
+        enqueue(slow)
+        # the slow attempt is in flight before the other record waits behind it
+        wait_for(lambda: [s for s in stub.seen() if s["msgid"] == slow], 10)
+        enqueue(waiting)
 
-            def reported() -> subprocess.CompletedProcess[str] | None:
-                result = health(env, "--node", node)
-                return result if result.returncode == 1 else None
+        def reported() -> subprocess.CompletedProcess[str] | None:
+            result = health(env, "--node", node)
+            return result if result.returncode == 1 else None
 
-            result = wait_for(reported, 20, 0.5)
-            assert f"{node} stalled: work waiting for" in result.stdout
-            assert health(env).returncode == 1  # the fleet check names it too
-            # once the slow attempt ends and the queue drains, it is healthy again
-            wait_for(lambda: health(env, "--node", node).returncode == 0, 40, 0.5)
-        finally:
-            worker.stop()
-        missing = health(env, "--node", f"gone@{socket.gethostname()}", "--timeout", "0.5")
-        assert missing.returncode == 1
+        result = wait_for(reported, 20, 0.5)
+        assert f"{node} stalled: work waiting for" in result.stdout
+        assert health(env).returncode == 1  # the fleet check names it too
+        # once the slow attempt ends and the queue drains, it is healthy again
+        wait_for(lambda: health(env, "--node", node).returncode == 0, 40, 0.5)
+    finally:
+        worker.stop()
+    missing = health(env, "--node", f"gone@{socket.gethostname()}", "--timeout", "0.5")
+    assert missing.returncode == 1
 
 
 def test_a_huge_message_argument_is_capped_in_the_log(

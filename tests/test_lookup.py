@@ -4,26 +4,23 @@ intake's ``GET /v1/backfills?msgid=``, against real Redis, a real CLI and a real
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
 import requests
 from click.testing import CliRunner
 
+from tests import intake_helpers
 from tests.conftest import unique, wait_for
+from tests.helpers import step_through
 from worker import enqueue_backfill, keys, lookup
 from worker.cli import main
 from worker.connection import connect
 from worker.delivery import delivery_id as id_of
-from worker.local.processes import LocalRedis, free_port
+from worker.local.processes import LocalRedis
 from worker.lookup import InvalidQuery, find, parse_query
 from worker.policy import AnswerClass, Outcome, Verdict
 from worker.provider import Answer
@@ -48,20 +45,10 @@ ANSWERS = {
 # -- a Redis of this module's own, with no worker: the tests move deliveries on themselves
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    local = LocalRedis(tmp_path_factory.mktemp("lookup-redis")).start()
-    yield local
-    local.stop()
-
-
 @pytest.fixture
-def store(server: LocalRedis) -> Iterator[Store]:
-    """A store that compacts a delivered record at once (only its marker stays)."""
-    own = Store(connect(server.url), dedupe_ttl_s=3600, keep_delivered_s=0)
-    own.redis.flushdb()
-    yield own
-    own.redis.close()
+def store_options() -> dict[str, Any]:
+    """``store`` compacts a delivered record at once (only its marker stays)."""
+    return {"keep_delivered_s": 0}
 
 
 def rec(app: str = "app-a", msgid: str | None = None, number: str = NUMBER) -> BackfillRecord:
@@ -71,15 +58,11 @@ def rec(app: str = "app-a", msgid: str | None = None, number: str = NUMBER) -> B
 def settle(store: Store, outcome: Outcome) -> list[str]:
     """Claim every due delivery and record ``outcome`` for it through the real step
     script, as a worker does; the ids settled."""
-    settled: list[str] = []
-    done: list[Finish] = []
-    while True:
-        step = store.step(done, claim=8, prefer_bulk=False, lease_s=60, max_attempts=16)
-        settled += [item.claim.delivery_id for item in done]
-        if not step.claims:
-            return settled
-        retry = 3600.0 if outcome == Outcome.RETRY else None
-        done = [Finish(claim, ANSWERS[outcome], Verdict(outcome, retry)) for claim in step.claims]
+    retry = 3600.0 if outcome == Outcome.RETRY else None
+    verdict = Verdict(outcome, retry)
+    return step_through(
+        store, lambda c: Finish(c, ANSWERS[outcome], verdict), claim=8, max_attempts=16
+    )
 
 
 def entries(client: redis.Redis, app: str) -> set[tuple[str, str]]:
@@ -259,9 +242,9 @@ def test_entries_of_gone_deliveries_are_swept_and_live_ones_kept(store: Store) -
     assert kept == {r.msgid for r in alive + fresh}
 
 
-def test_an_entry_goes_once_its_delivered_marker_expires(server: LocalRedis) -> None:
-    short = Store(connect(server.url), dedupe_ttl_s=1, keep_delivered_s=0)  # a 1 s window
-    short.redis.flushdb()
+@pytest.mark.parametrize("store_options", [{"dedupe_ttl_s": 1, "keep_delivered_s": 0}])
+def test_an_entry_goes_once_its_delivered_marker_expires(store: Store) -> None:
+    short = store  # a 1 s window
     short.enqueue_many([rec(msgid=f"m-{i}") for i in range(20)])
     settle(short, Outcome.DELIVERED)
     assert {r["state"] for r in find(short.redis, None, "app-a", limit=100)[0]} == {"delivered"}
@@ -270,7 +253,6 @@ def test_an_entry_goes_once_its_delivered_marker_expires(server: LocalRedis) -> 
     assert find(short.redis, None, "app-a", limit=100) == ([], None)
     short.enqueue_many([rec(msgid=f"n-{i}") for i in range(10)])  # sweeps 20 entries
     assert {m[0] for m in entries(short.redis, "app-a")} == {f"n-{i}" for i in range(10)}
-    short.redis.close()
 
 
 def test_an_idle_app_is_swept_in_turn_by_other_apps_enqueues(store: Store) -> None:
@@ -417,54 +399,25 @@ def test_backfill_find_refuses_bad_input_naming_the_field(
 # -- the intake, a real subprocess, with the session's worker
 
 
-class Intake:
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.session = requests.Session()
-
+class Intake(intake_helpers.Intake):
     def find(self, query: str, token: str | None = SHOP_TOKEN) -> requests.Response:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return self.session.get(f"{self.url}/v1/backfills?{query}", headers=headers, timeout=10)
+        return self.get(f"/v1/backfills?{query}", token)
 
-    def post(self, body: Any, token: str = SHOP_TOKEN) -> requests.Response:
-        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-        return self.session.post(f"{self.url}/v1/backfills", json=body, headers=headers, timeout=30)
-
-
-@contextmanager
-def running_intake(env: dict[str, str], log_path: Path) -> Iterator[Intake]:
-    port = free_port()
-    tokens = f"{SHOP}:{SHOP_TOKEN},{CRM}:{CRM_TOKEN}"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "worker", "intake", "--port", str(port)],
-            env={**os.environ, **env, "BACKFILL_INTAKE_TOKENS": tokens},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    client = Intake(f"http://127.0.0.1:{port}")
-    try:
-        wait_for(lambda: healthy(client), 20, 0.1)
-        yield client
-    finally:
-        client.session.close()
-        process.terminate()
-        process.wait(10)
-
-
-def healthy(client: Intake) -> bool:
-    try:
-        return client.session.get(f"{client.url}/healthz", timeout=5).status_code == 200
-    except requests.ConnectionError:
-        return False
+    def post(self, body: Any, token: str | None = SHOP_TOKEN, raw: bytes | None = None,
+             **headers: str) -> requests.Response:  # fmt: skip
+        return super().post(body, token, raw, **headers)
 
 
 @pytest.fixture(scope="module")
 def intake(
     settings_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Intake]:
-    with running_intake(settings_env, tmp_path_factory.mktemp("intake") / "intake.log") as up:
-        yield up
+    log_path = tmp_path_factory.mktemp("intake") / "intake.log"
+    tokens = f"{SHOP}:{SHOP_TOKEN},{CRM}:{CRM_TOKEN}"
+    with intake_helpers.running_intake(
+        settings_env, log_path, tokens=tokens, client_class=Intake
+    ) as up:
+        yield cast(Intake, up)
 
 
 def body(app: str, msgid: str, number: str = NUMBER) -> dict[str, str]:
@@ -566,14 +519,14 @@ def test_the_intake_survives_huge_and_repeated_queries(intake: Intake) -> None:
         assert 400 <= huge.status_code < 500
     except requests.ConnectionError:
         pass
-    assert healthy(intake)
+    assert intake_helpers.healthy(intake)
     assert intake.find(f"msgid={unique()}").json() == {"deliveries": [], "next_cursor": None}
 
 
 def test_with_the_index_off_enqueue_writes_no_index_and_find_finds_nothing(
-    server: LocalRedis,
+    module_redis: LocalRedis,
 ) -> None:
-    client = connect(server.url)
+    client = connect(module_redis.url)
     client.flushdb()
     off = Store(client, dedupe_ttl_s=3600, keep_delivered_s=0, lookup_index=False)
     on = Store(client, dedupe_ttl_s=3600, keep_delivered_s=0)

@@ -21,9 +21,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import unique, wait_for
-from tests.helpers import backfill
+from tests.helpers import backfill, step_through
 from worker import keys
-from worker.connection import connect
 from worker.console import actions
 from worker.dead_letters import batches, fixed_end, replay_until
 from worker.local.processes import LocalRedis, WorkerProcess
@@ -38,8 +37,9 @@ BAD = Answer(AnswerClass.BAD_RECORD, api_status="-9", api_reason="invalid number
 
 
 @pytest.fixture
-def store(private_redis: LocalRedis) -> Store:
-    return Store(connect(private_redis.url), dedupe_ttl_s=3600, keep_delivered_s=3600)
+def store_redis(private_redis: LocalRedis) -> LocalRedis:
+    """``store`` works on this test's own Redis, where the test's workers run."""
+    return private_redis
 
 
 def records(count: int, app_id: str = "app-m") -> list[BackfillRecord]:
@@ -50,14 +50,8 @@ def records(count: int, app_id: str = "app-m") -> list[BackfillRecord]:
 def bury_due(store: Store) -> list[str]:
     """Claim every due delivery and dead-letter it through the real step script (a -9
     answer), up to 32 a step, as a drain does; the ids buried."""
-    buried: list[str] = []
-    done: list[Finish] = []
-    while True:
-        result = store.step(done, claim=32, prefer_bulk=False, lease_s=60, max_attempts=4)
-        buried += [f.claim.delivery_id for f in done]
-        if not result.claims:
-            return buried
-        done = [Finish(c, BAD, Verdict(Outcome.DEAD)) for c in result.claims]
+    dead = Verdict(Outcome.DEAD)
+    return step_through(store, lambda c: Finish(c, BAD, dead), claim=32, max_attempts=4)
 
 
 def dead_letters(store: Store, count: int, app_id: str = "app-m") -> list[str]:

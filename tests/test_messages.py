@@ -13,7 +13,6 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -91,14 +90,7 @@ def test_wake_messages_gives_count_messages_from_this_process_each_with_its_own_
     assert all(d["properties"]["delivery_info"]["routing_key"] == "backfill" for d in docs)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    local = LocalRedis(tmp_path_factory.mktemp("messages-redis")).start()
-    yield local
-    local.stop()
-
-
-def test_kombu_reads_wake_ups_pushed_onto_a_real_redis_list(server: LocalRedis) -> None:
+def test_kombu_reads_wake_ups_pushed_onto_a_real_redis_list(module_redis: LocalRedis) -> None:
     """What the waker does (LPUSH onto the queue's list) is what a Celery worker consumes."""
     queue = Queue("wake-test", Exchange("wake-test", type="direct"), routing_key="wake-test")
     received: list[tuple[Any, dict[str, Any], dict[str, Any]]] = []
@@ -107,7 +99,7 @@ def test_kombu_reads_wake_ups_pushed_onto_a_real_redis_list(server: LocalRedis) 
         received.append((body, message.headers, message.delivery_info))
         message.ack()
 
-    with Connection(server.url) as connection:
+    with Connection(module_redis.url) as connection:
         bound = queue(connection.default_channel)
         bound.declare()
         client = connection.default_channel.client

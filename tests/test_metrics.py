@@ -13,8 +13,8 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
@@ -36,19 +36,10 @@ GAUGES = ("queue_depth", "pending", "waiting_retries", "dead_letters", "paused",
 Sample = tuple[str, tuple[tuple[str, str], ...]]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    local = LocalRedis(tmp_path_factory.mktemp("metrics-redis")).start()
-    yield local
-    local.stop()
-
-
 @pytest.fixture
-def store(server: LocalRedis) -> Iterator[Store]:
-    own = Store(connect(server.url), dedupe_ttl_s=3600)
-    own.redis.flushdb()
-    yield own
-    own.redis.close()
+def store_options() -> dict[str, Any]:
+    """``store`` keeps no delivered record."""
+    return {"keep_delivered_s": 0}
 
 
 def rec(msgid: str) -> BackfillRecord:
@@ -187,12 +178,14 @@ CHILD = textwrap.dedent(
 ).replace("QUEUE", QUEUE)
 
 
-def test_serve_serves_the_fleet_gauges_once_per_process(store: Store, server: LocalRedis) -> None:
+def test_serve_serves_the_fleet_gauges_once_per_process(
+    store: Store, module_redis: LocalRedis
+) -> None:
     store.enqueue_many([rec("m-1"), rec("m-2")])
     store.redis.lpush(QUEUE, "w1")
     port = free_port()
     child = subprocess.run(
-        [sys.executable, "-c", CHILD, server.url, str(port)],
+        [sys.executable, "-c", CHILD, module_redis.url, str(port)],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -17,11 +17,10 @@ import requests
 import yaml
 
 from tests.conftest import unique, wait_for
-from worker.connection import connect
+from tests.helpers import open_store
 from worker.local.processes import LocalRedis, WorkerProcess, free_port
 from worker.local.stub import ProviderStub
 from worker.record import BackfillRecord
-from worker.store import Store
 
 OPS = Path(__file__).resolve().parent.parent / "ops"
 ALERTS = OPS / "prometheus" / "alerts.yml"
@@ -79,31 +78,34 @@ def dashboard_exprs() -> list[str]:
 
 @pytest.fixture(scope="module")
 def served_names(
-    tmp_path_factory: pytest.TempPathFactory, settings_env: dict[str, str], stub: ProviderStub
+    tmp_path_factory: pytest.TempPathFactory,
+    settings_env: dict[str, str],
+    stub: ProviderStub,
+    module_redis: LocalRedis,
 ) -> set[str]:
     """The metric names a real worker serves on /metrics after delivering and burying."""
     workdir = tmp_path_factory.mktemp("monitoring")
     port = free_port()
-    with LocalRedis(workdir / "redis") as server:
-        env = {**settings_env, "BACKFILL_REDIS_URL": server.url}
-        process = WorkerProcess({**env, "BACKFILL_METRICS_PORT": str(port)}, workdir / "w.log")
-        process.start()
-        try:
-            process.wait_ready()
-            tag = unique("monitoring")
-            stub.set_plan({f"{tag}-dead": ["status:-9"]})
-            store = Store(connect(server.url), dedupe_ttl_s=3600, keep_delivered_s=3600)
-            for msgid in (f"{tag}-ok", f"{tag}-dead"):
-                store.enqueue(BackfillRecord("mon", "8613512345678", "1681184764000", msgid=msgid))
-            url = f"http://127.0.0.1:{port}/metrics"
+    server = module_redis
+    env = {**settings_env, "BACKFILL_REDIS_URL": server.url}
+    process = WorkerProcess({**env, "BACKFILL_METRICS_PORT": str(port)}, workdir / "w.log")
+    process.start()
+    try:
+        process.wait_ready()
+        tag = unique("monitoring")
+        stub.set_plan({f"{tag}-dead": ["status:-9"]})
+        store = open_store(server.url)
+        for msgid in (f"{tag}-ok", f"{tag}-dead"):
+            store.enqueue(BackfillRecord("mon", "8613512345678", "1681184764000", msgid=msgid))
+        url = f"http://127.0.0.1:{port}/metrics"
 
-            def scraped() -> str | None:
-                text = requests.get(url, timeout=5).text
-                return text if "backfill_dead_lettered_total 1.0" in text else None
+        def scraped() -> str | None:
+            text = requests.get(url, timeout=5).text
+            return text if "backfill_dead_lettered_total 1.0" in text else None
 
-            text: str = wait_for(scraped, 20)
-        finally:
-            process.stop()
+        text: str = wait_for(scraped, 20)
+    finally:
+        process.stop()
     names = {line.split("{")[0].split(" ")[0] for line in text.splitlines()}
     # a labelled family has no series before its first event, but its TYPE line is served
     for line in text.splitlines():
@@ -232,7 +234,7 @@ def test_the_unit_tests_notice_a_changed_rule(tmp_path: Path, before: str, after
 def test_the_overdue_gauge_is_how_long_each_lanes_oldest_due_delivery_waited(
     private_redis: LocalRedis,
 ) -> None:
-    store = Store(connect(private_redis.url), dedupe_ttl_s=3600, keep_delivered_s=3600)
+    store = open_store(private_redis.url)
     assert store.gauges("backfill", time.time())["overdue_live_s"] == 0.0
     later = [BackfillRecord("mon", "8613512345678", "1681184764000", msgid=unique("later"))]
     store.enqueue_many(later, due_in_s=3600)

@@ -11,23 +11,21 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import API_KEY, API_SECRET, read_log, wait_for
+from tests.conftest import wait_for
+from tests.helpers import events, state_counts
 from worker import keys
-from worker.connection import connect
-from worker.local.processes import LocalRedis, WorkerProcess
+from worker.local.processes import WorkerProcess
 from worker.local.stub import ProviderStub
 from worker.policy import Evidence, outage_evidence, retry_window
 from worker.record import BackfillRecord
 from worker.store import Store
 
 # A short retry window: 3 attempts, 0.2 s then 0.4 s at most between them (0.6 s in all).
-SHORT = {
+FLEET_ENV = {  # what ``fleet`` starts its workers with
     "BACKFILL_MAX_ATTEMPTS": "3",
     "BACKFILL_BACKOFF_BASE_S": "0.2",
     "BACKFILL_BACKOFF_CAP_S": "1",
@@ -35,42 +33,11 @@ SHORT = {
 }
 
 
-@pytest.fixture
-def provider() -> Iterator[ProviderStub]:
-    with ProviderStub(API_KEY, API_SECRET) as stub:
-        yield stub
-
-
-@pytest.fixture
-def fleet(
-    private_redis: LocalRedis,
-    provider: ProviderStub,
-    spawn_worker: Callable[..., WorkerProcess],
-) -> Callable[..., tuple[Store, WorkerProcess]]:
-    def start(**env: str) -> tuple[Store, WorkerProcess]:
-        worker = spawn_worker(private_redis.url, BACKFILL_BASE_URL=provider.url, **{**SHORT, **env})
-        store = Store(connect(private_redis.url), dedupe_ttl_s=3600, keep_delivered_s=3600)
-        return store, worker
-
-    return start
-
-
 def records(count: int, tag: str) -> list[BackfillRecord]:
     return [
         BackfillRecord(f"app-{tag}", f"8613{i:09d}", str(1_700_000_000_000 + i), msgid=f"{tag}-{i}")
         for i in range(count)
     ]
-
-
-def states(store: Store, ids: list[str]) -> dict[str | None, int]:
-    found: dict[str | None, int] = {}
-    for state in store.states(ids):
-        found[state] = found.get(state, 0) + 1
-    return found
-
-
-def events(worker: WorkerProcess, name: str) -> list[dict[str, Any]]:
-    return [line for line in read_log(Path(worker.log_path)) if line.get("event") == name]
 
 
 def test_what_points_at_the_provider() -> None:
@@ -101,13 +68,13 @@ def test_an_outage_longer_than_the_retry_window_dead_letters_nothing(
     went_down = time.time()
     ids = [i for i, _ in store.enqueue_many(records(300, f"out{down}"), source="test")]
     wait_for(lambda: store.redis.exists(keys.OUTAGE), timeout_s=20)
-    assert states(store, ids).get("dead", 0) == 0
+    assert state_counts(store, ids).get("dead", 0) == 0
     time.sleep(max(went_down + outage_s - time.time(), 0))
     provider.set_down(None)
     came_back = time.time()
-    wait_for(lambda: states(store, ids).get("delivered") == 300, timeout_s=120)
+    wait_for(lambda: state_counts(store, ids).get("delivered") == 300, timeout_s=120)
 
-    assert states(store, ids) == {"delivered": 300}
+    assert state_counts(store, ids) == {"delivered": 300}
     assert store.redis.zcard(keys.DEAD) == 0
     # the step script counted each delivery once, in its 10 s span (the console's figures)
     counters = store.redis.mget(list(store.redis.scan_iter(keys.delivered_in("*"))))
@@ -145,10 +112,10 @@ def test_per_record_failures_mixed_with_successes_do_not_hold(
     ids = [i for i, _ in store.enqueue_many(batch, source="test")]
     held = False
     deadline = time.monotonic() + 60
-    while states(store, ids).get("delivered") != 120 and time.monotonic() < deadline:
+    while state_counts(store, ids).get("delivered") != 120 and time.monotonic() < deadline:
         held = held or bool(store.redis.exists(keys.OUTAGE))
         time.sleep(0.02)
-    assert states(store, ids) == {"delivered": 120}
+    assert state_counts(store, ids) == {"delivered": 120}
     assert not held
     assert events(worker, "postback.outage") == []
 
@@ -179,5 +146,5 @@ def test_a_hold_survives_a_worker_restart_and_probes_one_at_a_time(
     assert "HOLDING for a provider outage" in health.stdout
     assert "HTTP 503" in health.stdout
     provider.set_down(None)
-    wait_for(lambda: states(store, ids).get("delivered") == 40, timeout_s=60)
+    wait_for(lambda: state_counts(store, ids).get("delivered") == 40, timeout_s=60)
     assert store.redis.zcard(keys.DEAD) == 0

@@ -22,8 +22,8 @@ import redis
 from kombu import Connection as KombuConnection
 
 from tests.conftest import read_log, unique, wait_for
+from tests.helpers import open_store
 from worker.app import app as celery_app
-from worker.connection import connect
 from worker.local.processes import LocalRedis, WorkerProcess
 from worker.local.stub import ProviderStub
 from worker.messages import wake_message
@@ -80,10 +80,6 @@ MALFORMED = {
 }
 
 
-def private_store(server: LocalRedis) -> Store:
-    return Store(connect(server.url), dedupe_ttl_s=3600, keep_delivered_s=3600)
-
-
 def record(msgid: str) -> BackfillRecord:
     return BackfillRecord("app-g", "8613512345678", "1681184764000", msgid=msgid)
 
@@ -114,7 +110,7 @@ def test_malformed_messages_are_logged_once_and_dropped(
     worker = spawn_worker(private_redis.url)
     client = redis.Redis.from_url(private_redis.url)
     client.lpush(QUEUE, *MALFORMED.values())
-    store = private_store(private_redis)
+    store = open_store(private_redis.url)
     msgid = unique("guard")
     # its wake-up queues behind the malformed ones: the worker must get past them
     delivery_id, _ = store.enqueue(record(msgid), wake_queue=QUEUE, wake=wake_message(QUEUE, "t"))
@@ -154,7 +150,7 @@ def test_eta_messages_run_at_once_instead_of_stalling_the_worker(
     assert client.llen(QUEUE) == 0
     wait_for(lambda: client.hlen("unacked") == 0, 10)
     # and the worker still consumes: a record enqueued now goes out
-    store = private_store(private_redis)
+    store = open_store(private_redis.url)
     delivery_id, _ = store.enqueue(
         record(unique("eta")), wake_queue=QUEUE, wake=wake_message(QUEUE, "t")
     )

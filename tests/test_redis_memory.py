@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,28 +28,30 @@ from worker.local.stub import ProviderStub
 from worker.record import BackfillRecord
 from worker.store import Store
 
-
-def redis_with(tmp_path: Path, *args: str) -> Iterator[LocalRedis]:
-    server = LocalRedis(tmp_path / "redis", extra_args=args).start()
-    yield server
-    server.kill()
+Servers = Callable[..., LocalRedis]
 
 
 @pytest.fixture
-def evicting(tmp_path: Path) -> Iterator[LocalRedis]:
-    yield from redis_with(tmp_path, "--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru")
+def evicting(private_redis_factory: Servers) -> LocalRedis:
+    return private_redis_factory(
+        extra_args=("--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru")
+    )
 
 
 @pytest.fixture
-def small(tmp_path: Path) -> Iterator[LocalRedis]:
-    yield from redis_with(tmp_path, "--maxmemory", "4mb", "--maxmemory-policy", "noeviction")
+def small(private_redis_factory: Servers) -> LocalRedis:
+    return private_redis_factory(
+        extra_args=("--maxmemory", "4mb", "--maxmemory-policy", "noeviction")
+    )
 
 
 @pytest.fixture
-def roomy(tmp_path: Path) -> Iterator[LocalRedis]:
+def roomy(private_redis_factory: Servers) -> LocalRedis:
     # full, but with room enough that what a delivered record keeps (its marker, the
     # console's list of the newest 10,000) is less than what delivering it frees
-    yield from redis_with(tmp_path, "--maxmemory", "12mb", "--maxmemory-policy", "noeviction")
+    return private_redis_factory(
+        extra_args=("--maxmemory", "12mb", "--maxmemory-policy", "noeviction")
+    )
 
 
 def env_for(server: LocalRedis, stub_url: str = "http://127.0.0.1:9/sms", **more: str) -> dict:

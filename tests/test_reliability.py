@@ -17,9 +17,8 @@ import pytest
 import redis
 
 from tests.conftest import read_log, unique, wait_for
-from tests.helpers import backfill
+from tests.helpers import backfill, open_store
 from worker import enqueue_backfill, keys
-from worker.connection import connect
 from worker.local.processes import LocalRedis, WorkerProcess, free_port
 from worker.local.stub import ProviderStub
 from worker.messages import wake_message as legacy_message
@@ -32,10 +31,6 @@ from worker.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 Spawn = Callable[..., WorkerProcess]
-
-
-def private_store(server: LocalRedis) -> Store:
-    return Store(connect(server.url), dedupe_ttl_s=3600, keep_delivered_s=3600)
 
 
 def record(msgid: str, app_id: str = "app-r") -> BackfillRecord:
@@ -59,7 +54,7 @@ def stub_saw(stub: ProviderStub, msgid: str) -> int:
 def test_sigkill_mid_attempt_is_taken_over_by_another_worker(
     stub: ProviderStub, private_redis: LocalRedis, spawn_worker: Spawn
 ) -> None:
-    store = private_store(private_redis)
+    store = open_store(private_redis.url)
     first = spawn_worker(private_redis.url, BACKFILL_READ_TIMEOUT_S="3")
     msgid = unique()
     stub.set_plan({msgid: ["slow:2"]})
@@ -83,7 +78,7 @@ def test_a_delivery_whose_wake_up_never_reached_the_broker_is_still_sent(
     stub: ProviderStub, private_redis: LocalRedis, spawn_worker: Spawn
 ) -> None:
     worker = spawn_worker(private_redis.url)
-    store = private_store(private_redis)
+    store = open_store(private_redis.url)
     msgid = unique()
     # stored in the live lane as the producer does, but its wake-up was lost
     delivery_id, created = store.enqueue(record(msgid))
@@ -102,7 +97,7 @@ def test_a_delivery_whose_wake_up_never_reached_the_broker_is_still_sent(
 def test_sigterm_lets_in_flight_attempts_finish_and_gives_back_the_rest(
     stub: ProviderStub, private_redis: LocalRedis, spawn_worker: Spawn
 ) -> None:
-    store = private_store(private_redis)
+    store = open_store(private_redis.url)
     worker = spawn_worker(private_redis.url, BACKFILL_READ_TIMEOUT_S="5")
     msgids = [unique() for _ in range(6)]
     stub.set_plan({m: ["slow:2"] for m in msgids})
@@ -245,7 +240,7 @@ class Letters:
 
 @pytest.fixture
 def letters(settings_env: dict[str, str], private_redis: LocalRedis) -> Letters:
-    store = private_store(private_redis)
+    store = open_store(private_redis.url)
     # no worker here: the letters die in a tight loop, several in the same millisecond
     early = dead_letters(store, "app-a", 2) + dead_letters(store, "app-b", 1)
     time.sleep(0.02)
@@ -312,7 +307,7 @@ def test_dead_list_refuses_a_bad_since_or_cursor_before_asking_redis(
 def test_dead_replay_and_purge_work_through_thousands_in_batches(
     settings_env: dict[str, str], private_redis: LocalRedis
 ) -> None:
-    store = private_store(private_redis)
+    store = open_store(private_redis.url)
     env = {"BACKFILL_REDIS_URL": private_redis.url}
     app_a = dead_letters(store, "app-a", 1500)
     app_b = dead_letters(store, "app-b", 1000)

@@ -55,21 +55,19 @@ class Sentinel:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[tuple[LocalRedis, LocalRedis, Sentinel]]:
-    primary = LocalRedis(tmp_path / "primary", appendonly=True).start()
-    replica = LocalRedis(
-        tmp_path / "replica",
-        appendonly=True,
-        extra_args=("--replicaof", "127.0.0.1", str(primary.port)),
-    ).start()
+def cluster(
+    tmp_path: Path, private_redis_factory: Callable[..., LocalRedis]
+) -> Iterator[tuple[LocalRedis, LocalRedis, Sentinel]]:
+    primary = private_redis_factory(appendonly=True)
+    replica = private_redis_factory(
+        appendonly=True, extra_args=("--replicaof", "127.0.0.1", str(primary.port))
+    )
     sentinel = Sentinel(tmp_path / "sentinel", primary.port)
     try:
         wait_for(sentinel.replicas_ok, 30, 0.2)
         yield primary, replica, sentinel
     finally:
         sentinel.stop()
-        replica.kill()
-        primary.kill()
 
 
 def test_deliveries_continue_through_a_failover_with_none_lost(

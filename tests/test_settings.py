@@ -12,7 +12,8 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -286,17 +287,29 @@ def listening_socket(port: int) -> socket.socket:
     return sock
 
 
+@contextmanager
+def metrics_port_taken(
+    settings_env: dict[str, str], redis: LocalRedis
+) -> Iterator[tuple[int, dict[str, str]]]:
+    """A port something listens on, and a worker environment on ``redis`` that asks for
+    its metrics there."""
+    port = free_port()
+    with listening_socket(port):
+        yield (
+            port,
+            {
+                **settings_env,
+                "BACKFILL_REDIS_URL": redis.url,
+                "BACKFILL_METRICS_PORT": str(port),
+                "BACKFILL_METRICS_HOST": "127.0.0.1",
+            },
+        )
+
+
 def test_a_taken_metrics_port_stops_the_worker_with_exit_2(
     settings_env: dict[str, str], private_redis: LocalRedis, tmp_path: Path
 ) -> None:
-    port = free_port()
-    with listening_socket(port):
-        env = {
-            **settings_env,
-            "BACKFILL_REDIS_URL": private_redis.url,
-            "BACKFILL_METRICS_PORT": str(port),
-            "BACKFILL_METRICS_HOST": "127.0.0.1",
-        }
+    with metrics_port_taken(settings_env, private_redis) as (port, env):
         process = WorkerProcess(env, tmp_path / "worker.log").start()
         assert process.process is not None
         code = process.process.wait(30)
@@ -310,15 +323,8 @@ def test_a_taken_metrics_port_stops_the_worker_with_exit_2(
 def test_a_taken_metrics_port_stops_celery_s_own_worker_command_too(
     settings_env: dict[str, str], private_redis: LocalRedis
 ) -> None:
-    port = free_port()
-    with listening_socket(port):
-        env = {
-            **os.environ,
-            **settings_env,
-            "BACKFILL_REDIS_URL": private_redis.url,
-            "BACKFILL_METRICS_PORT": str(port),
-            "BACKFILL_METRICS_HOST": "127.0.0.1",
-        }
+    with metrics_port_taken(settings_env, private_redis) as (port, worker_env):
+        env = {**os.environ, **worker_env}
         result = subprocess.run(
             [sys.executable, "-m", "celery", "-A", "worker", "worker", "--without-mingle"],
             env=env,

@@ -9,15 +9,13 @@ is ``test_lookup.py``'s; lane fairness under a real worker is ``test_drain.py``'
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from itertools import islice
 from typing import Any
 
 import pytest
 
 from worker import delivery, keys
-from worker.connection import connect
-from worker.local.processes import LocalRedis
 from worker.policy import RELEASE, AnswerClass, Outcome, RetryRules, Verdict, judge
 from worker.provider import Answer
 from worker.record import BackfillRecord
@@ -32,27 +30,10 @@ BLOCKED = Answer(AnswerClass.BLOCKED, http_status=200, api_status="-13", api_rea
 HOUR_MS = 3_600_000
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    local = LocalRedis(tmp_path_factory.mktemp("store-redis")).start()
-    yield local
-    local.stop()
-
-
-def open_store(server: LocalRedis, keep_delivered_s: int = 600, pause_s: float = 60.0) -> Store:
-    """A store on the module's Redis, emptied first (deliveries kept 10 min once delivered)."""
-    store = Store(
-        connect(server.url), dedupe_ttl_s=3600, keep_delivered_s=keep_delivered_s, pause_s=pause_s
-    )
-    store.redis.flushdb()
-    return store
-
-
 @pytest.fixture
-def store(server: LocalRedis) -> Iterator[Store]:
-    own = open_store(server)
-    yield own
-    own.redis.close()
+def store_options() -> dict[str, Any]:
+    """``store`` keeps deliveries 10 min once delivered."""
+    return {"keep_delivered_s": 600}
 
 
 def rec(msgid: str | None, app: str = "app-s") -> BackfillRecord:
@@ -265,8 +246,8 @@ def test_a_delivered_attempt_leaves_the_lanes_and_the_hash_stays_a_while(store: 
     assert store.counts() == {"pending": 0, "dead": 0}
 
 
-def test_with_keep_delivered_s_0_only_the_marker_is_left(server: LocalRedis) -> None:
-    store = open_store(server, keep_delivered_s=0)
+@pytest.mark.parametrize("store_options", [{"keep_delivered_s": 0}])
+def test_with_keep_delivered_s_0_only_the_marker_is_left(store: Store) -> None:
     record = rec("m-1")
     delivery_id, _ = store.enqueue(record, caller="alice")
     step(store, finish(claim_one(store), Verdict(Outcome.DUPLICATE)), claim=0)
@@ -314,8 +295,8 @@ def test_a_dead_attempt_moves_the_delivery_to_the_dead_letters(store: Store) -> 
     assert claim_one(store).attempts == 1
 
 
-def test_a_paused_attempt_pauses_the_fleet_then_one_delivery_probes(server: LocalRedis) -> None:
-    store = open_store(server, pause_s=0.3)
+@pytest.mark.parametrize("store_options", [{"keep_delivered_s": 600, "pause_s": 0.3}])
+def test_a_paused_attempt_pauses_the_fleet_then_one_delivery_probes(store: Store) -> None:
     store.enqueue_many([rec("m-a"), rec("m-b")], lane=LIVE)
     claims = step(store, claim=2).claims
     verdict = judge(BLOCKED, 1, RetryRules(pause_s=0.3))

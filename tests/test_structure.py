@@ -1,8 +1,10 @@
-"""The package's shape: a pure core, small modules and functions, imports that flow one way."""
+"""The package's shape: a pure core, small modules and functions (Python and Lua alike),
+imports that flow one way (any import, wherever it stands)."""
 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,12 @@ PACKAGE = ROOT / "worker"
 MAX_MODULE_LINES = 350
 MAX_FUNCTION_LINES = 60
 PURE = ("worker.policy", "worker.record", "worker.provider")
+_LUA_TOKEN = re.compile(
+    r"--\[(?P<ceq>=*)\[.*?\](?P=ceq)\]|--[^\n]*|\[(?P<seq>=*)\[.*?\](?P=seq)\]"
+    r"|'(?:\\.|[^'\\\n])*'|\"(?:\\.|[^\"\\\n])*\""
+    r"|(?P<word>[A-Za-z_]\w*)(?:(?<=function)\s+(?P<name>[A-Za-z_][\w.:]*))?",
+    re.DOTALL,
+)
 
 
 def modules() -> dict[str, Path]:
@@ -58,44 +66,118 @@ def test_no_module_is_long_and_no_function_is_either(name: str) -> None:
             assert length <= MAX_FUNCTION_LINES, f"{name}.{node.name}: {length} lines"
 
 
+def lua_functions(text: str) -> list[tuple[str, int, int]]:
+    """Each Lua function in ``text`` as (name, first line, last line): its ``function``
+    to its matching ``end``, blocks counted outside comments and strings."""
+    found: list[tuple[str, int, int]] = []
+    open_: list[tuple[str, int] | None] = []  # a function (name, line), or another block
+    words = [
+        (m["word"], m["name"] or "(anonymous)", text.count("\n", 0, m.start()) + 1)
+        for m in _LUA_TOKEN.finditer(text)
+        if m["word"]
+    ]
+    for word, name, line in words:
+        if word == "function":
+            open_.append((name, line))
+        elif word in ("if", "do", "repeat"):
+            open_.append(None)
+        elif word in ("end", "until") and open_:
+            block = open_.pop()
+            if block is not None:
+                found.append((block[0], block[1], line))
+    assert not open_, "unbalanced blocks"
+    return found
+
+
+def long_lua_functions() -> list[str]:
+    """The Lua functions in worker/lua over the function length limit."""
+    return [
+        f"{path.name}:{name}: {last - first + 1} lines"
+        for path in sorted((PACKAGE / "lua").glob("*.lua"))
+        for name, first, last in lua_functions(path.read_text())
+        if last - first + 1 > MAX_FUNCTION_LINES
+    ]
+
+
+def test_the_lua_reader_finds_functions_and_their_ends() -> None:
+    text = (
+        "-- function in a comment end\nlocal function a(x)\n  if x then return 'end' end\n"
+        "  for i = 1, 2 do x = [[function]] end\nend\nlocal b = function() repeat until true end\n"
+    )
+    assert lua_functions(text) == [("a", 2, 5), ("(anonymous)", 6, 6)]
+
+
+def test_no_lua_function_is_long() -> None:
+    """The 60-line rule covers the Lua scripts too."""
+    assert not long_lua_functions()
+
+
 def test_no_benchmark_lives_in_the_package() -> None:
     assert not [p for p in PACKAGE.rglob("*.py") if "bench" in p.name]
 
 
 def _imports(path: Path, name: str) -> set[str]:
-    """The worker modules ``path`` imports at module level (not inside functions)."""
+    """Every worker module ``path`` imports: at module level, inside functions, under
+    ``if TYPE_CHECKING:``, absolute or relative (a circle is one whenever it runs)."""
     found = set()
-    tree = ast.parse(path.read_text())
-    for node in tree.body:
-        if isinstance(node, ast.If):  # `if TYPE_CHECKING:` imports are for the type checker
-            continue
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module.startswith("worker"):
-                found.add(node.module)
-                found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            if module.startswith("worker"):
+                found.add(module)
+                found.update(f"{module}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("worker"))
     return found - {name}
 
 
-def test_module_imports_have_no_cycle() -> None:
+def import_cycle() -> list[str] | None:
+    """A circle of imports among the worker modules (any import, see ``_imports``)."""
     names = modules()
     graph = {n: {i for i in _imports(p, n) if i in names} for n, p in names.items()}
     done: set[str] = set()
 
-    def visit(node: str, path: list[str]) -> None:
+    def visit(node: str, path: list[str]) -> list[str] | None:
         if node in path:
-            cycle = [*path[path.index(node) :], node]
-            pytest.fail("import cycle: " + " -> ".join(cycle))
+            return [*path[path.index(node) :], node]
         if node in done:
-            return
+            return None
         for nxt in sorted(graph[node]):
             if nxt != "worker":  # the package's lazy __init__ imports nothing eagerly
-                visit(nxt, [*path, node])
+                cycle = visit(nxt, [*path, node])
+                if cycle:
+                    return cycle
         done.add(node)
+        return None
 
     for node in sorted(graph):
-        visit(node, [])
+        cycle = visit(node, [])
+        if cycle:
+            return cycle
+    return None
+
+
+def test_module_imports_have_no_cycle() -> None:
+    cycle = import_cycle()
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_import_reader_sees_imports_inside_functions_and_relative_ones(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "mod.py"
+    source.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from worker.store import Store\n"
+        "def f() -> None:\n    from worker.dead_letters import batches\n"
+        "    import worker.keys\n    from . import routes\n    from .auth import Guard\n"
+    )
+    assert _imports(source, "worker.console.mod") >= {
+        "worker.store", "worker.dead_letters", "worker.keys",
+        "worker.console.routes", "worker.console.auth",
+    }  # fmt: skip
 
 
 def test_the_runtime_never_imports_the_local_tooling() -> None:

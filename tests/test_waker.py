@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,7 @@ from worker import keys
 from worker.connection import connect
 from worker.drain import fleet
 from worker.heartbeat import BEAT_TTL_S, progress
-from worker.local.processes import LocalRedis, free_port
+from worker.local.processes import free_port
 from worker.record import BackfillRecord
 from worker.store import Store
 from worker.waker import Waker
@@ -25,19 +26,10 @@ QUEUE = "backfill-waker"
 CONCURRENCY = 4
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    local = LocalRedis(tmp_path_factory.mktemp("waker-redis")).start()
-    yield local
-    local.stop()
-
-
 @pytest.fixture
-def store(server: LocalRedis) -> Iterator[Store]:
-    own = Store(connect(server.url), dedupe_ttl_s=3600, pause_s=5)
-    own.redis.flushdb()
-    yield own
-    own.redis.close()
+def store_options() -> dict[str, Any]:
+    """``store`` keeps no delivered record and pauses 5 s."""
+    return {"keep_delivered_s": 0, "pause_s": 5}
 
 
 @pytest.fixture(autouse=True)

@@ -11,19 +11,25 @@ at the start, and how many dead letters now died after the start (left alone).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import redis
 
 from worker import keys
 
-if TYPE_CHECKING:
-    from worker.store import Store
-
 BATCH = 1000
 _TIES = 1000  # letters read to find those that died in the end's millisecond
+
+
+class Store(Protocol):
+    """What a mass action needs of ``worker.store.Store`` (which imports this module)."""
+
+    @property
+    def redis(self) -> redis.Redis: ...
+    def replay(self, delivery_ids: Sequence[str]) -> list[str]: ...
+    def purge(self, delivery_ids: Sequence[str]) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)

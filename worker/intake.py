@@ -30,7 +30,6 @@ import re
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -46,27 +45,17 @@ from starlette.responses import Response
 from worker.errors import RedisFull
 from worker.intake_body import BODY_SCHEMA, MAX_BODY, Refused, decode, parse_body
 from worker.intake_health import RedisCheck
+from worker.intake_server import RETRY_AFTER_S, Limits, intake_store
 from worker.lookup import InvalidQuery, find, query_args
 from worker.producer import enqueue_record, log_enqueued
 from worker.redact import mask_number
 from worker.store import Store
 
-RETRY_AFTER_S = 5
 LOOKUP_LIMIT = 100  # deliveries per page of GET /v1/backfills?msgid=...
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,12}")
 _UTF8 = ("utf-8", "utf8")
 log = structlog.get_logger("worker.intake")
-
-
-@dataclass(frozen=True)
-class Limits:
-    """How long a client may take and how much the intake takes on at once."""
-
-    header_timeout_s: float = 10.0  # request line and headers, from the first byte
-    body_timeout_s: float = 10.0  # the whole body, from the end of the headers
-    keep_alive_s: float = 5.0  # an idle connection between requests
-    max_connections: int = 512  # beyond: uvicorn answers 503 (bodies: 1 MiB each at most)
-    threads: int = 1  # decode + validate + enqueue: a second one fights it for the GIL
+_LIMITS = Limits()  # the defaults
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -181,7 +170,6 @@ def _start_body_process(tokens: list[str], parent: int = 0) -> None:
     if parent:
         end_with_parent(parent)
     from worker.audit import configure_logging, redactor
-    from worker.intake_server import intake_store
     from worker.runtime import get_settings
 
     settings = get_settings()
@@ -208,7 +196,7 @@ def _ready() -> bool:
 
 
 def create_app(
-    store: Store, tokens: Mapping[str, str], health: aioredis.Redis, limits: Limits = Limits()
+    store: Store, tokens: Mapping[str, str], health: aioredis.Redis, limits: Limits = _LIMITS
 ) -> FastAPI:
     """The intake over a fail-fast Store, the {name: token} map and a /healthz client."""
     pool = ThreadPoolExecutor(limits.threads, thread_name_prefix="intake")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import h11
@@ -34,18 +35,29 @@ from redis.backoff import NoBackoff
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from worker.connection import connect, sentinel_nodes
-from worker.intake import RETRY_AFTER_S, Limits
 from worker.intake_health import HEALTH_TIMEOUT_S
 from worker.runtime import build_store
 from worker.settings import Settings
 from worker.store import Store
 
+RETRY_AFTER_S = 5  # what a 503 of the intake asks a client to wait
 MAX_HEADERS = 16 * 1024  # request line and headers together
 BUSY = json.dumps({"error": "the intake is at its connection limit; retry later"}).encode()
 _TOO_MANY = (
     b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Type: text/plain\r\n"
     b"Content-Length: 39\r\nConnection: close\r\n\r\ntoo many connections from this address\n"
 )
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How long a client may take and how much the intake takes on at once."""
+
+    header_timeout_s: float = 10.0  # request line and headers, from the first byte
+    body_timeout_s: float = 10.0  # the whole body, from the end of the headers
+    keep_alive_s: float = 5.0  # an idle connection between requests
+    max_connections: int = 512  # beyond: uvicorn answers 503 (bodies: 1 MiB each at most)
+    threads: int = 1  # decode + validate + enqueue: a second one fights it for the GIL
 
 
 class HeaderDeadline(H11Protocol):

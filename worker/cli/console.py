@@ -43,8 +43,7 @@ def console(host: str, port: int, per_address: int) -> None:
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    from worker.intake import Limits
-    from worker.intake_server import serve
+    from worker.intake_server import Limits, serve
 
     structlog.get_logger("worker.console").info("console.ready", host=host, port=port)
     serve(application, host, port, Limits(max_connections=MAX_CONNECTIONS), per_address)

@@ -206,8 +206,8 @@ def intake(
     from worker import capacity
     from worker.audit import configure_logging, redactor
     from worker.checks import parse_tokens
-    from worker.intake import Limits, create_app
-    from worker.intake_server import health_client, intake_store, serve
+    from worker.intake import create_app
+    from worker.intake_server import Limits, health_client, intake_store, serve
     from worker.runtime import get_settings
 
     settings = get_settings()

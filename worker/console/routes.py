@@ -18,8 +18,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from worker.console import actions, queries, watch
-from worker.console.app import Refused, console_of, posted_form
 from worker.console.chart import chart
+from worker.console.context import Refused, console_of, posted_form
 from worker.lookup import InvalidQuery
 
 PAGE = 50

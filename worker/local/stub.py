@@ -21,7 +21,7 @@ from email.message import Message
 from types import TracebackType
 from typing import cast
 
-from worker.local.stub_server import _INVALID, _cut, _StubServer
+from worker.local.stub_server import INVALID, StubServer, cut
 
 # What ``backfill stub`` expects when no credentials are given: made up, for this machine.
 LOCAL_API_KEY, LOCAL_API_SECRET = "local-test-key", "local-test-secret-not-for-production"
@@ -52,7 +52,7 @@ def parse_step(step: str) -> Step:
 
 def _check_body(payload: object) -> tuple[str, str] | None:
     """The provider's body checks: ``None`` when the body is acceptable."""
-    if payload is _INVALID:
+    if payload is INVALID:
         return "-22", "body is not JSON"
     if not isinstance(payload, dict):
         return "-22", "body must be a JSON object"
@@ -125,7 +125,7 @@ class ProviderStub:
         self._thread: threading.Thread | None = None
         self._serving = False
         self.reset()
-        self._server = _StubServer((host, port), self)
+        self._server = StubServer((host, port), self)
 
     @property
     def url(self) -> str:
@@ -160,7 +160,7 @@ class ProviderStub:
         if self._serving:
             self._server.shutdown()
         for conn in connections:  # idle keep-alive threads would otherwise wait for the client
-            _cut(conn)
+            cut(conn)
         self._server.server_close()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -225,7 +225,11 @@ class ProviderStub:
         with self._lock:
             self._latency = (base_s, per_request_s)
 
-    def _delay(self, enter: bool) -> float:
+    def wait(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less when the stub stops (slow answers must not hold it up)."""
+        self._stopping.wait(seconds)
+
+    def delay(self, enter: bool) -> float:
         """Count a backfill call in (``enter``) or out; on the way in, how long it waits."""
         with self._lock:
             if not enter:
@@ -247,7 +251,7 @@ class ProviderStub:
             self._faults = dict.fromkeys(FAULT_KINDS, 0)
             self._codes = {}
 
-    def _next_step(self, payload: object) -> tuple[str, str]:
+    def next_step(self, payload: object) -> tuple[str, str]:
         """Count the request and choose its fate: a scripted step, a random fault, or ``ok``."""
         msgid = payload.get("msgid") if isinstance(payload, dict) else None
         with self._lock:
@@ -268,7 +272,7 @@ class ProviderStub:
         defaults = {"429": str(self._retry_after_s), "slow": str(self._slow_s)}
         return kind, arg if arg is not None else defaults.get(kind, "")
 
-    def _process(self, headers: Message[str, str], payload: object) -> tuple[str, str]:
+    def process(self, headers: Message[str, str], payload: object) -> tuple[str, str]:
         """The provider's checks in its order; records the request when it is accepted."""
         now = time.time()
         if not headers.get("Content-Type", "").lower().startswith("application/json"):
@@ -296,7 +300,8 @@ class ProviderStub:
             self._records.append({**body, "msgid": key[1], "timestamp": stamp, "received_at": now})
         return "0", "success"
 
-    def _note(self, payload: object, stamp: str, step: str) -> None:
+    def note(self, payload: object, stamp: str, step: str) -> None:
+        """Log a request on the backfill path, whatever its fate."""
         msgid = payload.get("msgid") if isinstance(payload, dict) else None
         with self._lock:
             self._log.append({"msgid": msgid, "timestamp": stamp, "step": step, "at": time.time()})
@@ -311,11 +316,13 @@ class ProviderStub:
                     first[msgid] = cast(float, entry["at"])
             return first
 
-    def _count_code(self, code: str) -> None:
+    def count_code(self, code: str) -> None:
+        """Count an answer's provider status code."""
         with self._lock:
             self._codes[code] = self._codes.get(code, 0) + 1
 
-    def _track(self, conn: socket.socket, *, open_: bool) -> None:
+    def track(self, conn: socket.socket, *, open_: bool) -> None:
+        """Remember an open connection (``stop()`` cuts them) or forget a closed one."""
         with self._lock:
             if open_:
                 self._connections.add(conn)

@@ -1,7 +1,8 @@
 """The provider stub's HTTP side: a threading server and its request handler.
 
-The handler parses what arrives and asks the ``ProviderStub`` (``stub.py``) what to
-answer; the stub holds the plans, faults, checks and records. Standard library only.
+The handler parses what arrives and asks its ``Backend`` what to answer: the
+``ProviderStub`` (``stub.py``) is one, holding the plans, faults, checks and records.
+This module does not import the stub; the stub imports it. Standard library only.
 """
 
 from __future__ import annotations
@@ -11,44 +12,64 @@ import json
 import socket
 import sys
 from collections.abc import Callable, Mapping
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import TCPServer
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
-if TYPE_CHECKING:
-    from worker.local.stub import ProviderStub
+
+class Backend(Protocol):
+    """What the HTTP side asks of the stub behind it."""
+
+    backfill_path: str
+    verbose: bool
+
+    def stats(self) -> dict[str, object]: ...
+    def requests(self) -> list[dict[str, object]]: ...
+    def seen(self) -> list[dict[str, object]]: ...
+    def seen_at(self) -> dict[str, float]: ...
+    def reset(self) -> None: ...
+    def set_plan(self, by_msgid: Mapping[str, list[str]]) -> None: ...
+    def track(self, conn: socket.socket, *, open_: bool) -> None: ...
+    def delay(self, enter: bool) -> float: ...
+    def wait(self, seconds: float) -> None: ...
+    def next_step(self, payload: object) -> tuple[str, str]: ...
+    def note(self, payload: object, stamp: str, step: str) -> None: ...
+    def count_code(self, code: str) -> None: ...
+    def process(self, headers: Message[str, str], payload: object) -> tuple[str, str]: ...
+
 
 _MAX_BODY = 1 << 20
 # GET routes that read the stub's state
-_VIEWS: dict[str, Callable[[ProviderStub], object]] = {
+_VIEWS: dict[str, Callable[[Backend], object]] = {
     "/healthz": lambda _: {"ok": True},
     "/_stub/stats": lambda stub: stub.stats(),
     "/_stub/requests": lambda stub: stub.requests(),
     "/_stub/seen": lambda stub: stub.seen(),
     "/_stub/seen_at": lambda stub: stub.seen_at(),
 }
-_INVALID = object()  # what a body that is not JSON parses to
+INVALID = object()  # what a body that is not JSON parses to
 
 
 def _parse_json(body: bytes) -> object:
     try:
         return json.loads(body)
     except (ValueError, RecursionError):
-        return _INVALID
+        return INVALID
 
 
-def _cut(conn: socket.socket) -> None:
+def cut(conn: socket.socket) -> None:
     """Shut a connection down both ways without a word; one already gone is fine."""
     with contextlib.suppress(OSError):
         conn.shutdown(socket.SHUT_RDWR)
 
 
-class _StubServer(ThreadingHTTPServer):
+class StubServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False  # idle keep-alive connections must not hold up stop()
     request_queue_size = 1024  # benchmarks open many pooled connections at once
 
-    def __init__(self, address: tuple[str, int], stub: ProviderStub) -> None:
+    def __init__(self, address: tuple[str, int], stub: Backend) -> None:
         self.stub = stub
         super().__init__(address, _Handler)
 
@@ -71,21 +92,21 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
 
     @property
-    def stub(self) -> ProviderStub:
+    def stub(self) -> Backend:
         """The stub this connection belongs to."""
-        return cast(_StubServer, self.server).stub
+        return cast(StubServer, self.server).stub
 
     def setup(self) -> None:
         """Track the connection so ``stop()`` can cut it."""
         super().setup()
-        self.stub._track(self.connection, open_=True)
+        self.stub.track(self.connection, open_=True)
 
     def finish(self) -> None:
         """Untrack the connection."""
         try:
             super().finish()
         finally:
-            self.stub._track(self.connection, open_=False)
+            self.stub.track(self.connection, open_=False)
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet unless verbose; never resolves the client's name."""
@@ -124,22 +145,22 @@ class _Handler(BaseHTTPRequestHandler):
     do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _not_found
 
     def _backfill(self, body: bytes) -> None:
-        delay = self.stub._delay(enter=True)
+        delay = self.stub.delay(enter=True)
         try:
             if delay > 0:  # a provider far away, or one slowing down under load
-                self.stub._stopping.wait(delay)
+                self.stub.wait(delay)
             self._answer(body)
         finally:
-            self.stub._delay(enter=False)
+            self.stub.delay(enter=False)
 
     def _answer(self, body: bytes) -> None:
         stub = self.stub
         payload = _parse_json(body)
-        kind, arg = stub._next_step(payload)
-        stub._note(payload, self.headers.get("Timestamp", ""), kind)
+        kind, arg = stub.next_step(payload)
+        stub.note(payload, self.headers.get("Timestamp", ""), kind)
         if kind == "drop":
             self.close_connection = True
-            _cut(self.connection)
+            cut(self.connection)
         elif kind in ("500", "503"):
             self._json(int(kind), {"error": f"injected {kind}"})
         elif kind == "429":
@@ -149,13 +170,13 @@ class _Handler(BaseHTTPRequestHandler):
         elif kind == "nonjson":
             self._send(200, b"<html>gateway</html>", "text/html")
         elif kind == "status":
-            stub._count_code(arg)
+            stub.count_code(arg)
             self._json(200, {"status": arg, "reason": "injected"})
         else:
-            code, reason = stub._process(self.headers, payload)
+            code, reason = stub.process(self.headers, payload)
             if kind == "slow":  # recorded already, as the provider would have; answer too late
-                stub._stopping.wait(float(arg))
-            stub._count_code(code)
+                stub.wait(float(arg))
+            stub.count_code(code)
             self._json(200, {"status": code, "reason": reason})
 
     def _plan(self, body: bytes) -> None:
