@@ -121,7 +121,7 @@ def store_options() -> dict[str, Any]:
 def producer_store(store: Store, monkeypatch: pytest.MonkeyPatch) -> Store:
     """The producer's store is ``store``, on the module's quiet Redis (its wake-ups wait
     there unread)."""
-    monkeypatch.setattr(producer, "get_store", lambda: store)
+    monkeypatch.setattr(producer, "checked_store", lambda: store)
     return store
 
 

@@ -58,6 +58,7 @@ def scrape(collector: metrics.FleetCollector) -> dict[Sample, float]:
 def test_an_empty_fleet_reads_zero_in_every_family(store: Store) -> None:
     zero: dict[Sample, float] = {(f"backfill_{name}", ()): 0 for name in GAUGES}
     zero |= {("backfill_overdue_seconds", (("lane", lane),)): 0.0 for lane in ("live", "bulk")}
+    zero |= {("backfill_redis_full", ()): 0.0, ("backfill_redis_memory_used_ratio", ()): 0.0}
     assert scrape(metrics.FleetCollector(store, QUEUE)) == zero
 
 
@@ -89,6 +90,8 @@ def test_each_gauge_reads_the_fleet_s_figure(store: Store) -> None:
         ("backfill_queue_depth", ()): 3, ("backfill_pending", ()): 3,
         ("backfill_waiting_retries", ()): 1, ("backfill_dead_letters", ()): 1,
         ("backfill_paused", ()): 1, ("backfill_outage", ()): 1,
+        # a Redis without maxmemory is never full
+        ("backfill_redis_full", ()): 0, ("backfill_redis_memory_used_ratio", ()): 0,
     }  # fmt: skip
     assert 30 <= overdue["live"] < 35
     assert overdue["bulk"] == 0

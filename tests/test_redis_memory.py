@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -54,6 +54,15 @@ def roomy(private_redis_factory: Servers) -> LocalRedis:
     )
 
 
+@pytest.fixture
+def fresh_caches(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's settings and clients are built again from the environment as it was:
+    a test that points them at its own Redis leaves none of that behind."""
+    yield
+    monkeypatch.undo()
+    reset_caches()
+
+
 def env_for(server: LocalRedis, stub_url: str = "http://127.0.0.1:9/sms", **more: str) -> dict:
     return {**local_env(server.url, stub_url, API_KEY, API_SECRET), **more}
 
@@ -80,7 +89,7 @@ def fill(store: Store, tag: str) -> int:
 
 
 def test_every_entry_point_refuses_an_evicting_redis(
-    evicting: LocalRedis, monkeypatch: pytest.MonkeyPatch
+    evicting: LocalRedis, monkeypatch: pytest.MonkeyPatch, fresh_caches: None
 ) -> None:
     env = env_for(evicting, BACKFILL_INTAKE_TOKENS="web:" + "t" * 32)
     args = ["--app-id", "a", "--number", "8613500000000", "--time", "1700000000000"]
@@ -114,7 +123,10 @@ def test_every_entry_point_refuses_an_evicting_redis(
 
 
 def test_a_full_redis_is_named_full_everywhere_and_nothing_is_half_written(
-    small: LocalRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    small: LocalRedis,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fresh_caches: None,
 ) -> None:
     store = Store(connect(small.url), dedupe_ttl_s=3600)
     got_in = fill(store, "full")

@@ -44,6 +44,11 @@ BULK_EVERY = 10
 MAX_RATE_WAIT_S = 5.0
 
 
+# A provider that answered this process this recently is up: a failure that points at it
+# is one record's or one connection's, not a reason to give a batch back.
+HEARD_S = 1.0
+
+
 class Fleet:
     """This process's drains: how many run, whether to stop, and until when to hold off."""
 
@@ -53,6 +58,10 @@ class Fleet:
         self.stopping = threading.Event()
         self.hold_until = 0.0  # monotonic: a drain met the rate limit; no wake-ups until then
         self.answered_at = 0.0  # monotonic: when the provider last answered one of ours
+
+    def heard(self) -> bool:
+        """Whether the provider answered one of this process's requests within HEARD_S."""
+        return time.monotonic() - self.answered_at < HEARD_S
 
     def enter(self) -> None:
         """A drain starts."""
@@ -94,7 +103,7 @@ def _drain(ctx: Context) -> int:
     attempts = steps = 0
     while True:
         stop = fleet.stopping.is_set() or attempts >= BUDGET_ATTEMPTS or time.monotonic() > until
-        want = 0 if stop else lanes_wanted(done)
+        want = 0 if stop else lanes_wanted(done, fleet.heard())
         lanes = ctx.limiter.take(want) if want else 0
         if want and not lanes:
             # every request this process may have in flight is taken: record what was
@@ -106,7 +115,7 @@ def _drain(ctx: Context) -> int:
             if not lanes:
                 _step(ctx, done, 0, steps)
                 return attempts
-        size = batch_size(done, lanes, ctx.limiter.latency_ms) if lanes else 0
+        size = batch_size(done, lanes, ctx.limiter.latency_ms, fleet.heard()) if lanes else 0
         step = _step(ctx, done, size, steps)
         claimed_at = time.monotonic()
         steps += 1
@@ -153,7 +162,7 @@ def send_batch(
             ctx.limiter.observe(item.answer.latency_ms, load_evidence(item))
         return item
 
-    return lanes_module.send(ctx.limiter.pool(), one, claims, lanes, fleet.stopping)
+    return lanes_module.send(ctx.limiter.pool(), one, claims, lanes, fleet.stopping, fleet.heard)
 
 
 def load_evidence(item: Finish) -> Evidence:

@@ -30,6 +30,14 @@ MAX_BATCH = 64
 RELEASED = Answer(AnswerClass.TRANSIENT, error="released unsent: the worker is stopping")
 
 Attempt = Callable[[Claim], Finish]
+# Whether the provider answered any of this process's requests just now: a failure that
+# points at the provider is then no reason to give a batch back (it is the record's, or a
+# connection's, and the next request will most likely be answered).
+Heard = Callable[[], bool]
+
+
+def _never() -> bool:
+    return False
 
 
 def send(
@@ -38,20 +46,23 @@ def send(
     claims: Sequence[Claim],
     lanes: int,
     stopping: threading.Event,
+    heard: Heard = _never,
 ) -> list[Finish]:
     """Send ``claims`` on ``lanes`` lanes at once; every claim's Finish (sent or released)."""
     split = [claims[i::lanes] for i in range(max(min(lanes, len(claims)), 1))]
     futures = [
-        pool.submit(contextvars.copy_context().run, send_lane, attempt, lane, stopping)
+        pool.submit(contextvars.copy_context().run, send_lane, attempt, lane, stopping, heard)
         for lane in split[1:]
     ]
-    done = send_lane(attempt, split[0], stopping)
+    done = send_lane(attempt, split[0], stopping, heard)
     for future in futures:
         done += future.result()
     return done
 
 
-def send_lane(attempt: Attempt, claims: Sequence[Claim], stopping: threading.Event) -> list[Finish]:
+def send_lane(
+    attempt: Attempt, claims: Sequence[Claim], stopping: threading.Event, heard: Heard = _never
+) -> list[Finish]:
     """One lane's claims in turn, until the worker stops or an attempt is slow or down."""
     done: list[Finish] = []
     slow = False
@@ -65,17 +76,20 @@ def send_lane(attempt: Attempt, claims: Sequence[Claim], stopping: threading.Eve
             continue
         item = attempt(claim)
         done.append(item)
-        slow = stop_lane(item, share_ms, done)
+        slow = stop_lane(item, share_ms, done, heard())
     return done
 
 
-def stop_lane(item: Finish, share_ms: float, lane: Sequence[Finish] = ()) -> bool:
+def stop_lane(
+    item: Finish, share_ms: float, lane: Sequence[Finish] = (), heard: bool = False
+) -> bool:
     """Whether the rest of a lane goes back after this attempt: it took more than its
     share of LIVE_WAIT_MS, or it points at a provider outage and nothing of this lane
-    proved the provider up (the rest would most likely fail the same way)."""
+    (nor of this process just now: ``heard``) proved the provider up (the rest would most
+    likely fail the same way)."""
     if item.answer.latency_ms > share_ms:
         return True
-    return item.verdict.evidence.down and not answered(lane)
+    return item.verdict.evidence.down and not heard and not answered(lane)
 
 
 def answered(done: Sequence[Finish]) -> bool:
@@ -88,21 +102,24 @@ def _down(sent: Sequence[Finish]) -> bool:
     return any(item.verdict.evidence.down for item in sent) and not answered(sent)
 
 
-def lanes_wanted(done: Sequence[Finish]) -> int:
+def lanes_wanted(done: Sequence[Finish], heard: bool = False) -> int:
     """How many lanes to ask the limiter for: one after a failure that points at the
-    provider, else as many as a batch may hold (the limiter grants what it has room for)."""
-    if _down(_sent(done)):
+    provider (unless it was heard from just now), else as many as a batch may hold (the
+    limiter grants what it has room for)."""
+    if not heard and _down(_sent(done)):
         return 1
     return MAX_BATCH
 
 
-def batch_size(done: Sequence[Finish], lanes: int, latency_ms: float | None) -> int:
+def batch_size(
+    done: Sequence[Finish], lanes: int, latency_ms: float | None, heard: bool = False
+) -> int:
     """How many deliveries to claim for ``lanes`` lanes: as many as each lane sends in
     LIVE_WAIT_MS at the slowest latency of the batch just sent (else the process's
     latest), the same number on each, at most MAX_BATCH in all (unless that is fewer
     than one per lane). One after a failure that points at the provider."""
     sent = _sent(done)
-    if _down(sent):
+    if not heard and _down(sent):
         return 1
     slowest = max((item.answer.latency_ms for item in sent), default=latency_ms)
     if slowest is None:
