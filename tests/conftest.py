@@ -253,13 +253,18 @@ SLOW_MODULES = frozenset(
         "test_bench",
         "test_bulk",
         "test_cli",
+        "test_clock",
         "test_console_browser",
         "test_demo",
         "test_hostile_provider",
         "test_intake",
+        "test_intake_limits",
         "test_liveness",
+        "test_mass_actions",
         "test_ops_monitoring",
+        "test_redis_memory",
         "test_reliability",
+        "test_scale_reads",
     }
 )
 SLOW_FIXTURES = frozenset({"spawn_worker"})

@@ -80,6 +80,8 @@ class HeaderDeadline(H11Protocol):
             if self.open_by_address[self._address] > self.per_address:
                 transport.write(_TOO_MANY)
                 transport.close()
+                # refused: it holds no place in the limit while its close completes
+                self.connections.discard(self)
                 return
         if self.max_connections is not None and len(self.connections) > self.max_connections:
             self.app = over_limit(self.app)
