@@ -1,4 +1,4 @@
-"""The intake's ``/healthz`` check: Redis answers, and has room, within a quarter second.
+"""The intake's ``/healthz`` check: Redis answers, and has room, within half a second.
 
 One INFO on a client of its own, from the event loop, so it never waits behind the
 enqueue pool; concurrent checks share one. A full Redis (``noeviction`` at
@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from worker.capacity import Memory
 
-HEALTH_TIMEOUT_S = 0.25
+HEALTH_TIMEOUT_S = 0.5
 
 
 class RedisCheck:
