@@ -142,13 +142,7 @@ local function verify_target()
   if type(seen) ~= 'table' or seen['err'] or #seen == 0 then
     return nil
   end
-  local count = {}
-  for _, member in ipairs(seen) do
-    local id = string.match(member, '^([^|]*)|')
-    if id then
-      count[id] = (count[id] or 0) + 1
-    end
-  end
+  local count = failures_by_delivery(seen)
   for _, member in ipairs(seen) do
     local id = string.match(member, '^([^|]*)|')
     if id and count[id] == 1 and string.sub(member, -2) ~= '|w' then

@@ -77,6 +77,19 @@ local function settle()
   end
 end
 
+-- The failures seen (members '<id>|<claim>', '|w' after one that asked us to wait),
+-- counted by delivery.
+local function failures_by_delivery(seen)
+  local fails = {}
+  for _, member in ipairs(seen) do
+    local id = string.match(member, '^([^|]*)|')
+    if id then
+      fails[id] = (fails[id] or 0) + 1
+    end
+  end
+  return fails
+end
+
 -- The provider answered other deliveries: one whose retry failed too since the last answer
 -- (it failed twice while others were answered) is suspected of its own trouble ('o').
 local function blame_repeaters()
@@ -84,14 +97,9 @@ local function blame_repeaters()
   if type(seen) ~= 'table' or seen['err'] then
     return
   end
-  local fails = {}
-  for _, member in ipairs(seen) do
-    local id = string.match(member, '^([^|]*)|')
-    if id then
-      fails[id] = (fails[id] or 0) + 1
-      if fails[id] == 2 then
-        suspect('o', id)
-      end
+  for id, fails in pairs(failures_by_delivery(seen)) do
+    if fails >= 2 then
+      suspect('o', id)
     end
   end
 end
@@ -142,16 +150,11 @@ end
 local function tally_seen(seen)
   -- an outage fails retries too: a provider that fails only each record's first try (a
   -- stale keep-alive connection) shows many distinct deliveries but no retry failing
-  local fails, distinct, retried = {}, 0, 0
-  for _, member in ipairs(seen) do
-    local id = string.match(member, '^([^|]*)|')
-    if id then
-      fails[id] = (fails[id] or 0) + 1
-      if fails[id] == 1 then
-        distinct = distinct + 1
-      elseif fails[id] == 2 then
-        retried = retried + 1
-      end
+  local distinct, retried = 0, 0
+  for _, fails in pairs(failures_by_delivery(seen)) do
+    distinct = distinct + 1
+    if fails >= 2 then
+      retried = retried + 1
     end
   end
   return distinct, retried
