@@ -54,7 +54,10 @@ def test_a_live_record_overtakes_a_bulk_backlog(
     (record,) = records(1, live)
     store.enqueue(record)  # no wake-up of its own: the drains in progress must see it
     (live_sent,) = wait_for(lambda: sent(stub, live), 30, 0.02)
-    assert live_sent - enqueued_at < 1.0  # the next claim of any drain took it
+    # the next claim of any drain took it: only what the drains held already went ahead
+    # (counted, not timed, so a busy machine cannot fail it)
+    ahead = [t for t in sent(stub, bulk) if enqueued_at <= t < live_sent]
+    assert len(ahead) <= 4 * MAX_BATCH
     assert store.counts()["pending"] > 1000  # ... long before the backlog drained
 
 
