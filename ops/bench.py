@@ -42,13 +42,13 @@ from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
-from worker.audit import configure_logging
-from worker.errors import BackfillError
+from worker.deliver.provider import PATH, ProviderClient, build_body, build_headers
+from worker.enqueue.record import BackfillRecord
 from worker.local.processes import LocalRedis, WorkerProcess, free_port, local_env
-from worker.provider import PATH, ProviderClient, build_body, build_headers
-from worker.record import BackfillRecord
+from worker.operate.audit import configure_logging
+from worker.operate.errors import BackfillError
 from worker.settings import ENV_PREFIX
-from worker.store import Store
+from worker.state.store import Store
 
 KEY, SECRET = "bench-key", "bench-secret-not-for-production"
 APP_ID, NUMBER, TIME_MS = "bench-app", "8613512345678", "1700000000000"
@@ -365,7 +365,7 @@ def measure_http(fleet: Fleet, sizes: Sizes) -> Figures:
 
 def measure_enqueue(store: Store, sizes: Sizes) -> Figures:
     """Single ``enqueue_backfill`` calls (ms) and bulk ``Store.enqueue_many`` (rows/s)."""
-    from worker.producer import enqueue_backfill
+    from worker.enqueue.producer import enqueue_backfill
 
     for i in range(20):  # load the Lua scripts, open the connection
         enqueue_backfill(app_id=APP_ID, msgid=f"warm-{i}", number=NUMBER, time=TIME_MS)
@@ -400,7 +400,7 @@ def measure_memory(store: Store, sizes: Sizes) -> Figures:
         store.enqueue_many(rows, source="bench")
     pending = (_used_memory(store) - before) / count
     figures = {"redis_bytes_per_pending": pending}
-    from worker import keys
+    from worker.state import keys
 
     index = 0.0
     if hasattr(keys, "index"):  # the lookup index's share, exactly (SAMPLES 0: every entry)
@@ -419,9 +419,9 @@ def fail_all(store: Store, count: int, retry_in_s: float) -> None:
     """Claim ``count`` due deliveries in batches and record a failed attempt (the transient
     provider code -18) for each, through the real step script, as a worker would. (Not HTTP
     503: that many of them with no success between is an outage, and the fleet holds.)"""
-    from worker.policy import AnswerClass, Evidence, Outcome, Verdict
-    from worker.provider import Answer
-    from worker.steps import Finish
+    from worker.deliver.policy import AnswerClass, Evidence, Outcome, Verdict
+    from worker.deliver.provider import Answer
+    from worker.deliver.steps import Finish
 
     answer = Answer(
         AnswerClass.TRANSIENT, http_status=200, api_status="-18", api_reason="system busy",
@@ -479,7 +479,7 @@ def measure_drain(fleet: Fleet, store: Store, records: int) -> Figures:
 
 def _index_entry_bytes(store: Store) -> float:
     """What one lookup index entry of the bench's app costs (0 without the index)."""
-    from worker import keys
+    from worker.state import keys
 
     if not hasattr(keys, "index"):
         return 0.0
@@ -498,7 +498,7 @@ def _command_usec(store: Store) -> dict[str, float]:
 
 def send_live(tag: str, count: int, gap_s: float) -> dict[str, float]:
     """``count`` records through ``enqueue_backfill``, ``gap_s`` apart; when each was sent."""
-    from worker.producer import enqueue_backfill
+    from worker.enqueue.producer import enqueue_backfill
 
     sent = {}
     for i in range(count):
@@ -696,7 +696,7 @@ def _used_memory(store: Store) -> int:
 
 def _forget_settings() -> None:
     """Drop settings and clients cached from an earlier environment."""
-    from worker import tasks
+    from worker.deliver import tasks
 
     if hasattr(tasks, "get_runtime"):  # the design before drains (PYTHONPATH elsewhere)
         from worker.app import get_settings  # type: ignore[attr-defined]
@@ -710,8 +710,8 @@ def _forget_settings() -> None:
 
 
 def _store_factory() -> Callable[[], Store]:
-    """The process's store: from worker.runtime, or worker.tasks before drains."""
-    from worker import tasks
+    """The process's store: from worker.runtime, or worker.deliver.tasks before drains."""
+    from worker.deliver import tasks
 
     if hasattr(tasks, "get_store"):
         return tasks.get_store  # type: ignore[no-any-return]

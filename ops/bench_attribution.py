@@ -40,12 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker import keys
-from worker.connection import connect
+from worker.enqueue.record import BackfillRecord
 from worker.local.processes import LocalRedis, WorkerProcess, local_env
 from worker.local.stub import ProviderStub
-from worker.record import BackfillRecord
-from worker.store import Store
+from worker.state import keys
+from worker.state.connection import connect
+from worker.state.store import Store
 
 KEY, SECRET = "attribution-key", "attribution-secret"
 SETTINGS: dict[str, object] = {

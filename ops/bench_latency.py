@@ -51,10 +51,10 @@ from bench import (
     stub_call,
 )
 
-from worker.connection import connect
-from worker.errors import BackfillError
+from worker.deliver.provider import ProviderClient
 from worker.local.processes import LocalRedis, free_port, local_env
-from worker.provider import ProviderClient
+from worker.operate.errors import BackfillError
+from worker.state.connection import connect
 
 OPS = Path(__file__).resolve().parent
 Row = dict[str, object]
@@ -146,7 +146,7 @@ def tree_rss_mb(pid: int) -> float:
 
 def enqueue_child(kind: str, count: int, tag: str) -> None:
     """(In a child process) enqueue ``count`` records the way ``kind`` takes them."""
-    from worker.record import BackfillRecord
+    from worker.enqueue.record import BackfillRecord
 
     rows = [BackfillRecord(APP_ID, NUMBER, TIME_MS, msgid=f"{tag}-{i}") for i in range(count)]
     if kind == "dramatiq":

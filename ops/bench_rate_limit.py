@@ -17,11 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from worker.connection import connect
+from worker.enqueue.record import BackfillRecord
 from worker.local.processes import LocalRedis, WorkerProcess, local_env
 from worker.local.stub import ProviderStub
-from worker.record import BackfillRecord
-from worker.store import Store
+from worker.state.connection import connect
+from worker.state.store import Store
 
 KEY, SECRET = "rate-key", "rate-secret"
 

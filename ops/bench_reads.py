@@ -29,9 +29,9 @@ from typing import Any
 import redis
 import requests
 
+from worker.enqueue.record import BackfillRecord
 from worker.local.processes import LocalRedis, WorkerProcess, free_port, local_env
 from worker.local.stub import ProviderStub
-from worker.record import BackfillRecord
 
 KEY, SECRET = "bench-key-0001", "bench-secret-never-logged"
 APP = "bench-app"
@@ -121,7 +121,7 @@ def deliveries(stub: ProviderStub, delivered: int, dead: int, waiting: int) -> d
 
 def settle(client: redis.Redis, dead: int, timeout_s: float = 900) -> None:
     """Wait until the worker has delivered or buried every due delivery."""
-    from worker import keys
+    from worker.state import keys
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

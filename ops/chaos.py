@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from worker.deliver.policy import retry_window
+from worker.enqueue.record import BackfillRecord
 from worker.local.processes import LocalRedis, WorkerProcess, local_env
 from worker.local.stub import ProviderStub
-from worker.policy import retry_window
-from worker.record import BackfillRecord
 
 KEY, SECRET = "chaos-key", "chaos-secret"
 MAX_ATTEMPTS, BACKOFF_BASE_S, BACKOFF_CAP_S = 12, 0.1, 2.0

@@ -16,8 +16,8 @@ import threading
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 
-from worker.provider import ProviderClient
-from worker.record import BackfillRecord
+from worker.deliver.provider import ProviderClient
+from worker.enqueue.record import BackfillRecord
 
 QUEUE = "peer"
 broker = RedisBroker(url=os.environ.get("PEER_REDIS_URL", "redis://127.0.0.1:6379/15"))

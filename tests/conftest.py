@@ -2,7 +2,7 @@
 
 Each fixture is a factory that stops what it started. The session worker runs with
 short backoff and pause settings so the suite is quick; the production defaults are
-covered by the unit tests of ``worker.settings`` and ``worker.policy``.
+covered by the unit tests of ``worker.settings`` and ``worker.deliver.policy``.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from tests.helpers import (
     read_log,
     wait_for,  # noqa: F401 - the test modules import it from here
 )
-from worker import keys
 from worker.local.processes import LocalRedis, WorkerProcess, local_env
 from worker.local.stub import ProviderStub
-from worker.store import Store
+from worker.state import keys
+from worker.state.store import Store
 
 API_KEY = "test-key-0001"
 API_SECRET = "s3cret-value-that-must-never-be-logged"

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import redis
 
-from worker import keys
-from worker.connection import connect
+from worker.deliver.steps import Claim, Finish
 from worker.local.processes import WorkerProcess
-from worker.steps import Claim, Finish
-from worker.store import Store
+from worker.state import keys
+from worker.state.connection import connect
+from worker.state.store import Store
 
 
 def backfill(

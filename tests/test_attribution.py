@@ -18,11 +18,11 @@ import pytest
 
 from tests.conftest import API_KEY, API_SECRET, wait_for
 from tests.helpers import events, state_counts
-from worker import keys
+from worker.enqueue.record import BackfillRecord
 from worker.local.processes import LocalRedis, WorkerProcess
 from worker.local.stub import ProviderStub
-from worker.record import BackfillRecord
-from worker.store import Store
+from worker.state import keys
+from worker.state.store import Store
 
 FLEET_ENV = {  # what ``fleet`` starts its workers with
     "BACKFILL_MAX_ATTEMPTS": "6",

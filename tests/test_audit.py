@@ -10,10 +10,10 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from worker.audit import REDACTED, configure_logging, log_attempt, redactor
-from worker.policy import AnswerClass, Outcome
-from worker.provider import Answer, sign
-from worker.record import BackfillRecord
+from worker.deliver.policy import AnswerClass, Outcome
+from worker.deliver.provider import Answer, sign
+from worker.enqueue.record import BackfillRecord
+from worker.operate.audit import REDACTED, configure_logging, log_attempt, redactor
 
 SECRET = "unit-test-secret-xyz"
 

@@ -15,12 +15,12 @@ import redis
 
 from tests.conftest import unique, wait_for
 from tests.helpers import backfill, snapshot
-from worker.bulk import UNCLOSED, UnreadableInput, count_lines, read_rows
-from worker.delivery import delivery_id
-from worker.errors import InvalidRecord
+from worker.enqueue.bulk import UNCLOSED, UnreadableInput, count_lines, read_rows
+from worker.enqueue.record import FIELDS, BackfillRecord
 from worker.local.processes import WorkerProcess
-from worker.record import FIELDS, BackfillRecord
+from worker.operate.errors import InvalidRecord
 from worker.runtime import get_store
+from worker.state.delivery import delivery_id
 
 
 def row(**changes: str) -> dict[str, str]:

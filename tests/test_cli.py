@@ -16,8 +16,8 @@ import requests
 from tests.conftest import API_KEY, API_SECRET, unique, wait_for
 from tests.helpers import backfill, leftovers, listening, snapshot
 from worker import enqueue_backfill
+from worker.deliver.provider import build_headers
 from worker.local.processes import free_port
-from worker.provider import build_headers
 
 
 @pytest.mark.parametrize(

@@ -26,11 +26,11 @@ import pytest
 
 from tests.conftest import API_KEY, API_SECRET, read_log, wait_for
 from tests.helpers import open_store
-from worker import keys
-from worker.clock import SharedClock, offset_problem
+from worker.enqueue.record import BackfillRecord
 from worker.local.processes import LocalRedis, WorkerProcess
 from worker.local.stub import ProviderStub
-from worker.record import BackfillRecord
+from worker.operate.clock import SharedClock, offset_problem
+from worker.state import keys
 
 AHEAD = ("faketime", "-f", "+600")  # ten minutes ahead
 SKEW = """import time
@@ -39,10 +39,10 @@ time.time = lambda: _time() + 600
 time.time_ns = lambda: _time_ns() + 600_000_000_000
 """
 SIGN = """import sys
-from worker.clock import clock
-from worker.connection import connect
-from worker.provider import ProviderClient
-from worker.record import BackfillRecord
+from worker.operate.clock import clock
+from worker.state.connection import connect
+from worker.deliver.provider import ProviderClient
+from worker.enqueue.record import BackfillRecord
 clock.correct = sys.argv[3] == "1"
 clock.measure(connect(sys.argv[1]))
 answer = ProviderClient(sys.argv[2], sys.argv[4], sys.argv[5]).send(

@@ -29,17 +29,17 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tests.conftest import API_KEY, API_SECRET, unique, wait_for, worker_settings
-from worker import delivery, keys
-from worker.audit import configure_logging, redactor
 from worker.console.app import create_app
 from worker.console.auth import Guard, parse_users, same_origin
 from worker.console.chart import nice_top
 from worker.console.times import record_date, relative, when
-from worker.errors import ConfigError
+from worker.enqueue.record import BackfillRecord
 from worker.local.processes import LocalRedis, WorkerProcess, free_port
 from worker.local.stub import ProviderStub
-from worker.record import BackfillRecord
-from worker.store import Store
+from worker.operate.audit import configure_logging, redactor
+from worker.operate.errors import ConfigError
+from worker.state import delivery, keys
+from worker.state.store import Store
 
 USERS = {"alice": "correct-horse-battery", "bob": "another-long-password"}
 NUMBER = "8613512345678"

@@ -25,10 +25,10 @@ from selenium.webdriver.common.by import By
 
 from tests.conftest import unique, wait_for
 from tests.helpers import open_store, serving
+from worker.enqueue.record import BackfillRecord
 from worker.local.processes import LocalRedis, WorkerProcess, free_port
 from worker.local.stub import ProviderStub
-from worker.record import BackfillRecord
-from worker.store import Store
+from worker.state.store import Store
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

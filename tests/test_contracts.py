@@ -1,5 +1,5 @@
 """The contract between Python and the Lua scripts: each script's keys and arguments by name
-(``worker/scripts.py``) and the delivery hash's field letters (``keys.FIELD``) are what the
+(``worker/state/scripts.py``) and the delivery hash's field letters (``keys.FIELD``) are what the
 Lua reads; no Lua function is long either (the same 60-line rule as Python's)."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from worker import keys, scripts
-from worker.connection import connect
 from worker.local.processes import LocalRedis
+from worker.state import keys, scripts
+from worker.state.connection import connect
 
-LUA = Path(__file__).resolve().parent.parent / "worker" / "lua"
+LUA = Path(__file__).resolve().parent.parent / "worker" / "state" / "lua"
 MAX_FUNCTION_LINES = 60  # as tests/test_structure.py's for Python
 
 
@@ -112,11 +112,11 @@ def test_no_lua_function_is_long(path: Path) -> None:
 # and its checks, the places that turn Redis's errors into the project's (Redis full, down),
 # and the local tooling that starts a private Redis. Everything else asks them.
 OWN_REDIS = {
-    "worker.store", "worker.reads", "worker.connection", "worker.capacity", "worker.runtime",
-    "worker.dead_letters", "worker.bulk", "worker.waker", "worker.intake",
-    "worker.intake_server", "worker.intake_health", "worker.console.app", "worker.cli.common",
-    "worker.cli.find",
-    "worker.cli.services", "worker.local.processes",
+    "worker.state.store", "worker.state.reads", "worker.state.connection",
+    "worker.state.capacity", "worker.state.dead_letters", "worker.runtime",
+    "worker.enqueue.bulk", "worker.enqueue.intake", "worker.enqueue.intake_server",
+    "worker.enqueue.intake_health", "worker.deliver.waker", "worker.console.app",
+    "worker.cli.common", "worker.cli.find", "worker.cli.services", "worker.local.processes",
 }  # fmt: skip
 
 
@@ -131,7 +131,7 @@ def _imports_redis(path: Path) -> bool:
 
 
 def test_redis_is_imported_only_by_the_modules_that_own_redis_access() -> None:
-    root = LUA.parent.parent
+    root = LUA.parents[2]  # the repository
     found = {
         ".".join(path.relative_to(root).with_suffix("").parts)
         for path in sorted((root / "worker").rglob("*.py"))
@@ -141,11 +141,11 @@ def test_redis_is_imported_only_by_the_modules_that_own_redis_access() -> None:
 
 
 def test_every_script_is_called_through_its_contract() -> None:
-    root = LUA.parent.parent
+    root = LUA.parents[2]  # the repository
     for path in sorted((root / "worker").rglob("*.py")):
         text = path.read_text()
         calls = re.findall(r"register_script|\"EVALSHA\"|\.eval\(|\.evalsha\(", text)
         if path.name != "store.py":
             assert not calls, f"{path.name} runs a script around its contract"
-    store = (root / "worker" / "store.py").read_text()
+    store = (root / "worker" / "state" / "store.py").read_text()
     assert "scripts.ALL" in store

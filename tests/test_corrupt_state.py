@@ -16,15 +16,15 @@ import redis
 
 from tests.conftest import read_log, unique, wait_for
 from tests.helpers import open_store
-from worker import keys, scripts
+from worker.deliver.policy import AnswerClass, Evidence, OutageRules, Outcome, Verdict
+from worker.deliver.provider import Answer
+from worker.deliver.steps import BULK, Claim, Finish
+from worker.enqueue.record import BackfillRecord
 from worker.local.processes import LocalRedis
 from worker.local.stub import ProviderStub
-from worker.policy import AnswerClass, Evidence, OutageRules, Outcome, Verdict
-from worker.provider import Answer
-from worker.record import BackfillRecord
 from worker.runtime import get_store
-from worker.steps import BULK, Claim, Finish
-from worker.store import HISTORY, Store
+from worker.state import keys, scripts
+from worker.state.store import HISTORY, Store
 
 pytestmark = pytest.mark.usefixtures("worker")
 NUMBER = "8613512345678"

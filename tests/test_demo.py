@@ -15,9 +15,9 @@ import requests
 
 from tests.conftest import API_SECRET, wait_for
 from tests.helpers import backfill, leftovers, listening
+from worker.deliver.provider import build_headers
 from worker.local.processes import free_port
 from worker.local.stub import LOCAL_API_KEY, LOCAL_API_SECRET
-from worker.provider import build_headers
 
 BODY = {"appId": "a", "msgid": "m", "number": "8613512345678", "time": "1681184764000"}
 

@@ -8,14 +8,21 @@ from collections.abc import Callable
 
 from tests.conftest import unique, wait_for
 from tests.helpers import open_store
-from worker.lanes import LIVE_WAIT_MS, MAX_BATCH, RELEASED, batch_size, lanes_wanted, stop_lane
+from worker.deliver.lanes import (
+    LIVE_WAIT_MS,
+    MAX_BATCH,
+    RELEASED,
+    batch_size,
+    lanes_wanted,
+    stop_lane,
+)
+from worker.deliver.policy import RELEASE, AnswerClass, Evidence, Outcome, Verdict
+from worker.deliver.provider import Answer
+from worker.deliver.steps import Claim, Finish
+from worker.enqueue.record import BackfillRecord
 from worker.local.processes import LocalRedis, WorkerProcess
 from worker.local.stub import ProviderStub
-from worker.policy import RELEASE, AnswerClass, Evidence, Outcome, Verdict
-from worker.provider import Answer
-from worker.record import BackfillRecord
-from worker.steps import Claim, Finish
-from worker.store import Store
+from worker.state.store import Store
 
 Spawn = Callable[..., WorkerProcess]
 

@@ -21,10 +21,12 @@ import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker import InvalidRecord, enqueue_backfill, enqueue_record, keys, producer
-from worker.record import EARLIEST_TIME_MS, FIELDS, BackfillRecord
+from worker import InvalidRecord, enqueue_backfill, enqueue_record
+from worker.enqueue import producer
+from worker.enqueue.record import EARLIEST_TIME_MS, FIELDS, BackfillRecord
 from worker.runtime import wake_message
-from worker.store import Store
+from worker.state import keys
+from worker.state.store import Store
 
 NOW_MS = int(time.time() * 1000)
 DAY_MS = 24 * 3600 * 1000

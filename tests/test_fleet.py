@@ -9,9 +9,9 @@ import requests
 
 from tests.conftest import unique, wait_for
 from tests.helpers import open_store
+from worker.enqueue.record import BackfillRecord
 from worker.local.processes import LocalRedis, WorkerProcess, free_port
 from worker.local.stub import ProviderStub
-from worker.record import BackfillRecord
 
 Spawn = Callable[..., WorkerProcess]
 

@@ -20,14 +20,14 @@ from tests import hostile
 from tests.certs import CA
 from tests.conftest import API_KEY, API_SECRET, read_log, unique, wait_for
 from tests.helpers import open_store
-from worker import keys
-from worker.connection import connect
+from worker.deliver.policy import AnswerClass
+from worker.deliver.provider import ProviderClient
+from worker.enqueue.record import BackfillRecord
 from worker.local.processes import LocalRedis, WorkerProcess, local_env
-from worker.policy import AnswerClass
-from worker.provider import ProviderClient
-from worker.record import BackfillRecord
 from worker.settings import load_settings
-from worker.store import Store
+from worker.state import keys
+from worker.state.connection import connect
+from worker.state.store import Store
 
 NUMBER = "8613512345678"
 MAX_ATTEMPTS = 3

@@ -1,4 +1,4 @@
-"""Requests in flight per process (``worker.inflight``): grown for a far-away provider,
+"""Requests in flight per process (``worker.deliver.inflight``): grown for a far-away provider,
 shrunk for one that slows down under load, halved by failures that point at it; and real
 drains against a stub whose latency rises with the requests in flight."""
 
@@ -11,16 +11,16 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import API_KEY, API_SECRET, unique, wait_for
-from worker.connection import connect
-from worker.drain import Context, drain, fleet
-from worker.inflight import FLOOR, TOLERANCE, Limiter, Window
+from worker.deliver.drain import Context, drain, fleet
+from worker.deliver.inflight import FLOOR, TOLERANCE, Limiter, Window
+from worker.deliver.policy import Evidence
+from worker.deliver.provider import ProviderClient
+from worker.enqueue.record import BackfillRecord
 from worker.local.processes import LocalRedis
 from worker.local.stub import ProviderStub
-from worker.policy import Evidence
-from worker.provider import ProviderClient
-from worker.record import BackfillRecord
 from worker.runtime import build_store
 from worker.settings import load_settings
+from worker.state.connection import connect
 
 
 def fill(limiter: Limiter, latency_ms: float, evidence: Evidence = Evidence.UP) -> Window:

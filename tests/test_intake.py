@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from tests.conftest import read_log, wait_for
 from tests.helpers import backfill
 from tests.intake_helpers import OTHER, TOKEN, Intake, healthy, rec, running_intake
-from worker import keys
 from worker.local.processes import LocalRedis, WorkerProcess, free_port
+from worker.state import keys
 
 
 @pytest.fixture(scope="module")
@@ -281,8 +281,8 @@ def _callers(delivery_id: str) -> str:
 
 def _two_record_call() -> list[Any]:
     """The arguments Store.enqueue_many passes for two fresh records (the key prefix last)."""
-    from worker.delivery import delivery_id
-    from worker.record import BackfillRecord
+    from worker.enqueue.record import BackfillRecord
+    from worker.state.delivery import delivery_id
 
     args: list[Any] = ["b", "", 0, "", "", "1"]
     for _ in range(2):

@@ -24,8 +24,8 @@ import requests
 
 from tests.conftest import wait_for
 from tests.intake_helpers import TOKEN, TOKENS, Intake, healthy, rec, running_intake
-from worker import keys
 from worker.local.processes import free_port
+from worker.state import keys
 
 CLIENTS = 1000
 

@@ -13,13 +13,13 @@ import pytest
 import redis
 
 from tests.conftest import read_log, unique, wait_for
-from worker.connection import connect
-from worker.heartbeat import stalled
+from worker.deliver.messages import wake_message
+from worker.enqueue.record import BackfillRecord
 from worker.local.processes import LocalRedis, WorkerProcess
 from worker.local.stub import ProviderStub
-from worker.messages import wake_message
-from worker.record import BackfillRecord
-from worker.store import Store
+from worker.operate.heartbeat import stalled
+from worker.state.connection import connect
+from worker.state.store import Store
 
 
 def health(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -16,17 +16,18 @@ from click.testing import CliRunner
 from tests import intake_helpers
 from tests.conftest import unique, wait_for
 from tests.helpers import step_through
-from worker import enqueue_backfill, keys, lookup
+from worker import enqueue_backfill
 from worker.cli import main
-from worker.connection import connect
-from worker.delivery import delivery_id as id_of
+from worker.deliver.policy import AnswerClass, Outcome, Verdict
+from worker.deliver.provider import Answer
+from worker.deliver.steps import Finish
+from worker.enqueue.record import BackfillRecord
 from worker.local.processes import LocalRedis
-from worker.lookup import InvalidQuery, find, parse_query
-from worker.policy import AnswerClass, Outcome, Verdict
-from worker.provider import Answer
-from worker.record import BackfillRecord
-from worker.steps import Finish
-from worker.store import Store
+from worker.state import keys, lookup
+from worker.state.connection import connect
+from worker.state.delivery import delivery_id as id_of
+from worker.state.lookup import InvalidQuery, find, parse_query
+from worker.state.store import Store
 
 NUMBER = "8613512345678"
 SHOWN = "*********5678"

@@ -22,16 +22,16 @@ import pytest
 
 from tests.conftest import unique, wait_for
 from tests.helpers import backfill, step_through
-from worker import keys
 from worker.console import actions
-from worker.dead_letters import batches, fixed_end, replay_until
+from worker.deliver.policy import AnswerClass, Outcome, Verdict
+from worker.deliver.provider import Answer
+from worker.deliver.steps import LIVE, Finish
+from worker.enqueue.record import BackfillRecord
 from worker.local.processes import LocalRedis, WorkerProcess
 from worker.local.stub import ProviderStub
-from worker.policy import AnswerClass, Outcome, Verdict
-from worker.provider import Answer
-from worker.record import BackfillRecord
-from worker.steps import LIVE, Finish
-from worker.store import Store
+from worker.state import keys
+from worker.state.dead_letters import batches, fixed_end, replay_until
+from worker.state.store import Store
 
 BAD = Answer(AnswerClass.BAD_RECORD, api_status="-9", api_reason="invalid number")
 

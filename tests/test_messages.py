@@ -1,4 +1,4 @@
-"""``worker.messages``: the wake-up messages, built by hand as kombu's Redis transport keeps
+"""``worker.deliver.messages``: the wake-up messages, built by hand as kombu's Redis transport keeps
 Celery protocol-2 messages.
 
 That a wake-up equals what ``deliver.apply_async`` writes is ``test_tasks.py``'s; these
@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from kombu import Connection, Consumer, Exchange, Message, Queue
 
+from worker.deliver.messages import DELIVER_TASK, wake_message, wake_messages
 from worker.local.processes import LocalRedis
-from worker.messages import DELIVER_TASK, wake_message, wake_messages
 
 EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 ORIGIN = f"gen{os.getpid()}@{socket.gethostname()}"

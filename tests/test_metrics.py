@@ -1,4 +1,4 @@
-"""``worker.metrics``: the fleet gauges a scrape reads from Redis, and serving them.
+"""``worker.operate.metrics``: the fleet gauges a scrape reads from Redis, and serving them.
 
 The collector runs over a real ``Store`` on a Redis of this module's own; what a real
 worker serves end to end is ``test_fleet.py``'s and ``test_ops_monitoring.py``'s.
@@ -20,15 +20,16 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from structlog.testing import capture_logs
 
-from worker import keys, metrics
-from worker.connection import connect
-from worker.errors import ConfigError
+from worker.deliver.policy import AnswerClass, Outcome, Verdict
+from worker.deliver.provider import Answer
+from worker.deliver.steps import LIVE, Finish
+from worker.enqueue.record import BackfillRecord
 from worker.local.processes import LocalRedis, free_port
-from worker.policy import AnswerClass, Outcome, Verdict
-from worker.provider import Answer
-from worker.record import BackfillRecord
-from worker.steps import LIVE, Finish
-from worker.store import Store
+from worker.operate import metrics
+from worker.operate.errors import ConfigError
+from worker.state import keys
+from worker.state.connection import connect
+from worker.state.store import Store
 
 QUEUE = "backfill-metrics"
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,9 +166,9 @@ def test_serving_on_an_address_not_of_this_host_names_host_and_port(store: Store
 CHILD = textwrap.dedent(
     """
     import sys, urllib.request
-    from worker import metrics
-    from worker.connection import connect
-    from worker.store import Store
+    from worker.operate import metrics
+    from worker.state.connection import connect
+    from worker.state.store import Store
 
     url, port = sys.argv[1], int(sys.argv[2])
     store = Store(connect(url), dedupe_ttl_s=3600)

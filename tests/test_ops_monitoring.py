@@ -18,9 +18,9 @@ import yaml
 
 from tests.conftest import unique, wait_for
 from tests.helpers import open_store
+from worker.enqueue.record import BackfillRecord
 from worker.local.processes import LocalRedis, WorkerProcess, free_port
 from worker.local.stub import ProviderStub
-from worker.record import BackfillRecord
 
 OPS = Path(__file__).resolve().parent.parent / "ops"
 ALERTS = OPS / "prometheus" / "alerts.yml"

@@ -17,12 +17,12 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.helpers import events, state_counts
-from worker import keys
+from worker.deliver.policy import Evidence, outage_evidence, retry_window
+from worker.enqueue.record import BackfillRecord
 from worker.local.processes import WorkerProcess
 from worker.local.stub import ProviderStub
-from worker.policy import Evidence, outage_evidence, retry_window
-from worker.record import BackfillRecord
-from worker.store import Store
+from worker.state import keys
+from worker.state.store import Store
 
 # A short retry window: 3 attempts, 0.2 s then 0.4 s at most between them (0.6 s in all).
 FLEET_ENV = {  # what ``fleet`` starts its workers with

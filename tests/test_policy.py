@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from worker.policy import (
+from worker.deliver.policy import (
     RELEASE,
     AnswerClass,
     Evidence,

@@ -7,8 +7,8 @@ import json
 import pytest
 import requests
 
-from worker.policy import AnswerClass
-from worker.provider import (
+from worker.deliver.policy import AnswerClass
+from worker.deliver.provider import (
     ProviderClient,
     build_body,
     build_headers,
@@ -17,7 +17,7 @@ from worker.provider import (
     parse_retry_after,
     sign,
 )
-from worker.record import BackfillRecord
+from worker.enqueue.record import BackfillRecord
 
 
 def test_sign_matches_the_providers_published_vector() -> None:

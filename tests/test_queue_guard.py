@@ -1,4 +1,4 @@
-"""The broker guard (worker/transport.py) against real workers on a private Redis.
+"""The broker guard (worker/deliver/transport.py) against real workers on a private Redis.
 
 Without it one malformed message stops a worker with exit 0, and 1,000 ETA messages stop
 it consuming; with it each is logged once and the worker goes on delivering. A failure
@@ -24,12 +24,8 @@ from kombu import Connection as KombuConnection
 from tests.conftest import read_log, unique, wait_for
 from tests.helpers import open_store
 from worker.app import app as celery_app
-from worker.local.processes import LocalRedis, WorkerProcess
-from worker.local.stub import ProviderStub
-from worker.messages import wake_message
-from worker.record import BackfillRecord
-from worker.store import Store
-from worker.transport import (
+from worker.deliver.messages import wake_message
+from worker.deliver.transport import (
     EXCERPT_CHARS,
     SENTINEL_TRANSPORT,
     TRANSPORT,
@@ -38,6 +34,10 @@ from worker.transport import (
     excerpt,
     task_problem,
 )
+from worker.enqueue.record import BackfillRecord
+from worker.local.processes import LocalRedis, WorkerProcess
+from worker.local.stub import ProviderStub
+from worker.state.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 QUEUE = "backfill"

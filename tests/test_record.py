@@ -8,15 +8,15 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from worker.errors import InvalidRecord
-from worker.record import (
+from worker.enqueue.record import (
     EARLIEST_TIME_MS,
     MAX_TIME_AHEAD_MS,
     MAX_UNKNOWN_NAMED,
     BackfillRecord,
     time_out_of_range,
 )
-from worker.redact import mask_number
+from worker.operate.errors import InvalidRecord
+from worker.operate.redact import mask_number
 
 GOOD = {"app_id": "app-1", "msgid": "m-1", "number": "8613512345678", "time": "1681184764000"}
 

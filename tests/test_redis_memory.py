@@ -18,15 +18,15 @@ import redis.asyncio as aioredis
 
 from tests.conftest import API_KEY, API_SECRET, read_log, reset_caches, wait_for
 from tests.helpers import backfill
-from worker import capacity, keys
-from worker.connection import connect
-from worker.errors import ConfigError, RedisFull
-from worker.intake import accept
-from worker.intake_health import RedisCheck
+from worker.enqueue.intake import accept
+from worker.enqueue.intake_health import RedisCheck
+from worker.enqueue.record import BackfillRecord
 from worker.local.processes import LocalRedis, WorkerProcess, local_env
 from worker.local.stub import ProviderStub
-from worker.record import BackfillRecord
-from worker.store import Store
+from worker.operate.errors import ConfigError, RedisFull
+from worker.state import capacity, keys
+from worker.state.connection import connect
+from worker.state.store import Store
 
 Servers = Callable[..., LocalRedis]
 

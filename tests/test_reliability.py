@@ -18,16 +18,17 @@ import redis
 
 from tests.conftest import read_log, unique, wait_for
 from tests.helpers import backfill, open_store
-from worker import enqueue_backfill, keys
+from worker import enqueue_backfill
+from worker.deliver.messages import wake_message as legacy_message
+from worker.deliver.policy import AnswerClass, Outcome, Verdict
+from worker.deliver.provider import Answer
+from worker.deliver.steps import Finish
+from worker.enqueue.record import BackfillRecord
 from worker.local.processes import LocalRedis, WorkerProcess, free_port
 from worker.local.stub import ProviderStub
-from worker.messages import wake_message as legacy_message
-from worker.policy import AnswerClass, Outcome, Verdict
-from worker.provider import Answer
-from worker.record import BackfillRecord
 from worker.runtime import get_settings, get_store, wake, wake_message
-from worker.steps import Finish
-from worker.store import Store
+from worker.state import keys
+from worker.state.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 Spawn = Callable[..., WorkerProcess]

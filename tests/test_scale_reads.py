@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from worker import keys
 from worker.console import queries
 from worker.local.processes import LocalRedis
+from worker.state import keys
 
 ROOT = Path(__file__).resolve().parent.parent
 

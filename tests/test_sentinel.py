@@ -11,11 +11,11 @@ import pytest
 import redis
 
 from tests.conftest import unique, wait_for
-from worker.connection import connect
+from worker.enqueue.record import BackfillRecord
 from worker.local.processes import LocalRedis, WorkerProcess, free_port
 from worker.local.stub import ProviderStub
-from worker.record import BackfillRecord
-from worker.store import Store
+from worker.state.connection import connect
+from worker.state.store import Store
 
 Spawn = Callable[..., WorkerProcess]
 MASTER = "backfill-primary"

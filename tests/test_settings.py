@@ -21,8 +21,8 @@ import requests
 
 from tests.helpers import backfill
 from worker.app import celery_config
-from worker.errors import ConfigError
 from worker.local.processes import LocalRedis, WorkerProcess, free_port
+from worker.operate.errors import ConfigError
 from worker.settings import ENV_PREFIX, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -221,7 +221,7 @@ def test_defaults_and_the_documented_limits_are_accepted(clean_env: pytest.Monke
         ("BACKFILL_REDIS_URL", "redis://:pw@cache.internal:6380/3", None),
         ("BACKFILL_REDIS_URL", "redis://[::1]:6379", None),
         ("BACKFILL_REDIS_URL", "rediss://h:6380/0?ssl_cert_reqs=required", None),
-        # kombu reads the database from the first entry, worker.store from any
+        # kombu reads the database from the first entry, worker.state.store from any
         (
             "BACKFILL_REDIS_URL",
             "sentinel://a:26379;sentinel://b:26380/2",
@@ -244,11 +244,11 @@ def test_good_values_are_accepted(
 
 def test_celery_config_is_where_the_broker_is_chosen(clean_env: pytest.MonkeyPatch) -> None:
     plain = celery_config(load(clean_env, BACKFILL_QUEUE="q1"))
-    assert plain["broker_transport"] == "worker.transport:Transport"
+    assert plain["broker_transport"] == "worker.deliver.transport:Transport"
     assert plain["broker_transport_options"]["guarded_queues"] == ["q1"]
     assert "master_name" not in plain["broker_transport_options"]
     ha = celery_config(load(clean_env, BACKFILL_REDIS_URL="sentinel://a;sentinel://b"))
-    assert ha["broker_transport"] == "worker.transport:SentinelTransport"
+    assert ha["broker_transport"] == "worker.deliver.transport:SentinelTransport"
     assert ha["broker_url"] == "sentinel://a/0;sentinel://b/0"
     assert ha["broker_transport_options"]["master_name"] == "mymaster"
 

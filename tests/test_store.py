@@ -1,7 +1,9 @@
-"""``worker.store.Store``, one public method at a time, against a Redis of this module's own.
+"""``worker.state.store.Store``, one public method at a time, against a Redis of this
+module's own.
 
 No worker runs here: each test moves deliveries on itself through the real Lua scripts
-(``step`` with ``worker.steps.Finish`` and a ``worker.policy.Verdict``, as a drain does).
+(``step`` with ``worker.deliver.steps.Finish`` and a ``worker.deliver.policy.Verdict``, as
+a drain does).
 Bad script arguments and corrupt state are ``test_corrupt_state.py``'s; the lookup index
 is ``test_lookup.py``'s; lane fairness under a real worker is ``test_drain.py``'s.
 """
@@ -15,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from worker import delivery, keys
-from worker.policy import RELEASE, AnswerClass, Outcome, RetryRules, Verdict, judge
-from worker.provider import Answer
-from worker.record import BackfillRecord
-from worker.steps import BULK, LIVE, Claim, Finish, StepResult
-from worker.store import Store
+from worker.deliver.policy import RELEASE, AnswerClass, Outcome, RetryRules, Verdict, judge
+from worker.deliver.provider import Answer
+from worker.deliver.steps import BULK, LIVE, Claim, Finish, StepResult
+from worker.enqueue.record import BackfillRecord
+from worker.state import delivery, keys
+from worker.state.store import Store
 
 NUMBER, TIME = "8613512345678", "1681184764000"
 OK = Answer(AnswerClass.SUCCESS, http_status=200, api_status="0", api_reason="success")

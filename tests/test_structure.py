@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "worker"
 MAX_MODULE_LINES = 350
 MAX_FUNCTION_LINES = 60
-PURE = ("worker.policy", "worker.record", "worker.provider")
+PURE = ("worker.deliver.policy", "worker.enqueue.record", "worker.deliver.provider")
 _LUA_TOKEN = re.compile(
     r"--\[(?P<ceq>=*)\[.*?\](?P=ceq)\]|--[^\n]*|\[(?P<seq>=*)\[.*?\](?P=seq)\]"
     r"|'(?:\\.|[^'\\\n])*'|\"(?:\\.|[^\"\\\n])*\""
@@ -90,10 +90,10 @@ def lua_functions(text: str) -> list[tuple[str, int, int]]:
 
 
 def long_lua_functions() -> list[str]:
-    """The Lua functions in worker/lua over the function length limit."""
+    """The Lua functions in worker/state/lua over the function length limit."""
     return [
         f"{path.name}:{name}: {last - first + 1} lines"
-        for path in sorted((PACKAGE / "lua").glob("*.lua"))
+        for path in sorted((PACKAGE / "state" / "lua").glob("*.lua"))
         for name, first, last in lua_functions(path.read_text())
         if last - first + 1 > MAX_FUNCTION_LINES
     ]
@@ -170,12 +170,12 @@ def test_the_import_reader_sees_imports_inside_functions_and_relative_ones(
     source = tmp_path / "mod.py"
     source.write_text(
         "from typing import TYPE_CHECKING\n"
-        "if TYPE_CHECKING:\n    from worker.store import Store\n"
-        "def f() -> None:\n    from worker.dead_letters import batches\n"
-        "    import worker.keys\n    from . import routes\n    from .auth import Guard\n"
+        "if TYPE_CHECKING:\n    from worker.state.store import Store\n"
+        "def f() -> None:\n    from worker.state.dead_letters import batches\n"
+        "    import worker.state.keys\n    from . import routes\n    from .auth import Guard\n"
     )
     assert _imports(source, "worker.console.mod") >= {
-        "worker.store", "worker.dead_letters", "worker.keys",
+        "worker.state.store", "worker.state.dead_letters", "worker.state.keys",
         "worker.console.routes", "worker.console.auth",
     }  # fmt: skip
 

@@ -23,7 +23,7 @@ TIMEOUT = 2.0
 
 
 def md5_sign(key: str, secret: str, timestamp: str) -> str:
-    """The sign computed here, independently of the stub and of worker.provider."""
+    """The sign computed here, independently of the stub and of worker.deliver.provider."""
     return hashlib.md5((key + secret + timestamp).encode()).hexdigest()
 
 

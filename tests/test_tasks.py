@@ -13,11 +13,12 @@ import pytest
 import redis
 
 from tests.conftest import API_KEY, API_SECRET, read_log, unique, wait_for
-from worker import enqueue_backfill, keys
-from worker.delivery import delivery_id as delivery_id_of
+from worker import enqueue_backfill
+from worker.enqueue.record import BackfillRecord
 from worker.local.stub import ProviderStub
-from worker.record import BackfillRecord
 from worker.runtime import get_store
+from worker.state import keys
+from worker.state.delivery import delivery_id as delivery_id_of
 
 Audit = Callable[[str], list[dict[str, Any]]]
 pytestmark = pytest.mark.usefixtures("worker")
@@ -223,8 +224,8 @@ def test_every_worker_line_is_json_and_task_lines_carry_the_task_id(
 
 def test_published_messages_are_the_ones_celery_itself_writes(r: redis.Redis) -> None:
     """Wake-ups are protocol-2 messages built by hand; they must match apply_async's."""
-    from worker.messages import wake_message
-    from worker.tasks import deliver
+    from worker.deliver.messages import wake_message
+    from worker.deliver.tasks import deliver
 
     queue = f"compare-{unique()}"
     try:

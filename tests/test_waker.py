@@ -1,7 +1,8 @@
-"""``worker.waker.Waker``: how many wake-ups one tick publishes, and the heartbeat it writes.
+"""``worker.deliver.waker.Waker``: how many wake-ups one tick publishes, and the heartbeat it
+writes.
 
 A real ``Store`` on a Redis of this module's own; ``publish`` records the counts instead of
-writing messages (``test_messages.py`` checks those). ``worker.drain.fleet`` (this
+writing messages (``test_messages.py`` checks those). ``worker.deliver.drain.fleet`` (this
 process's drains) is set by the tests and put back after each.
 """
 
@@ -13,14 +14,14 @@ from typing import Any
 
 import pytest
 
-from worker import keys
-from worker.connection import connect
-from worker.drain import fleet
-from worker.heartbeat import BEAT_TTL_S, progress
+from worker.deliver.drain import fleet
+from worker.deliver.waker import Waker
+from worker.enqueue.record import BackfillRecord
 from worker.local.processes import free_port
-from worker.record import BackfillRecord
-from worker.store import Store
-from worker.waker import Waker
+from worker.operate.heartbeat import BEAT_TTL_S, progress
+from worker.state import keys
+from worker.state.connection import connect
+from worker.state.store import Store
 
 QUEUE = "backfill-waker"
 CONCURRENCY = 4

@@ -5,8 +5,8 @@ Public API: ``enqueue_backfill``, ``enqueue_record``, ``BackfillRecord``,
 the Celery app as ``worker.celery``.
 
 Importing the package is cheap: the names above are loaded on first use, so the pure
-core (``worker.policy``, ``worker.record``, ``worker.provider``) imports and runs without
-Celery or Redis installed.
+core (``worker.deliver.policy``, ``worker.enqueue.record``, ``worker.deliver.provider``)
+imports and runs without Celery or Redis installed.
 """
 
 from __future__ import annotations
@@ -16,19 +16,19 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from worker.app import app as celery
-    from worker.errors import BackfillError, ConfigError, InvalidRecord
-    from worker.producer import enqueue_backfill, enqueue_record
-    from worker.record import BackfillRecord
+    from worker.enqueue.producer import enqueue_backfill, enqueue_record
+    from worker.enqueue.record import BackfillRecord
+    from worker.operate.errors import BackfillError, ConfigError, InvalidRecord
 
 # public name -> (module, attribute)
 _LAZY = {
     "celery": ("worker.app", "app"),
-    "BackfillError": ("worker.errors", "BackfillError"),
-    "ConfigError": ("worker.errors", "ConfigError"),
-    "InvalidRecord": ("worker.errors", "InvalidRecord"),
-    "enqueue_backfill": ("worker.producer", "enqueue_backfill"),
-    "enqueue_record": ("worker.producer", "enqueue_record"),
-    "BackfillRecord": ("worker.record", "BackfillRecord"),
+    "BackfillError": ("worker.operate.errors", "BackfillError"),
+    "ConfigError": ("worker.operate.errors", "ConfigError"),
+    "InvalidRecord": ("worker.operate.errors", "InvalidRecord"),
+    "enqueue_backfill": ("worker.enqueue.producer", "enqueue_backfill"),
+    "enqueue_record": ("worker.enqueue.producer", "enqueue_record"),
+    "BackfillRecord": ("worker.enqueue.record", "BackfillRecord"),
 }
 
 __all__ = [

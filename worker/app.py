@@ -2,7 +2,7 @@
 
 Configuration is read lazily from the environment (``BACKFILL_*``), so importing the
 package in a web app costs nothing until the first enqueue. The broker transport is
-kombu's Redis transport behind the project's guard (``worker.transport``).
+kombu's Redis transport behind the project's guard (``worker.deliver.transport``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 from celery import Celery
 
 from worker import lifecycle  # Celery's signals for this app's workers are handled there
-from worker import transport as transport_module
+from worker.deliver import transport as transport_module
 from worker.runtime import get_settings
 from worker.settings import Settings
 
@@ -24,7 +24,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "socket_connect_timeout": 5,
         "socket_timeout": 30,
         "health_check_interval": 30,
-        # held to the Celery task shape, ETA headers cleared (worker/transport.py)
+        # held to the Celery task shape, ETA headers cleared (worker/deliver/transport.py)
         transport_module.GUARDED_QUEUES: [settings.queue],
     }
     sentinel = settings.redis_url.startswith("sentinel://")
@@ -33,7 +33,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.redis_url,
         # chosen here rather than by the URL's scheme, so a malformed message cannot stop
-        # a worker (worker/transport.py)
+        # a worker (worker/deliver/transport.py)
         "broker_transport": (
             transport_module.SENTINEL_TRANSPORT if sentinel else transport_module.TRANSPORT
         ),
@@ -66,7 +66,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-app = Celery("backfill", include=["worker.tasks"], amqp="worker.transport:AMQP")
+app = Celery("backfill", include=["worker.deliver.tasks"], amqp="worker.deliver.transport:AMQP")
 app.add_defaults(lambda: celery_config(get_settings()))
 
 __all__ = ["app", "celery_config", "lifecycle"]

@@ -20,17 +20,18 @@ import structlog
 from celery import signals
 from celery.apps import worker as celery_worker_module
 
-from worker import capacity, metrics
-from worker.audit import configure_logging
-from worker.clock import clock
-from worker.drain import Context, drain, fleet
-from worker.errors import ConfigError
-from worker.inflight import limiter
-from worker.provider import ca_bundle
+from worker.deliver.drain import Context, drain, fleet
+from worker.deliver.inflight import limiter
+from worker.deliver.provider import ca_bundle
+from worker.deliver.waker import Waker
+from worker.operate import metrics
+from worker.operate.audit import configure_logging
+from worker.operate.clock import clock
+from worker.operate.errors import ConfigError
 from worker.runtime import checked_store, get_client, get_settings, get_store, wake
 from worker.settings import Settings
-from worker.store import Store
-from worker.waker import Waker
+from worker.state import capacity
+from worker.state.store import Store
 
 log = structlog.get_logger("worker.lifecycle")
 

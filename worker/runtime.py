@@ -12,15 +12,15 @@ from functools import cache
 
 import redis
 
-from worker import capacity
-from worker.audit import redactor
-from worker.connection import connect
-from worker.errors import ConfigError
-from worker.messages import wake_messages
-from worker.provider import ProviderClient, ca_bundle
-from worker.redact import cap
+from worker.deliver.messages import wake_messages
+from worker.deliver.provider import ProviderClient, ca_bundle
+from worker.operate.audit import redactor
+from worker.operate.errors import ConfigError
+from worker.operate.redact import cap
 from worker.settings import Settings, load_settings
-from worker.store import Store
+from worker.state import capacity
+from worker.state.connection import connect
+from worker.state.store import Store
 
 
 @cache

@@ -13,9 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from worker.checks import check_base_url, check_redis_url, parse_tokens, valid_host
-from worker.errors import ConfigError
-from worker.policy import (
+from worker.deliver.policy import (
     DEFAULT_CODE_CLASSES,
     AnswerClass,
     OutageRules,
@@ -23,12 +21,14 @@ from worker.policy import (
     parse_code_table,
     retry_window,
 )
+from worker.operate.checks import check_base_url, check_redis_url, parse_tokens, valid_host
+from worker.operate.errors import ConfigError
 
 ENV_PREFIX = "BACKFILL_"
-# How long one wake-up drains before its task returns (worker.drain.BUDGET_S).
+# How long one wake-up drains before its task returns (worker.deliver.drain.BUDGET_S).
 DRAIN_BUDGET_S = 5.0
 # Requests in flight per worker process at most when BACKFILL_CONCURRENCY is not set (the
-# memory bound: worker.inflight sizes what is used below it from the provider's latency).
+# memory bound: worker.deliver.inflight sizes what is used below it from the provider's latency).
 DEFAULT_MAX_IN_FLIGHT = 256
 # Drains (Celery threads) per worker process at most: each sends a batch at once.
 MAX_DRAINS = 8

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import click
 import redis
 
-from worker.errors import ConfigError, InvalidRecord, RedisFull
+from worker.operate.errors import ConfigError, InvalidRecord, RedisFull
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,8 +32,8 @@ def exits(func: F) -> F:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
         except redis.exceptions.OutOfMemoryError:
-            from worker.capacity import full_error
             from worker.runtime import get_store
+            from worker.state.capacity import full_error
 
             click.echo(f"error: {full_error(get_store().redis)}", err=True)
             sys.exit(1)
@@ -45,7 +45,7 @@ def exits(func: F) -> F:
 
 
 def cli_logging() -> None:
-    from worker.audit import configure_logging
+    from worker.operate.audit import configure_logging
     from worker.runtime import get_settings
 
     settings = get_settings()

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import click
 import structlog
 
-from worker.errors import ConfigError
+from worker.operate.errors import ConfigError
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -43,7 +43,7 @@ def console(host: str, port: int, per_address: int) -> None:
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    from worker.intake_server import Limits, serve
+    from worker.enqueue.intake_server import Limits, serve
 
     structlog.get_logger("worker.console").info("console.ready", host=host, port=port)
     serve(application, host, port, Limits(max_connections=MAX_CONNECTIONS), per_address)
@@ -51,11 +51,11 @@ def console(host: str, port: int, per_address: int) -> None:
 
 def _application() -> FastAPI:
     """The console app for this environment's settings and users (ConfigError if bad)."""
-    from worker.audit import configure_logging, redactor
-    from worker.connection import connect
     from worker.console.app import create_app
     from worker.console.auth import VARIABLE, Guard, parse_users
+    from worker.operate.audit import configure_logging, redactor
     from worker.runtime import build_store, get_settings
+    from worker.state.connection import connect
 
     settings = get_settings()
     spec = settings.console_users.get_secret_value() if settings.console_users else ""

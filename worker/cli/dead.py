@@ -28,7 +28,7 @@ def dead() -> None:
 @exits
 def dead_list(limit: int, cursor: str | None, since: str | None, app_id: str | None) -> None:
     """Dead letters, newest first, a page at a time: id, app, masked number, attempts, error."""
-    from worker.redact import mask_number
+    from worker.operate.redact import mask_number
     from worker.runtime import get_store
 
     store = get_store()
@@ -128,8 +128,8 @@ def dead_purge(delivery_id: str | None, everything: bool, app_id: str | None, ye
 def _mass(verb: str, delivery_id: str | None, everything: bool, app_id: str | None,
           yes: bool) -> None:  # fmt: skip
     """One letter at once, or every one (of an app) up to an end fixed now, asked first."""
-    from worker import dead_letters
     from worker.runtime import get_store
+    from worker.state import dead_letters
 
     if bool(delivery_id) == everything:
         raise click.UsageError("give one DELIVERY_ID or --all")

@@ -9,7 +9,7 @@ from typing import Any
 import click
 import redis
 
-from worker.lookup import MAX_LIMIT, InvalidQuery
+from worker.state.lookup import MAX_LIMIT, InvalidQuery
 
 NOTHING_FOUND = 3  # as `backfill status` for an unknown id, apart from 1 (Redis unavailable)
 _COLUMNS = (
@@ -39,8 +39,8 @@ def find(
       2  bad input: the error names the field (--msgid, --app-id, --cursor)
       3  nothing found
     """
-    from worker.lookup import find as lookup
     from worker.runtime import get_store
+    from worker.state.lookup import find as lookup
 
     try:
         rows, next_cursor = lookup(get_store().redis, msgid, app_id, limit=limit, cursor=cursor)

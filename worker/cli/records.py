@@ -42,8 +42,8 @@ def enqueue(
       2  bad input: a bad field, a rejected row, a --file that is missing, a
          directory or not UTF-8 (the error names the line)
     """
-    from worker.producer import enqueue_record
-    from worker.record import BackfillRecord
+    from worker.enqueue.producer import enqueue_record
+    from worker.enqueue.record import BackfillRecord
 
     if file_ is not None:
         if any(v is not None for v in (app_id, msgid, number, time_)):
@@ -59,7 +59,7 @@ def enqueue(
 
 def _enqueue_file(path: str, fmt: str | None, rejects: str | None) -> int:
     """Enqueue every row of --file; returns the exit code (0 all accepted, 2 otherwise)."""
-    from worker import bulk
+    from worker.enqueue import bulk
     from worker.runtime import checked_store
 
     fmt = fmt or bulk.format_of(path)
@@ -143,7 +143,7 @@ def _bulk_summary(path: str, result: Any, rejects_path: Any) -> int:
 def _count_lines(raw: IO[bytes], fmt: str | None) -> int:
     """Rows in a file for the progress bar, then back to its start (UnreadableInput at a
     line that is not UTF-8)."""
-    from worker.bulk import count_lines
+    from worker.enqueue.bulk import count_lines
 
     lines = count_lines(raw)
     raw.seek(0)
@@ -178,7 +178,7 @@ def status(delivery_id: str) -> None:
     if found is None:
         click.echo(f"error: no delivery {delivery_id}", err=True)
         sys.exit(NO_SUCH_DELIVERY)
-    from worker.redact import mask_number
+    from worker.operate.redact import mask_number
 
     found["number"] = mask_number(found.get("number", ""))
     click.echo(json.dumps(found, indent=2))

@@ -9,7 +9,7 @@ import click
 import redis
 
 from worker.cli.common import exits
-from worker.errors import ConfigError
+from worker.operate.errors import ConfigError
 
 
 @click.command()
@@ -25,10 +25,10 @@ def worker(concurrency: int | None, hostname: str | None) -> None:
     """Run a worker (threads pool) with the project's defaults."""
     if concurrency is not None:  # the same cap as BACKFILL_CONCURRENCY
         os.environ["BACKFILL_CONCURRENCY"] = str(concurrency)
-    from worker import metrics
     from worker.app import app
-    from worker.audit import configure_logging
     from worker.lifecycle import worker_exit_status
+    from worker.operate import metrics
+    from worker.operate.audit import configure_logging
     from worker.runtime import checked_store, get_client, get_settings, get_store, reset
 
     reset()  # read the environment as it is now
@@ -203,12 +203,12 @@ def intake(
     threads: int,
 ) -> None:
     """Serve the HTTP intake (POST /v1/backfills) for non-Python producers."""
-    from worker import capacity
-    from worker.audit import configure_logging, redactor
-    from worker.checks import parse_tokens
-    from worker.intake import create_app
-    from worker.intake_server import Limits, health_client, intake_store, serve
+    from worker.enqueue.intake import create_app
+    from worker.enqueue.intake_server import Limits, health_client, intake_store, serve
+    from worker.operate.audit import configure_logging, redactor
+    from worker.operate.checks import parse_tokens
     from worker.runtime import get_settings
+    from worker.state import capacity
 
     settings = get_settings()
     if settings.intake_tokens is None:
@@ -244,10 +244,10 @@ def health(timeout: float, node: str | None) -> None:
     (at least one), or the timeout; it never scans Redis's keys."""
     from celery.utils.nodenames import host_format
 
-    from worker import capacity
     from worker.app import app
-    from worker.clock import clock
+    from worker.operate.clock import clock
     from worker.runtime import checked_store, get_store
+    from worker.state import capacity
 
     try:
         get_store().redis.ping()
@@ -285,7 +285,7 @@ def health(timeout: float, node: str | None) -> None:
 def _clocks(beats: dict[str, dict[str, str]]) -> dict[str, tuple[str, bool]]:
     """The workers whose clock is over BACKFILL_CLOCK_MAX_OFFSET_S off the shared clock:
     what to say, and whether it is fatal (only when they do not correct it)."""
-    from worker.clock import offset_problem
+    from worker.operate.clock import offset_problem
     from worker.runtime import get_settings
 
     limit = get_settings().clock_max_offset_s
@@ -296,7 +296,7 @@ def _clocks(beats: dict[str, dict[str, str]]) -> dict[str, tuple[str, bool]]:
 def _holding() -> str:
     """What holds the fleet (a provider outage, an account pause), for `health`; '' if none.
     A hold is not a worker's fault: the workers stay healthy while it lasts."""
-    from worker.clock import clock
+    from worker.operate.clock import clock
     from worker.runtime import get_store
 
     store = get_store()
@@ -318,8 +318,8 @@ def _holding() -> str:
 
 def _stalled_workers(node: str | None, beats: dict[str, dict[str, str]]) -> list[tuple[str, str]]:
     """The workers (just ``node`` when given) whose heartbeat says they are stalled."""
-    from worker.clock import clock
-    from worker.heartbeat import BEAT_TTL_S, stalled
+    from worker.operate.clock import clock
+    from worker.operate.heartbeat import BEAT_TTL_S, stalled
     from worker.runtime import get_settings
 
     if node and node not in beats:

@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 import structlog
 
 from worker.console.queries import dead_errors, error_key
-from worker.dead_letters import DeadEnd, MassResult, act_until, batches, fixed_end
-from worker.store import Store
+from worker.state.dead_letters import DeadEnd, MassResult, act_until, batches, fixed_end
+from worker.state.store import Store
 
 log = structlog.get_logger("worker.console")
 ALL = ""  # the group key that means every dead letter

@@ -24,8 +24,8 @@ from worker.console.context import Console, Refused, console_of
 from worker.console.limits import LoginLimiter
 from worker.console.routes import router
 from worker.console.times import record_date, when, when_ms
-from worker.redact import cap
-from worker.store import Store
+from worker.operate.redact import cap
+from worker.state.store import Store
 
 log = structlog.get_logger("worker.console")
 HEADERS = {

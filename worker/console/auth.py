@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
-from worker.errors import ConfigError
+from worker.operate.errors import ConfigError
 
 VARIABLE = "BACKFILL_CONSOLE_USERS"
 MIN_PASSWORD = 12

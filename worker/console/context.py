@@ -20,8 +20,8 @@ from starlette.responses import Response
 
 from worker.console.auth import Guard
 from worker.console.limits import LoginLimiter
-from worker.redact import cap
-from worker.store import Store
+from worker.operate.redact import cap
+from worker.state.store import Store
 
 log = structlog.get_logger("worker.console")
 FORM_LIMIT = 8 * 1024

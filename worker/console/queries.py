@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker import delivery, keys, lookup, reads
-from worker.audit import redactor
-from worker.reads import Client, read_briefs
-from worker.redact import mask_number, redact
-from worker.store import Store
+from worker.operate.audit import redactor
+from worker.operate.redact import mask_number, redact
+from worker.state import delivery, keys, lookup, reads
+from worker.state.reads import Client, read_briefs
+from worker.state.store import Store
 
 # Kept for callers of ``recent`` (no longer used: the overview never scans), and the
 # pending deliveries whose creation time the overview reads looking for the oldest.

@@ -20,7 +20,7 @@ from starlette.responses import Response
 from worker.console import actions, queries, watch
 from worker.console.chart import chart
 from worker.console.context import Refused, console_of, posted_form
-from worker.lookup import InvalidQuery
+from worker.state.lookup import InvalidQuery
 
 PAGE = 50
 _ID = re.compile(r"[\x21-\x7e]{1,128}")

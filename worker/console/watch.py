@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from worker import reads
 from worker.console.queries import summaries
-from worker.reads import Client
+from worker.state import reads
+from worker.state.reads import Client
 
 MINUTES = 60  # the chart's span
 PAGE = 50

@@ -19,9 +19,9 @@ from typing import Any
 
 import click
 
-from worker.audit import configure_logging
+from worker.deliver.policy import AnswerClass, classify_code
 from worker.local.processes import LocalRedis, WorkerProcess, local_env
-from worker.policy import AnswerClass, classify_code
+from worker.operate.audit import configure_logging
 
 DEMO_KEY, DEMO_SECRET = "demo-key", "demo-secret-not-for-production"
 BAD_SHARE = 0.02
@@ -87,7 +87,7 @@ def run_demo(*, records: int, fault_rate: float, workdir: str | None, keep: bool
 
 
 def _enqueue_samples(count: int, stub: object) -> list[str]:
-    from worker.producer import enqueue_backfill
+    from worker.enqueue.producer import enqueue_backfill
 
     rng = random.Random(42)
     base_ms = int(time.time() * 1000)

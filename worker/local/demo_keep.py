@@ -18,8 +18,8 @@ from types import FrameType
 
 import click
 
-from worker.errors import BackfillError
 from worker.local.processes import free_port
+from worker.operate.errors import BackfillError
 
 # A made-up user for the demo's console, on loopback only: never a real password.
 CONSOLE_USER, CONSOLE_PASSWORD = "demo", "demo-password-not-secret"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import redis
 
-from worker.errors import BackfillError
+from worker.operate.errors import BackfillError
 
 INSTALL_HINT = (
     "redis-server not found on PATH: install Redis 6.2 or newer, e.g. "
