@@ -180,6 +180,89 @@ def test_the_import_reader_sees_imports_inside_functions_and_relative_ones(
     }  # fmt: skip
 
 
+MAX_TOP_LEVEL_MODULES = 12
+STAGES = ("enqueue", "state", "deliver", "operate")  # in the order a record goes through
+# What each stage uses of the other stages' modules. The folders follow the data flow, not
+# a layering: their imports go both ways (docs/how-it-works.md, "The modules, folder by
+# folder", says how), so this states the real map instead of an order. A stage may also use
+# the wiring at the top (WIRING), never cli/, console/ or local/.
+STAGE_USES = {
+    "enqueue": {
+        "state.store", "state.lookup", "state.capacity", "state.connection",
+        "operate.audit", "operate.errors", "operate.redact",
+    },
+    "state": {
+        "enqueue.record", "deliver.steps", "deliver.policy",
+        "operate.errors", "operate.clock", "operate.redact",
+    },
+    "deliver": {
+        "enqueue.record", "state.store", "state.capacity",
+        "operate.audit", "operate.metrics", "operate.heartbeat",
+        "operate.errors", "operate.clock", "operate.redact",
+    },
+    "operate": {
+        "enqueue.record", "deliver.provider", "deliver.policy", "deliver.inflight",
+        "state.store", "state.capacity",
+    },
+}  # fmt: skip
+WIRING = {"settings", "runtime", "app"}
+
+
+def stage_of(name: str) -> str | None:
+    """The stage of a module (``worker.<stage>.<module>``), None outside the stages."""
+    parts = name.split(".")
+    return parts[1] if len(parts) > 2 and parts[1] in STAGES else None
+
+
+def stage_uses() -> dict[str, set[str]]:
+    """What each stage's modules import of the other worker modules, named without
+    ``worker.`` (its own modules and the stage packages themselves left out)."""
+    names = modules()
+    packages = {f"worker.{stage}" for stage in STAGES}
+    found: dict[str, set[str]] = {stage: set() for stage in STAGES}
+    for name, path in names.items():
+        stage = stage_of(name)
+        if stage is None:
+            continue
+        for imported in _imports(path, name) & names.keys():
+            if stage_of(imported) != stage and imported not in packages:
+                found[stage].add(imported.removeprefix("worker."))
+    return found
+
+
+def test_the_top_level_holds_the_wiring_and_the_stages() -> None:
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(top) <= MAX_TOP_LEVEL_MODULES, f"{len(top)} modules at the top: {top}"
+    assert all((PACKAGE / stage / "__init__.py").is_file() for stage in STAGES)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_stage_package_says_what_it_is_and_imports_nothing(stage: str) -> None:
+    tree = ast.parse((PACKAGE / stage / "__init__.py").read_text())
+    assert ast.get_docstring(tree), stage
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_uses_only_what_the_stage_map_says(stage: str) -> None:
+    """A new import between stages goes in STAGE_USES and in docs/how-it-works.md; one
+    that is gone comes out of both."""
+    used = stage_uses()[stage]
+    between = {u for u in used if u.split(".")[0] in STAGES}
+    unlisted, gone = sorted(between - STAGE_USES[stage]), sorted(STAGE_USES[stage] - between)
+    assert not unlisted, f"{stage} uses, not in STAGE_USES: {unlisted}"
+    assert not gone, f"{stage} no longer uses, in STAGE_USES: {gone}"
+    assert used - between <= WIRING, f"{stage} uses {sorted(used - between - WIRING)}"
+
+
+def test_the_stage_map_sees_each_form_of_import() -> None:
+    uses = stage_uses()
+    assert "state.store" in uses["enqueue"]  # from worker.state.store import Store
+    assert "state.capacity" in uses["deliver"]  # from worker.state import capacity
+    assert "settings" in uses["deliver"]  # from worker.settings import Settings
+    assert not [u for u in uses["enqueue"] if u.startswith("enqueue.")]
+
+
 def test_the_runtime_never_imports_the_local_tooling() -> None:
     for name, path in modules().items():
         if name.startswith(("worker.local", "worker.cli")):
