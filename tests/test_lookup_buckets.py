@@ -148,3 +148,17 @@ def test_a_bucket_of_the_wrong_type_never_stops_an_enqueue(store: Store) -> None
     store.redis.delete(keys.index_bucket("app-a", ""))
     store.enqueue(rec("m-newer", 98))
     assert every_page(store, "m-newer", "app-a", 10) == [id_of(rec("m-newer", 98))]
+
+
+def test_the_newest_delivered_are_a_list_and_an_older_sorted_set_is_replaced(
+    store: Store,
+) -> None:
+    store.redis.zadd(keys.DONE, {"older-layout": 1})  # what an earlier version kept
+    assert reads.newest_page(store.redis, False, 0, 10) == ([], 0)  # read as nothing yet
+    records = [rec(f"m-{i}", i) for i in range(30)]
+    store.enqueue_many(records)
+    delivered = settle(store, Outcome.DELIVERED)
+    assert store.redis.type(keys.DONE) == "list"
+    page, total = reads.newest_page(store.redis, False, 0, 10)
+    assert total == 30
+    assert page == delivered[::-1][:10]  # newest first

@@ -26,8 +26,8 @@ Short names: there is one delivery key per record, millions of them in a backfil
 - ``bf:m:<t>``         hash with a TTL of an hour: attempts recorded in the minute from
                        t * 60 s (epoch) by verdict (delivered, retry, dead, paused, held,
                        ...), for the console's chart
-- ``bf:done``          sorted set: the newest 10,000 deliveries by when they were
-                       delivered (ms), for the console's list of delivered ones
+- ``bf:done``          list: the newest 10,000 deliveries, newest first, for the console's
+                       list of delivered ones (a list: a tenth of a sorted set's memory)
 - ``bf:ramp``          string with a TTL: "<ms>|<rate>": when sends began to ramp up after a
                        hold or pause, and from what rate (per s)
 - ``bf:outage:last``   string: the delivery whose failure came last in a hold (probed in turn)

@@ -189,9 +189,15 @@ def lane_page(
 def newest_page(client: Client, dead: bool, start: int, count: int) -> tuple[list[str], int]:
     """A page of the dead letters (``dead``) or the newest delivered, newest first, and how
     many there are in all."""
-    key = keys.DEAD if dead else keys.DONE
     pipe = client.pipeline(transaction=True)
-    pipe.zcard(key)
-    pipe.zrevrange(key, start, start + count - 1)
-    total, members = pipe.execute()
+    if dead:
+        pipe.zcard(keys.DEAD)
+        pipe.zrevrange(keys.DEAD, start, start + count - 1)
+    else:
+        pipe.llen(keys.DONE)
+        pipe.lrange(keys.DONE, start, start + count - 1)
+    try:
+        total, members = pipe.execute()
+    except redis.ResponseError:  # another type (bf:done was a sorted set before): nothing yet
+        return [], 0
     return [str(member) for member in members], int(total)
