@@ -403,8 +403,8 @@ def measure_memory(store: Store, sizes: Sizes) -> Figures:
     from worker.state import keys
 
     index = 0.0
-    if hasattr(keys, "index"):  # the lookup index's share, exactly (SAMPLES 0: every entry)
-        index = (store.redis.memory_usage(keys.index(APP_ID), samples=0) or 0) / count
+    if hasattr(keys, "index") or hasattr(keys, "index_directory"):  # the lookup index's share
+        index = _index_size(store)[0] / count
         figures["redis_bytes_index"] = index
     if hasattr(store, "step"):  # the drain design's store
         for round_ in range(3):
@@ -479,13 +479,27 @@ def measure_drain(fleet: Fleet, store: Store, records: int) -> Figures:
 
 def _index_entry_bytes(store: Store) -> float:
     """What one lookup index entry of the bench's app costs (0 without the index)."""
+    size, entries = _index_size(store)
+    return size / entries if entries else 0.0
+
+
+def _index_size(store: Store) -> tuple[int, int]:
+    """The bench app's lookup index: (bytes, entries), exactly (MEMORY USAGE, SAMPLES 0), in
+    either layout (buckets and their directory, or one sorted set before buckets)."""
     from worker.state import keys
 
-    if not hasattr(keys, "index"):
-        return 0.0
-    entries = store.redis.zcard(keys.index(APP_ID))
-    size = store.redis.memory_usage(keys.index(APP_ID), samples=0) or 0
-    return size / entries if entries else 0.0
+    if hasattr(keys, "index_directory"):
+        directory = keys.index_directory(APP_ID)
+        names = [directory] + [
+            keys.index_bucket(APP_ID, bound) for bound in store.redis.zrange(directory, 0, -1)
+        ]
+        entries = sum(store.redis.zcard(name) for name in names[1:])
+    elif hasattr(keys, "index"):
+        names = [keys.index(APP_ID)]
+        entries = store.redis.zcard(names[0])
+    else:
+        return 0, 0
+    return sum(store.redis.memory_usage(name, samples=0) or 0 for name in names), entries
 
 
 def _command_usec(store: Store) -> dict[str, float]:

@@ -23,7 +23,7 @@ from worker.deliver.provider import Answer
 from worker.deliver.steps import Finish
 from worker.enqueue.record import BackfillRecord
 from worker.local.processes import LocalRedis
-from worker.state import keys, lookup
+from worker.state import keys, lookup, reads
 from worker.state.connection import connect
 from worker.state.delivery import delivery_id as id_of
 from worker.state.lookup import InvalidQuery, find, parse_query
@@ -68,7 +68,7 @@ def settle(store: Store, outcome: Outcome) -> list[str]:
 
 def entries(client: redis.Redis, app: str) -> set[tuple[str, str]]:
     """The (msgid, delivery_id) pairs in an app's index."""
-    members: list[str] = client.zrange(keys.index(app), 0, -1)  # type: ignore[assignment]
+    members = reads.index_entries(client, app, "-", "+", 10**6)
     return {(member.partition("\0")[0], member.partition("\0")[2]) for member in members}
 
 
@@ -263,7 +263,7 @@ def test_an_idle_app_is_swept_in_turn_by_other_apps_enqueues(store: Store) -> No
     expire_markers(store, settle(store, Outcome.DELIVERED))
     for i in range(12):  # one record at a time, as enqueue_backfill does
         store.enqueue(rec("busy-app", f"b-{i}"), due_in_s=3600)
-    assert store.redis.exists(keys.index("quiet-app")) == 0
+    assert store.redis.exists(keys.index_directory("quiet-app")) == 0
     assert store.redis.zrange(keys.INDEX_APPS, 0, -1) == ["busy-app"]
     assert store.redis.hexists(keys.INDEX_HAND, "quiet-app") == 0
 
@@ -278,7 +278,7 @@ def test_the_index_stays_within_about_twice_the_live_deliveries(store: Store) ->
 
 
 def test_a_corrupt_index_key_never_stops_an_enqueue(store: Store) -> None:
-    store.redis.set(keys.index("app-a"), "not a sorted set")
+    store.redis.set(keys.index_directory("app-a"), "not a sorted set")
     delivery_id, created = store.enqueue(rec(msgid="m-1"))
     assert created
     assert find(store.redis, "m-1", "app-a") == ([], None)
@@ -291,7 +291,7 @@ def test_a_corrupt_index_key_never_stops_an_enqueue(store: Store) -> None:
     store.redis.delete(keys.INDEX_APPS)
     store.redis.hset(keys.INDEX_APPS, "x", "y")  # the apps' list itself: nothing indexed
     assert store.enqueue(rec("app-c", "m-2"))[1]
-    assert store.redis.exists(keys.index("app-c")) == 0
+    assert store.redis.exists(keys.index_directory("app-c")) == 0
     assert find(store.redis, "m-2", None) == ([], None)
 
 

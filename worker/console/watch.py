@@ -2,8 +2,9 @@
 deliveries in one state a page at a time.
 
 Every read costs O(page): the per-minute hashes the step script keeps
-(``keys.outcomes_in``), and ranks of the lanes, ``bf:dead`` and ``bf:done`` sorted sets
-(ZRANGE by rank, never SCAN). Rows are shaped by ``queries.summaries`` (numbers masked).
+(``keys.outcomes_in``), and ranks of the lanes' and ``bf:dead``'s sorted sets and of the
+``bf:done`` list (ZRANGE and LRANGE by rank, never SCAN). Rows are shaped by
+``queries.summaries`` (numbers masked).
 """
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ Short names: there is one delivery key per record, millions of them in a backfil
 - ``bf:m:<t>``         hash with a TTL of an hour: attempts recorded in the minute from
                        t * 60 s (epoch) by verdict (delivered, retry, dead, paused, held,
                        ...), for the console's chart
-- ``bf:done``          sorted set: the newest 10,000 deliveries by when they were
-                       delivered (ms), for the console's list of delivered ones
+- ``bf:done``          list: the newest 10,000 deliveries, newest first, for the console's
+                       list of delivered ones (a list: a tenth of a sorted set's memory)
 - ``bf:ramp``          string with a TTL: "<ms>|<rate>": when sends began to ramp up after a
                        hold or pause, and from what rate (per s)
 - ``bf:outage:last``   string: the delivery whose failure came last in a hold (probed in turn)
@@ -39,8 +39,11 @@ Short names: there is one delivery key per record, millions of them in a backfil
 - ``bf:room``          string set for a second: does a full Redis take writes again?
 - ``bf:workers``       sorted set: the nodes that wrote a heartbeat, by when it expires
                        (ms), so readers never scan for ``bf:worker:*``
-- ``bf:x:<a>``         sorted set, by name (scores 0): one app's deliveries as
-                       "<msgid>\\0<id>" ("\\0<id>" without a msgid), for lookup.py
+- ``bf:xd:<a>``        sorted set, by name (scores 0): one app's lookup index directory, the
+                       bound of each of its buckets ('' for the lowest)
+- ``bf:xb:<a>\\0<b>``   sorted set, by name: a bucket of the index from bound b, at most 128
+                       deliveries as "<msgid>\\0<id>" ("\\0<id>" without a msgid), for lookup.py
+- ``bf:x:<a>``         sorted set: an index kept before buckets, moved into them by the sweep
 - ``bf:xa``            sorted set, by name: the apps with such an index
 - ``bf:xh``            hash: per app, the entry where enqueue's sweep of its index stopped;
                        field "": the app swept last in turn
@@ -120,8 +123,18 @@ def worker(node: str) -> str:
     return WORKER + node
 
 
-def index(app_id: str) -> str:
-    """One app's lookup index (msgid and delivery_id of each of its deliveries)."""
+def index_directory(app_id: str) -> str:
+    """One app's lookup index directory: the bound of each of its buckets."""
+    return f"{PREFIX}xd:{app_id}"
+
+
+def index_bucket(app_id: str, bound: str) -> str:
+    """The bucket of an app's lookup index from ``bound`` (its entries from there on)."""
+    return f"{PREFIX}xb:{app_id}\0{bound}"
+
+
+def legacy_index(app_id: str) -> str:
+    """An app's lookup index as kept before buckets: moved into them by enqueue's sweep."""
     return f"{PREFIX}x:{app_id}"
 
 

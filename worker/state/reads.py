@@ -47,16 +47,15 @@ def read_briefs(
     return now_ms, [tuple(replies[i : i + 3]) for i in range(0, len(replies), 3)]
 
 
-# -- the lookup index (keys.index, keys.INDEX_APPS: see lookup.py)
+# -- the lookup index (keys.index_directory, keys.INDEX_APPS: see lookup.py). An app's
+# entries are in buckets (small sorted sets by name), each from a bound the directory lists.
+
+ENTRIES_PER_BUCKET = 64  # what a split leaves in a bucket: how many buckets a read takes
 
 
 def index_entries(client: Client, app: str, low: str, high: str, want: int) -> list[str]:
-    """Up to ``want`` of an app's index entries within the ZRANGEBYLEX bounds."""
-    try:
-        rows: list[Any] = client.zrangebylex(keys.index(app), low, high, start=0, num=want)
-    except redis.ResponseError:  # not a sorted set: enqueue leaves such a key alone too
-        return []
-    return [_text(row) for row in rows]
+    """Up to ``want`` of an app's index entries within the ZRANGEBYLEX bounds, in order."""
+    return first_entries(client, [(app, low, high)], want)[0]
 
 
 def indexed_apps(client: Client, low: str, count: int) -> list[str] | None:
@@ -71,12 +70,57 @@ def indexed_apps(client: Client, low: str, count: int) -> list[str] | None:
 def first_entries(
     client: Client, ranges: Sequence[tuple[str, str, str]], want: int
 ) -> list[list[str]]:
-    """Per (app, low, high): up to ``want`` of its index entries, in one round trip."""
+    """Per (app, low, high) (ZRANGEBYLEX bounds): up to ``want`` of its index entries, in
+    order. Two round trips for any number of apps; more only for an app whose entries in
+    the range span more buckets than ``want`` needs. A key of the wrong type reads as empty."""
+    ahead = 1 + want // ENTRIES_PER_BUCKET  # the buckets after the first one read takes
+    found: list[list[str]] = [[] for _ in ranges]
+    todo: dict[int, str | None] = dict.fromkeys(range(len(ranges)))  # None: from ``low``
+    while todo:
+        pipe = client.pipeline(transaction=False)
+        for i, after in todo.items():
+            app, low, high = ranges[i]
+            directory = keys.index_directory(app)
+            if after is None:  # the bucket holding ``low`` (for '-', the next read has it)
+                pipe.zrevrangebylex(directory, "[" + low[1:] if low != "-" else "-", "-", 0, 1)
+            pipe.zrangebylex(directory, after or low, high, start=0, num=ahead)
+        replies = iter(pipe.execute(raise_on_error=False))
+        bounds: dict[int, tuple[list[str], bool]] = {}  # the buckets to read; more after?
+        for i, after in todo.items():
+            holding = _rows(next(replies)) if after is None else []
+            inside = _rows(next(replies))
+            bounds[i] = list(dict.fromkeys(holding + inside)), len(inside) == ahead
+        todo = _read_buckets(client, ranges, bounds, found, want)
+    return found
+
+
+def _read_buckets(
+    client: Client,
+    ranges: Sequence[tuple[str, str, str]],
+    bounds: dict[int, tuple[list[str], bool]],
+    found: list[list[str]],
+    want: int,
+) -> dict[int, str | None]:
+    """Read each range's buckets at ``bounds`` into ``found`` (``want`` each at most); the
+    ranges still short whose directory goes on, each with the spec to go on from."""
     pipe = client.pipeline(transaction=False)
-    for app, low, high in ranges:
-        pipe.zrangebylex(keys.index(app), low, high, start=0, num=want)
-    found = pipe.execute(raise_on_error=False)
-    return [[] if isinstance(rows, Exception) else [_text(row) for row in rows] for rows in found]
+    for i, (at, _) in bounds.items():
+        app, low, high = ranges[i]
+        for bound in at:
+            pipe.zrangebylex(keys.index_bucket(app, bound), low, high, start=0, num=want)
+    replies = iter(pipe.execute(raise_on_error=False))
+    todo: dict[int, str | None] = {}
+    for i, (at, more) in bounds.items():
+        for _ in at:
+            found[i].extend(_rows(next(replies)))
+        del found[i][want:]
+        if more and len(found[i]) < want:
+            todo[i] = "(" + at[-1]
+    return todo
+
+
+def _rows(reply: Any) -> list[str]:
+    return [] if isinstance(reply, Exception) else [_text(row) for row in reply]
 
 
 # -- the console's figures, lists and chart
@@ -145,9 +189,15 @@ def lane_page(
 def newest_page(client: Client, dead: bool, start: int, count: int) -> tuple[list[str], int]:
     """A page of the dead letters (``dead``) or the newest delivered, newest first, and how
     many there are in all."""
-    key = keys.DEAD if dead else keys.DONE
     pipe = client.pipeline(transaction=True)
-    pipe.zcard(key)
-    pipe.zrevrange(key, start, start + count - 1)
-    total, members = pipe.execute()
+    if dead:
+        pipe.zcard(keys.DEAD)
+        pipe.zrevrange(keys.DEAD, start, start + count - 1)
+    else:
+        pipe.llen(keys.DONE)
+        pipe.lrange(keys.DONE, start, start + count - 1)
+    try:
+        total, members = pipe.execute()
+    except redis.ResponseError:  # another type (bf:done was a sorted set before): nothing yet
+        return [], 0
     return [str(member) for member in members], int(total)

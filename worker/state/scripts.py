@@ -128,4 +128,8 @@ BEAT = Script("beat", {"workers": keys.WORKERS}, ("node", "ttl_s"), ("field", "v
 
 ALL = {script.name: script for script in (ENQUEUE, STEP, REPLAY, PURGE, BEAT)}
 # the parts prepended to a script after lib.lua (lua/<part>.lua), so no function is long
-PARTS = {"step": ("step_args", "step_outage", "step_finish", "step_claim")}
+PARTS = {
+    "step": ("step_args", "step_outage", "step_finish", "step_claim"),
+    "enqueue": ("index",),
+    "purge": ("index",),
+}

@@ -9,9 +9,9 @@
 -- brought back (same delivery_id, a fresh attempt budget). A caller (an intake token's
 -- name) joins the delivery's callers, also when it was there already.
 -- Each new (or revived) delivery is entered in its app's lookup index as '<msgid>\0<id>'
--- ('\0<id>' without a msgid), and the run sweeps as many index entries as it adds: see
--- sweep below. An index key of the wrong type is left alone (not indexed, logged by Redis):
--- the lookup index never stops a delivery.
+-- ('\0<id>' without a msgid), and the run sweeps twice as many index entries as it adds
+-- (index.lua, prepended). An index key of the wrong type is left alone (not indexed, logged
+-- by Redis): the lookup index never stops a delivery.
 -- Every argument and every key's type is checked before the first write.
 local n = (#ARGV - FIRST) / WIDTH
 local lane, caller, due_in = ARGV[ARG.lane], ARGV[ARG.caller], num(ARGV[ARG.due_in_ms], 0, 1e11)
@@ -52,7 +52,7 @@ local indexable = {}  -- app_id -> whether its index may be written
 for i = 0, n - 1 do
   local app = ARGV[FIRST + WIDTH * i + EACH.app_id]
   if indexable[app] == nil then
-    indexable[app] = indexing and typed(index_key(app), 'zset')
+    indexable[app] = indexing and typed(directory_key(app), 'zset')
   end
 end
 
@@ -67,43 +67,6 @@ local function with_caller(callers)
     return callers
   end
   return callers .. ',' .. caller
-end
-
--- Check up to m entries of an app's index, from where its last sweep stopped (wrapping
--- round), and drop those whose delivery is gone: no hash, no delivered marker.
-local function sweep(app, m)
-  local key = index_key(app)
-  local kind = redis.call('TYPE', key)['ok']
-  if kind == 'none' then
-    redis.call('ZREM', KEY.index_apps, app)
-    redis.call('HDEL', KEY.index_hand, app)
-    return
-  elseif kind ~= 'zset' then
-    return
-  end
-  local from = redis.call('HGET', KEY.index_hand, app)
-  local rows = redis.call('ZRANGEBYLEX', key, from and '(' .. from or '-', '+', 'LIMIT', 0, m)
-  local gone = {}
-  for _, member in ipairs(rows) do
-    local at = string.find(member, '\0', 1, true)
-    local id = at and string.sub(member, at + 1) or ''
-    if not string.match(id, '^[%w_-]+$')
-        or redis.call('EXISTS', delivery_key(id), marker_key(id)) == 0 then
-      gone[#gone + 1] = member
-    end
-  end
-  if #gone > 0 then
-    redis.call('ZREM', key, unpack(gone))
-  end
-  if #rows < m then
-    redis.call('HDEL', KEY.index_hand, app)  -- the end: the next sweep starts from the first
-  else
-    redis.call('HSET', KEY.index_hand, app, rows[#rows])
-  end
-  if #gone > 0 and redis.call('EXISTS', key) == 0 then
-    redis.call('ZREM', KEY.index_apps, app)
-    redis.call('HDEL', KEY.index_hand, app)
-  end
 end
 
 local now = now_ms()
@@ -171,7 +134,6 @@ for i = 0, n - 1 do
         apps[#apps + 1] = app
       end
       local list = entries[app]
-      list[#list + 1] = 0
       list[#list + 1] = ARGV[a + EACH.msgid] .. '\0' .. id
     end
   end
@@ -183,15 +145,15 @@ end
 for first = 1, #scheduled, 2000 do
   redis.call('ZADD', lane_key(lane), unpack(scheduled, first, math.min(first + 1999, #scheduled)))
 end
--- the index entries, and two entries checked per entry added (#list is twice the entries):
--- so an app's index stays within about twice the deliveries it points at (see lookup.py)
+-- the index entries, and two entries checked per entry added: so an app's index stays
+-- within about twice the deliveries it points at (see lookup.py)
 for _, app in ipairs(apps) do
   local list = entries[app]
-  for first = 1, #list, 2000 do
-    redis.call('ZADD', index_key(app), unpack(list, first, math.min(first + 1999, #list)))
+  for _, entry in ipairs(list) do
+    index_add(app, entry)
   end
   redis.call('ZADD', KEY.index_apps, 0, app)
-  sweep(app, #list)
+  index_sweep(app, 2 * #list)
 end
 if #apps > 0 then
   -- and a few of the next app's, in turn, so an app that stopped enqueuing is swept too
@@ -203,7 +165,7 @@ if #apps > 0 then
   end
   if next_app then
     redis.call('HSET', KEY.index_hand, '', next_app)
-    sweep(next_app, 16)
+    index_sweep(next_app, 16)
   end
 end
 if created > 0 and wake_queue ~= '' then

@@ -54,8 +54,11 @@ local function attempts_key(id) return P .. 'a:' .. id end
 local function marker_key(id) return P .. 'k:' .. id end
 local function lane_key(lane) return lane == 'b' and KEY.bulk or KEY.live end
 local function dead_app_key(app) return P .. 'dead:app:' .. app end
--- The lookup index (keys.py, lookup.py): one app's deliveries as '<msgid>\0<id>'.
-local function index_key(app) return P .. 'x:' .. app end
+-- The lookup index (keys.py, index.lua): one app's deliveries as '<msgid>\0<id>', in small
+-- sorted sets (buckets) from a bound each; the app's directory lists the bounds.
+local function directory_key(app) return P .. 'xd:' .. app end
+local function bucket_key(app, bound) return P .. 'xb:' .. app .. '\0' .. bound end
+local function legacy_index_key(app) return P .. 'x:' .. app end  -- one set, before buckets
 local function worker_key(node) return P .. 'worker:' .. node end  -- its heartbeat
 -- The counters by time span (keys.py): deliveries per 10 s and per hour, attempts per minute.
 local function counted_key(span) return P .. 'n:' .. span end

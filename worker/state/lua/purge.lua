@@ -21,16 +21,8 @@ for i = FIRST, #ARGV - 1 do
     redis.call('DEL', key, attempts_key(id))
     redis.call('ZREM', KEY.dead, id)
     redis.call('ZREM', dead_app_key(app), id)
-    local index = index_key(app)
-    if indexed and app ~= '' and redis.call('TYPE', index)['ok'] == 'zset' then
-      redis.call('ZREM', index, (record[2] or '') .. '\0' .. id)
-      if redis.call('EXISTS', index) == 0 then
-        redis.call('ZREM', KEY.index_apps, app)
-        redis.call('HDEL', KEY.index_hand, app)
-        if redis.call('EXISTS', KEY.index_apps) == 0 then
-          redis.call('DEL', KEY.index_hand)  -- and the app swept last in turn
-        end
-      end
+    if indexed and app ~= '' and redis.call('TYPE', directory_key(app))['ok'] == 'zset' then
+      index_drop(app, (record[2] or '') .. '\0' .. id)
     end
     purged = purged + 1
   elseif redis.call('EXISTS', key) == 0 then

@@ -31,7 +31,8 @@
 -- Every argument is checked before the first write.
 -- Outcomes per minute (bf:m:<ms / 60,000>: a hash by verdict, kept an hour; released,
 -- stale and missing attempts are not outcomes) and the
--- newest deliveries (bf:done, the newest 10,000 by time): the console's chart and list.
+-- newest deliveries (bf:done, a list of the newest 10,000, newest first): the console's
+-- chart and list.
 local function note(tally, done)
   local minute = minute_key(math.floor(now / 60000))
   for verdict, count in pairs(tally) do
@@ -40,8 +41,11 @@ local function note(tally, done)
   end
   redis.pcall('EXPIRE', minute, 3720)
   if #done > 0 then
-    redis.pcall('ZADD', KEY.done, unpack(done))
-    redis.pcall('ZREMRANGEBYRANK', KEY.done, 0, -10001)
+    if type(redis.pcall('LPUSH', KEY.done, unpack(done))) == 'table' then
+      redis.call('DEL', KEY.done)  -- another type (a sorted set in earlier versions): anew
+      redis.call('LPUSH', KEY.done, unpack(done))
+    end
+    redis.call('LTRIM', KEY.done, 0, 9999)
   end
 end
 
@@ -57,7 +61,6 @@ for i = 0, n - 1 do
     tally[verdict] = (tally[verdict] or 0) + 1
   end
   if verdict == 'delivered' then
-    done[#done + 1] = now
     done[#done + 1] = ARGV[FIRST + i * WIDTH + EACH.id]
   end
 end
