@@ -3,6 +3,7 @@
 
     python ops/bench_latency.py --baseline /tmp/main-checkout --json latency.json
     python ops/bench_latency.py --quick
+    python ops/bench_latency.py --baseline /tmp/main-checkout --latencies 5 --rotate 4
 
 For each provider latency (``--latencies``, ms: 5 and 150) the stub answers every call
 after that long, and each system below delivers the same records through the same
@@ -18,6 +19,10 @@ systems of one run, side by side):
 - ``dramatiq``: the peer, a minimal actor doing the same POST (``ops/peer_dramatiq.py``,
   the ``bench`` extra), one process with as many threads as the best fixed ``-c`` of ours.
 
+With ``--rotate K`` it runs, instead, ours default, the baseline's default and dramatiq K
+times each in a rotating order, and adds each one's median: for figures too close to call
+from one run on a shared machine.
+
 Figures per system: deliveries/s (first to last delivery the stub saw), worker CPU ms per
 delivery (the whole process tree), Redis CPU us per delivery (INFO cpu, enqueue
 included), peak RSS, and for ours Redis bytes per delivered record (lookup index on,
@@ -30,6 +35,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -297,6 +303,38 @@ def one_run(rig: Rig, args: argparse.Namespace, latency: float, run: int) -> lis
     return rows
 
 
+def rotation(rig: Rig, args: argparse.Namespace, latency: float) -> list[Row]:
+    """``--rotate K``: ours default, the baseline's default and dramatiq, K times each, in
+    a rotating order (each goes first, second and third in turn), so neither the order
+    nor a slow minute of a shared machine favours one; the table then gives the medians."""
+    count = args.records if latency >= 50 else args.records * 2
+    rig.start_stub(latency)
+    threads = max(args.fixed)
+    systems = [("ours default", lambda: ours(rig, None, None), "ours")]
+    if args.baseline:
+        systems.append(("base default", lambda: ours(rig, None, args.baseline), "ours"))
+    if not args.no_peer:
+        systems.append(
+            (f"dramatiq {threads} threads", lambda: dramatiq_cmd(rig, threads), "dramatiq")
+        )
+    rows: list[Row] = []
+    for turn in range(args.rotate):
+        print(f"  turn {turn + 1}, latency {latency:g} ms, {count} records", file=sys.stderr)
+        shift = turn % len(systems)
+        for name, command, kind in systems[shift:] + systems[:shift]:
+            row = run_worker(rig, name, count, command(), kind)
+            rows.append(row | {"latency_ms": latency, "run": turn + 1, "records": count})
+    for name, _, _ in systems:
+        mine = [r for r in rows if r["system"] == name]
+        median: Row = {"system": name, "latency_ms": latency, "run": "med", "records": count}
+        for key, _, _ in COLUMNS:
+            values = [float(r[key]) for r in mine if isinstance(r.get(key), int | float)]  # type: ignore[arg-type]
+            if values:
+                median[key] = statistics.median(values)
+        rows.append(median)
+    return rows
+
+
 COLUMNS = (  # (key, heading, digits)
     ("deliveries_per_s", "deliv/s", 0),
     ("cpu_ms_per_delivery", "CPU ms", 2),
@@ -337,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-peer", action="store_true", help="skip dramatiq")
     parser.add_argument("--quick", action="store_true", help="300 records, one run, 5 and 150 ms")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument(
+        "--rotate", type=int, default=0,
+        help="instead of runs: ours default, --baseline's default and dramatiq, K times each"
+        " in a rotating order, with the medians",
+    )  # fmt: skip
     parser.add_argument("--enqueue", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.enqueue:
@@ -349,9 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     try:
         rig.redis.start()
-        for run in range(1, args.runs + 1):
+        for run in range(1, 0 if args.rotate else args.runs + 1):
             for latency in args.latencies:
                 rows += one_run(rig, args, latency, run)
+        for latency in args.latencies if args.rotate else ():
+            rows += rotation(rig, args, latency)
     except BackfillError as exc:
         print(f"bench failed: {exc} (logs in {root})", file=sys.stderr)
         return 1

@@ -107,6 +107,17 @@ BAD = [
     ("BACKFILL_OUTAGE_PROBE_CAP_S", "0.5"),
     ("BACKFILL_RAMP_START_PER_S", "-1"),
     ("BACKFILL_RAMP_DOUBLE_S", "0"),
+    ("BACKFILL_OUTAGE_RETRIED", "-1"),
+    ("BACKFILL_OUTAGE_RETRIED", "1001"),
+    ("BACKFILL_OUTAGE_RETRIED", "one"),
+    ("BACKFILL_RAMP_SHORT_HOLD_S", "-1"),
+    ("BACKFILL_RAMP_SHORT_HOLD_S", "86401"),
+    ("BACKFILL_RAMP_SHORT_HOLD_S", "nan"),
+    ("BACKFILL_CLOCK_CORRECTION", "sometimes"),
+    ("BACKFILL_CLOCK_MAX_OFFSET_S", "0"),
+    ("BACKFILL_CLOCK_MAX_OFFSET_S", "86401"),
+    ("BACKFILL_CLOCK_MAX_OFFSET_S", "inf"),
+    ("BACKFILL_ACCEPT_EVICTION", "perhaps"),
     ("BACKFILL_LOOKUP_INDEX", "maybe"),
     ("BACKFILL_STALL_AFTER_S", "1e300"),
     ("BACKFILL_DEDUPE_TTL_S", "59"),
@@ -210,6 +221,20 @@ def test_defaults_and_the_documented_limits_are_accepted(clean_env: pytest.Monke
         BACKFILL_METRICS_PORT="65535",
         BACKFILL_METRICS_HOST="::1",
     )
+    assert (defaults.outage_retried, defaults.ramp_short_hold_s) == (1, 30.0)
+    assert (defaults.clock_correction, defaults.clock_max_offset_s) == (True, 30.0)
+    assert defaults.accept_eviction is False
+    edges = load(
+        clean_env,
+        BACKFILL_OUTAGE_RETRIED="0",
+        BACKFILL_RAMP_SHORT_HOLD_S="86400",
+        BACKFILL_CLOCK_CORRECTION="false",
+        BACKFILL_CLOCK_MAX_OFFSET_S="86400",
+        BACKFILL_ACCEPT_EVICTION="true",
+    )
+    assert (edges.outage_retried, edges.ramp_short_hold_s) == (0, 86400)
+    assert (edges.clock_correction, edges.clock_max_offset_s) == (False, 86400)
+    assert edges.accept_eviction is True
     assert limits.retry_window_s() < float("inf")
     assert limits.pause_s == 86400
     assert limits.keep_delivered_s == 86400
