@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import step_through
+from tests.helpers import open_store, step_through
 from worker.deliver.policy import AnswerClass, Outcome, Verdict
 from worker.deliver.provider import Answer
 from worker.deliver.steps import Finish
@@ -162,3 +162,45 @@ def test_the_newest_delivered_are_a_list_and_an_older_sorted_set_is_replaced(
     page, total = reads.newest_page(store.redis, False, 0, 10)
     assert total == 30
     assert page == delivered[::-1][:10]  # newest first
+
+
+def test_a_purge_takes_its_entry_out_of_an_index_kept_before_buckets(store: Store) -> None:
+    records = [rec(f"m-{i}", i) for i in range(3)]
+    store.enqueue_many(records)
+    ids = settle(store, Outcome.DEAD)
+    for bound in buckets(store, "app-a"):
+        store.redis.delete(keys.index_bucket("app-a", bound))
+    store.redis.delete(keys.index_directory("app-a"))
+    store.redis.zadd(keys.legacy_index("app-a"), {f"{r.msgid}\0{id_of(r)}": 0 for r in records})
+    assert store.purge(ids[:1]) == 1
+    left = store.redis.zrange(keys.legacy_index("app-a"), 0, -1)
+    assert sorted(e.partition("\0")[2] for e in left) == sorted(ids[1:])  # type: ignore[union-attr]
+    assert store.purge(ids[1:]) == 2
+    assert list(store.redis.scan_iter(f"{keys.PREFIX}x*")) == []
+
+
+def test_a_legacy_index_key_of_the_wrong_type_never_stops_an_enqueue(store: Store) -> None:
+    store.redis.set(keys.legacy_index("app-a"), "not a sorted set")
+    for i in range(20):  # each run sweeps app-a, its own and in turn
+        _, created = store.enqueue(rec(f"m-{i:02d}", i))
+        assert created
+    assert len(every_page(store, None, "app-a", 100)) == 20
+    assert store.redis.get(keys.legacy_index("app-a")) == "not a sorted set"  # left alone
+
+
+def test_buckets_work_on_a_redis_with_a_smaller_compact_limit(
+    private_redis_factory: Any,
+) -> None:
+    """A Redis configured with fewer entries per compact set than a bucket holds: the
+    buckets are ordinary sorted sets then (more memory), and everything still works."""
+    small = private_redis_factory(extra_args=("--zset-max-listpack-entries", "16"))
+    own = open_store(small.url, keep_delivered_s=0)
+    records = [rec(f"m-{i:04d}", i) for i in range(600)]
+    own.enqueue_many(records)
+    assert own.redis.object("encoding", keys.index_bucket("app-a", "")) == "skiplist"
+    expected = sorted(f"{r.msgid}\0{id_of(r)}" for r in records)
+    assert reads.index_entries(own.redis, "app-a", "-", "+", 10**6) == expected
+    ids = settle(own, Outcome.DEAD)
+    own.purge(ids)
+    assert list(own.redis.scan_iter(f"{keys.PREFIX}x*")) == []
+    own.redis.close()

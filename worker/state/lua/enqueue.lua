@@ -71,7 +71,7 @@ end
 
 local now = now_ms()
 local due = now + due_in
-local entries, apps = {}, {}  -- app_id -> {0, member, 0, member, ...}; apps in order
+local entries, apps = {}, {}  -- app_id -> its new index entries; apps in order
 local out, created, scheduled, seen = {}, 0, {}, {}
 for i = 0, n - 1 do
   local a = FIRST + WIDTH * i

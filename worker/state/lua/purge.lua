@@ -21,7 +21,8 @@ for i = FIRST, #ARGV - 1 do
     redis.call('DEL', key, attempts_key(id))
     redis.call('ZREM', KEY.dead, id)
     redis.call('ZREM', dead_app_key(app), id)
-    if indexed and app ~= '' and redis.call('TYPE', directory_key(app))['ok'] == 'zset' then
+    local kind = app ~= '' and redis.call('TYPE', directory_key(app))['ok']
+    if indexed and (kind == 'zset' or kind == 'none') then  -- none: an earlier version's index
       index_drop(app, (record[2] or '') .. '\0' .. id)
     end
     purged = purged + 1
