@@ -3,18 +3,20 @@ says so; with correction off, the provider's run of -16 holds the fleet instead 
 dead-lettering everything.
 
 Redis and the stub keep the real time; the stub refuses a Timestamp more than 300 s off
-with -16. The signing path runs under ``faketime`` (Debian's package) ten minutes ahead.
-A whole worker cannot: libfaketime 0.9.10 does not translate ``sem_clockwait``, so every
-timed wait of a Python thread (``Event.wait``) sleeps the offset too (and with
-``--exclude-monotonic`` ``time.sleep`` fails with EINVAL). The fleet tests move the
-worker's wall clock in Python instead (``sitecustomize``: ``time.time`` ten minutes
-ahead, the monotonic clock true), which is what a skewed host clock looks like.
+with -16. Workers run under ``faketime`` (Debian's package) ten minutes ahead, with the
+monotonic clock left true (``FAKETIME_DONT_FAKE_MONOTONIC``), which is what a skewed host
+clock looks like. libfaketime 0.9.10 has one bug on that path: ``clock_nanosleep`` fails
+with EINVAL, so ``time.sleep`` raises; a ``sitecustomize`` of three lines sleeps with
+``select`` instead. Every other clock read (``time.time``, ``datetime.now``, the C
+library's ``clock_gettime``) is libfaketime's.
 """
 
 from __future__ import annotations
 
+import email.utils
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -27,16 +29,18 @@ import pytest
 from tests.conftest import API_KEY, API_SECRET, read_log, wait_for
 from tests.helpers import open_store
 from worker.enqueue.record import BackfillRecord
-from worker.local.processes import LocalRedis, WorkerProcess
+from worker.local.processes import LocalRedis, WorkerProcess, free_port
 from worker.local.stub import ProviderStub
 from worker.operate.clock import SharedClock, offset_problem
 from worker.state import keys
 
 AHEAD = ("faketime", "-f", "+600")  # ten minutes ahead
-SKEW = """import time
-_time, _time_ns = time.time, time.time_ns
-time.time = lambda: _time() + 600
-time.time_ns = lambda: _time_ns() + 600_000_000_000
+SLEEP = """import select, time
+def _sleep(seconds):
+    if seconds < 0:
+        raise ValueError("sleep length must be non-negative")
+    select.select([], [], [], seconds)
+time.sleep = _sleep
 """
 SIGN = """import sys
 from worker.operate.clock import clock
@@ -71,7 +75,11 @@ def test_the_offset_is_the_shared_clock_minus_ours() -> None:
     clock.correct = False
     assert abs(clock.now() - time.time()) < 1
     assert clock.measure(Fixed("x", "y")) is None  # type: ignore[arg-type]
-    assert clock.describe() == {"clock_offset_s": f"{offset:.3f}", "clock_corrected": "0"}
+    assert clock.describe() == {
+        "clock_offset_s": f"{offset:.3f}",
+        "clock_corrected": "0",
+        "provider_clock_offset_s": "",
+    }
 
 
 def test_health_names_an_offset_and_fails_only_when_it_is_not_corrected() -> None:
@@ -98,30 +106,42 @@ def test_under_faketime_the_signature_carries_the_shared_clocks_time(
 ) -> None:
     if shutil.which("faketime") is None:
         pytest.fail("faketime is not installed (apt-get install faketime; ops/test.sh does)")
-    said = {}
+    said, logged = {}, {}
     for correct in ("1", "0"):
         done = subprocess.run(
             [*AHEAD, sys.executable, "-c", SIGN, private_redis.url, provider.url, correct,
              API_KEY, API_SECRET],
             capture_output=True, text=True, timeout=60, check=True,
         )  # fmt: skip
-        said[correct] = done.stdout.split()
+        said[correct] = done.stdout.strip().splitlines()[-1].split()
+        logged[correct] = done.stdout
     assert said["1"] == ["-600", "0"]  # measured, corrected: accepted
     assert said["0"] == ["-600", "-16"]  # measured, not corrected: "timestamp expired"
+    # the provider's Date header agrees with Redis, not with this host's clock
+    assert "provider_clock_differs" not in logged["1"]
+    assert "provider_clock_differs" in logged["0"]
+
+
+def under_faketime(where: Path) -> dict[str, str]:
+    """The environment of a Python process run under ``AHEAD``: the monotonic clock true,
+    and ``time.sleep`` through ``select`` (see the module's docstring)."""
+    if shutil.which("faketime") is None:
+        pytest.fail("faketime is not installed (apt-get install faketime; ops/test.sh does)")
+    site = where / "sleep"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(SLEEP)
+    path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    return {"FAKETIME_DONT_FAKE_MONOTONIC": "1", "PYTHONPATH": path}
 
 
 def start_ahead(
     settings_env: dict[str, str], redis_url: str, stub_url: str, log: Path, **env: str
 ) -> WorkerProcess:
-    site = log.parent / "skew"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(SKEW)
     worker = WorkerProcess(
         {**settings_env, "BACKFILL_REDIS_URL": redis_url, "BACKFILL_BASE_URL": stub_url,
          "BACKFILL_MAX_ATTEMPTS": "3", "BACKFILL_BACKOFF_BASE_S": "0.2",
-         "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
-         **env},
-        log,
+         **under_faketime(log.parent), **env},
+        log, prefix=AHEAD,
     )  # fmt: skip
     worker.start()
     worker.wait_ready(timeout_s=60)
@@ -189,3 +209,81 @@ def test_uncorrected_the_run_of_minus_16_holds_instead_of_dead_lettering(
         assert "NOT corrected" in said.stdout
     finally:
         worker.kill()
+
+
+def test_the_providers_date_header_is_a_second_witness() -> None:
+    clock = SharedClock()
+    clock.measure(Fixed(int(time.time()), 0))  # this host and Redis agree
+    now = time.time()
+    assert clock.witness(email.utils.formatdate(now, usegmt=True), 0.01) is not None
+    assert abs(clock.provider_offset_s or 99) < 1.6
+    assert clock.witness(email.utils.formatdate(now + 600, usegmt=True), 0.01) is None  # < 10 s
+    clock._witnessed_at -= 11
+    offset = clock.witness(email.utils.formatdate(now + 600, usegmt=True), 0.01)
+    assert offset is not None
+    assert 598 < offset < 602
+    assert clock.describe()["provider_clock_offset_s"].startswith(("599.", "600.", "601."))
+    said, fatal = offset_problem(clock.describe(), 30) or ("", True)
+    assert "provider's clock (its Date header) is 600 s ahead of" in said
+    assert not fatal
+    for garbage in ("", "yesterday", "Mon, 99 Foo 2026 99:99:99 GMT", "x" * 100, "\u00e9t\u00e9"):
+        clock._witnessed_at -= 11
+        assert clock.witness(garbage, 0.01) is None
+    assert clock.provider_offset_s == offset  # kept
+
+
+def test_a_provider_ten_minutes_ahead_is_named_and_holds_instead_of_dead_lettering(
+    private_redis: LocalRedis, settings_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The stub (the provider) runs under faketime ten minutes ahead; this host and Redis
+    agree. Every call is refused -16: the fleet holds, nothing is dead-lettered, and the
+    provider's Date header names the provider's clock as the likely culprit."""
+    port = free_port()
+    stub = subprocess.Popen(
+        [*AHEAD, sys.executable, "-m", "worker", "stub", "--port", str(port),
+         "--api-key", API_KEY, "--api-secret", API_SECRET],
+        env={**os.environ, **under_faketime(tmp_path)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    worker: WorkerProcess | None = None
+    try:
+        url = f"http://127.0.0.1:{port}/sms"
+        wait_for(lambda: _answers(url), timeout_s=30)
+        worker = WorkerProcess(
+            {**settings_env, "BACKFILL_REDIS_URL": private_redis.url, "BACKFILL_BASE_URL": url,
+             "BACKFILL_MAX_ATTEMPTS": "3", "BACKFILL_BACKOFF_BASE_S": "0.2"},
+            tmp_path / "w.log",
+        )  # fmt: skip
+        worker.start()
+        worker.wait_ready(timeout_s=60)
+        store = open_store(private_redis.url)
+        ids = [i for i, _ in store.enqueue_many(records(60, "late"), source="test")]
+        wait_for(lambda: store.redis.exists(keys.OUTAGE), timeout_s=60)
+        lines = read_log(Path(worker.log_path))
+        (differs,) = [
+            line for line in lines if line.get("event") == "worker.provider_clock_differs"
+        ]
+        assert 590 < differs["provider_offset_s"] < 610
+        assert "the provider's clock is likely off" in differs["detail"]
+        assert not [line for line in lines if line.get("event") == "worker.clock_offset"]
+        assert store.redis.zcard(keys.DEAD) == 0
+        assert "dead" not in store.states(ids)
+        # the next heartbeat carries it to `health` (not fatal: the hold is the reaction)
+        wait_for(lambda: "provider's clock (its Date header) is 6" in health(worker).stdout,
+                 timeout_s=30)  # fmt: skip
+        assert health(worker).returncode == 0
+    finally:
+        if worker is not None:
+            worker.kill()
+        os.killpg(stub.pid, 9)
+        stub.wait(10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with socket.create_connection(
+            ("127.0.0.1", int(url.split(":")[2].split("/", maxsplit=1)[0])), 1
+        ):
+            return True
+    except OSError:
+        return False

@@ -150,3 +150,18 @@ def test_one_verdict_says_everything_an_answer_decides() -> None:
     assert busy_last.outcome is Outcome.DEAD
     assert RELEASE.released
     assert not RELEASE.counted
+
+
+def test_a_block_or_redirect_while_another_record_was_accepted_is_the_records_own() -> None:
+    redirect = _Answer(AnswerClass.BLOCKED, http_status=302, error="HTTP 302 redirect")
+    blocked = _Answer(AnswerClass.BLOCKED, api_status="-2")
+    for answer in (redirect, blocked):
+        assert judge(answer, 1, RULES).outcome is Outcome.PAUSED
+        # merely answered (another record's -18, or its block) proves nothing of this one
+        assert judge(answer, 1, RULES, answered_meanwhile=True).outcome is Outcome.PAUSED
+        own = judge(answer, 1, RULES, accepted_meanwhile=True, rng=random.Random(1))
+        assert own.outcome is Outcome.RETRY
+        assert own.counted
+        assert own.hold_s == 0
+        assert own.evidence in (Evidence.NONE, Evidence.UP)
+        assert judge(answer, 3, RULES, accepted_meanwhile=True).outcome is Outcome.DEAD

@@ -58,6 +58,7 @@ class Fleet:
         self.stopping = threading.Event()
         self.hold_until = 0.0  # monotonic: a drain met the rate limit; no wake-ups until then
         self.answered_at = 0.0  # monotonic: when the provider last answered one of ours
+        self.accepted_at = 0.0  # monotonic: when it last accepted one (delivered, duplicate)
 
     def heard(self) -> bool:
         """Whether the provider answered one of this process's requests within HEARD_S."""
@@ -202,9 +203,12 @@ def attempt(ctx: Context, claim: Claim, claimed_at: float, *, holding: bool = Fa
     verdict = judge(
         answer, claim.attempts, settings.retry_rules, holding=holding, suspect=claim.suspect,
         answered_meanwhile=fleet.answered_at > started,
+        accepted_meanwhile=fleet.accepted_at > started,
     )  # fmt: skip
     if verdict.evidence is Evidence.UP:
         fleet.answered_at = time.monotonic()
+    if verdict.outcome in (Outcome.DELIVERED, Outcome.DUPLICATE):
+        fleet.accepted_at = time.monotonic()
     log_attempt(
         delivery_id=claim.delivery_id,
         attempt=claim.attempts,

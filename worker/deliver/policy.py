@@ -226,6 +226,7 @@ def judge(
     holding: bool = False,
     suspect: str = "",
     answered_meanwhile: bool = False,
+    accepted_meanwhile: bool = False,
     rng: random.Random | None = None,
 ) -> Verdict:
     """The verdict on counted attempt ``attempt``; ``holding``: the fleet holds for a
@@ -236,10 +237,13 @@ def judge(
     ('p') or a hold ('o') that other records' answers ended, so such failures of its own
     are its own: counted, with backoff, and no evidence for the fleet.
     ``answered_meanwhile``: the provider answered another delivery while this attempt was
-    in flight, so a failure that would point at the provider is this record's (OWN)."""
+    in flight, so a failure that would point at the provider is this record's (OWN).
+    ``accepted_meanwhile``: the provider accepted another delivery while this attempt was in
+    flight, so an account-blocked answer or a redirect is this record's, not the account's:
+    counted, with backoff, and the fleet does not pause."""
     evidence = outage_evidence(answer.http_status, answer.api_status, answer.error)
     kind = answer.kind
-    if (Suspect.PAUSE in suspect and kind is AnswerClass.BLOCKED) or (
+    if (kind is AnswerClass.BLOCKED and (accepted_meanwhile or Suspect.PAUSE in suspect)) or (
         Suspect.OUTAGE in suspect and evidence is Evidence.DOWN
     ):
         kind, evidence = AnswerClass.TRANSIENT, Evidence.NONE

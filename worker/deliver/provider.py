@@ -107,7 +107,8 @@ def classify_response(
     retry_after = parse_retry_after(headers.get("Retry-After"))
     if 300 <= http_status < 400:
         # A redirect is never followed: credentials and the record go to the base URL only.
-        # Every delivery would meet it, so it pauses the fleet like an account block.
+        # Every delivery would meet it, so it pauses the fleet like an account block (unless
+        # the provider accepted another record meanwhile: then it is this record's own).
         where = scrub(headers.get("Location") or "no Location")
         return Answer(
             AnswerClass.BLOCKED,
@@ -309,6 +310,7 @@ class ProviderClient:
                 body = b"" if 300 <= response.status_code < 400 else read_capped(response)
             finally:
                 response.close()  # a connection with unread body left is dropped, not reused
+        clock.witness(response.headers.get("Date"), response.elapsed.total_seconds())
         return classify_response(response.status_code, body, response.headers, self._table, scrub)
 
     def close(self) -> None:

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import h11
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel as _Sentinel
 from redis.backoff import NoBackoff
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -40,6 +40,8 @@ from worker.settings import Settings
 from worker.state.connection import connect, sentinel_nodes
 from worker.state.store import Store
 
+# redis-py types Sentinel in some releases and not in others: called through Any, either way.
+Sentinel: Any = _Sentinel
 RETRY_AFTER_S = 5  # what a 503 of the intake asks a client to wait
 MAX_HEADERS = 16 * 1024  # request line and headers together
 BUSY = json.dumps({"error": "the intake is at its connection limit; retry later"}).encode()
@@ -178,7 +180,7 @@ def health_client(settings: Settings) -> aioredis.Redis:
     if not url.startswith("sentinel://"):
         return aioredis.Redis.from_url(url, **options)
     nodes, password, db = sentinel_nodes(url)
-    sentinel = Sentinel(nodes, socket_timeout=HEALTH_TIMEOUT_S)  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(nodes, socket_timeout=HEALTH_TIMEOUT_S)
     client: aioredis.Redis = sentinel.master_for(
         settings.redis_master_name, password=password, db=db, **options
     )

@@ -61,6 +61,7 @@ class LocalRedis:
         port: int | None = None,
         appendonly: bool = False,
         extra_args: tuple[str, ...] = (),
+        prefix: tuple[str, ...] = (),
     ) -> None:
         self.binary = shutil.which("redis-server")
         if self.binary is None:
@@ -69,6 +70,7 @@ class LocalRedis:
         self.port = port or free_port()
         self.appendonly = appendonly
         self.extra_args = extra_args
+        self.prefix = prefix  # a command the server runs under, e.g. faketime and its offset
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -81,6 +83,7 @@ class LocalRedis:
         assert self.binary is not None
         self.workdir.mkdir(parents=True, exist_ok=True)
         args = [
+            *self.prefix,
             self.binary,
             "--port", str(self.port),
             "--bind", "127.0.0.1",

@@ -15,9 +15,11 @@ from urllib.parse import urlsplit
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel as _Sentinel
 
 T = TypeVar("T")
+# redis-py types Sentinel in some releases and not in others: called through Any, either way.
+Sentinel: Any = _Sentinel
 TRANSIENT_REDIS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
@@ -44,12 +46,8 @@ def connect(
     if not url.startswith("sentinel://"):
         return redis.Redis.from_url(url, **options)
     nodes, password, db = sentinel_nodes(url)
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
-        nodes, socket_timeout=2, sentinel_kwargs={"socket_timeout": 2}
-    )
-    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-        master_name, password=password, db=db, **options
-    )
+    sentinel = Sentinel(nodes, socket_timeout=2, sentinel_kwargs={"socket_timeout": 2})
+    client: redis.Redis = sentinel.master_for(master_name, password=password, db=db, **options)
     return client
 
 
