@@ -245,9 +245,10 @@ def fleet(
     return start
 
 
-# The quick subset (`pytest -m "not slow"`, about a minute) leaves out every test that
-# starts worker processes of its own, and these modules, whose tests start servers, a
-# browser, a CLI process each, or a run of minutes: run the whole suite before a merge.
+# The quick subset (`pytest -m "not slow"`; how long it takes is in docs/testing.md)
+# leaves out every test that starts worker processes of its own, and these modules, whose
+# tests start servers, a browser, a CLI process each, or a run of minutes: run the whole
+# suite before a merge.
 SLOW_MODULES = frozenset(
     {
         "test_bench",

@@ -1,9 +1,12 @@
 """The documentation holds together: every relative link and anchor resolves, the README
-stays a short front door, and no page cites the internal contract."""
+stays a short front door whose first two commands are the demo and the test scripts, and
+no page cites the internal contract."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,10 @@ README_MAX_LINES = 200
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
 CODE_SPAN = re.compile(r"`[^`\n]*`")
+CODE_BLOCK = re.compile(r"^(```|~~~)[^\n]*\n(.*?)^\1", re.MULTILINE | re.DOTALL)
+# The README's first two code blocks: the demo, then the test command (each must work as
+# written on a fresh clone).
+FIRST_COMMANDS = ["ops/demo.sh", "ops/test.sh"]
 
 
 def slug(heading: str) -> str:
@@ -88,3 +95,36 @@ def test_the_link_check_finds_a_broken_link_and_anchor(tmp_path: Path) -> None:
     (tmp_path / "a.md").write_text(text)
     assert links(tmp_path / "a.md") == ["#title", "b.md", "#nope"]
     assert anchors(tmp_path / "a.md") == {"title"}
+
+
+def code_blocks(text: str) -> list[str]:
+    """The contents of a page's fenced code blocks, in order, stripped."""
+    return [match.group(2).strip() for match in CODE_BLOCK.finditer(text)]
+
+
+def git_mode(path: Path) -> str | None:
+    """The file mode git records for ``path`` (what a fresh clone gets), or None outside git."""
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "-s", "--", str(path.relative_to(ROOT))],
+            cwd=ROOT, capture_output=True, text=True, check=True, timeout=30,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return listed.split()[0] if listed else None
+
+
+def test_the_readme_opens_with_the_demo_and_the_test_command() -> None:
+    blocks = code_blocks((ROOT / "README.md").read_text())
+    assert blocks[:2] == FIRST_COMMANDS, f"the README's first code blocks: {blocks[:2]}"
+    for command in FIRST_COMMANDS:
+        script = ROOT / command
+        assert script.is_file(), f"{command}: no such file"
+        assert os.access(script, os.X_OK), f"{command} is not executable"
+        mode = git_mode(script)
+        assert mode in (None, "100755"), f"{command} is committed as {mode}, not executable"
+
+
+def test_code_blocks_are_read_in_order() -> None:
+    text = "# T\n\n```\nops/demo.sh\n```\n\n`x`\n\n~~~sh\nops/test.sh -q\n~~~\n"
+    assert code_blocks(text) == ["ops/demo.sh", "ops/test.sh -q"]
