@@ -181,6 +181,9 @@ def test_a_worker_ten_minutes_ahead_signs_with_the_shared_clock(
         assert "corrected when signing" in said.stdout
     finally:
         worker.kill()
+    # faketime forks: the worker under it goes with it
+    assert worker.process is not None
+    wait_for(lambda: not _group_alive(worker.process.pid), timeout_s=10)
 
 
 def test_uncorrected_the_run_of_minus_16_holds_instead_of_dead_lettering(
@@ -287,3 +290,11 @@ def _answers(url: str) -> bool:
             return True
     except OSError:
         return False
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -7,6 +7,7 @@ log to a file. Whoever starts them stops (or, for chaos, kills) them. Never prod
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -195,9 +196,14 @@ class WorkerProcess:
         return self.log_path.read_bytes().count(b'"event":"worker.ready"')
 
     def signal(self, signum: int) -> None:
-        """Send a signal to the worker's main process only (kombu #1836)."""
+        """Send a signal to the worker's main process only (kombu #1836); under a prefix
+        (``faketime`` forks and does not pass signals on) to the process group it leads."""
         if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signum)
+            if self.prefix:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signum)
+            else:
+                self.process.send_signal(signum)
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGTERM (warm shutdown), then SIGKILL if it has not exited in time."""
@@ -212,8 +218,13 @@ class WorkerProcess:
         return self.process.returncode
 
     def kill(self) -> None:
-        """SIGKILL the worker (chaos)."""
-        if self.process is not None and self.process.poll() is None:
+        """SIGKILL the worker (chaos), and under a prefix the process group it leads."""
+        if self.process is None:
+            return
+        if self.prefix:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        if self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
 
