@@ -163,5 +163,5 @@ def test_a_block_or_redirect_while_another_record_was_accepted_is_the_records_ow
         assert own.outcome is Outcome.RETRY
         assert own.counted
         assert own.hold_s == 0
-        assert own.evidence in (Evidence.NONE, Evidence.UP)
+        assert own.evidence is Evidence.OWN_BLOCK  # the step marks it a pause suspect
         assert judge(answer, 3, RULES, accepted_meanwhile=True).outcome is Outcome.DEAD

@@ -65,6 +65,9 @@ class Evidence(StrEnum):
     # it would point at the provider, but the provider answered other deliveries while this
     # attempt was in flight: the record's own trouble (the step marks it a suspect)
     OWN = "s"
+    # an account-blocked answer or a redirect while the provider accepted other deliveries:
+    # the record's own (the step marks it a pause suspect, so it never pauses the fleet)
+    OWN_BLOCK = "b"
     # DOWN, and the provider asked us to wait (Retry-After): its retry is never hurried
     WAIT = "w"
 
@@ -243,7 +246,9 @@ def judge(
     counted, with backoff, and the fleet does not pause."""
     evidence = outage_evidence(answer.http_status, answer.api_status, answer.error)
     kind = answer.kind
-    if (kind is AnswerClass.BLOCKED and (accepted_meanwhile or Suspect.PAUSE in suspect)) or (
+    if kind is AnswerClass.BLOCKED and accepted_meanwhile and Suspect.PAUSE not in suspect:
+        kind, evidence = AnswerClass.TRANSIENT, Evidence.OWN_BLOCK
+    elif (Suspect.PAUSE in suspect and kind is AnswerClass.BLOCKED) or (
         Suspect.OUTAGE in suspect and evidence is Evidence.DOWN
     ):
         kind, evidence = AnswerClass.TRANSIENT, Evidence.NONE

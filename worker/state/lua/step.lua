@@ -16,7 +16,8 @@
 --   then per attempt: id, token, outcome (or 'release': claimed, never sent), attempt
 --     document (JSON), counted (1/0), retry_ms, the last error (a pause's reason),
 --     hold_ms, lane (l/b), callers, evidence ('1' points at a provider outage, '0' the
---     provider answered, '-' neither, 's' its own, 'w' as '1' with a Retry-After:
+--     provider answered, '-' neither, 's' its own, 'b' a block or redirect of its own
+--     (the provider accepted others meanwhile), 'w' as '1' with a Retry-After:
 --     policy.Evidence)
 -- Returns {recorded, status, claims, events}: recorded is {verdict, first pause} per
 -- attempt (verdict 'held': a failure during an outage hold, its count given back);

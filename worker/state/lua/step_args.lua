@@ -27,7 +27,7 @@ for i = 0, (ok and n or 0) - 1 do
     and num(ARGV[a + EACH.hold_ms], 0, 864e5) and (ARGV[a + EACH.lane] == 'l' or ARGV[a + EACH.lane] == 'b')
     and not string.find(ARGV[a + EACH.callers], '|', 1, true)
     and (ARGV[a + EACH.evidence] == '1' or ARGV[a + EACH.evidence] == '0' or ARGV[a + EACH.evidence] == '-'
-      or ARGV[a + EACH.evidence] == 's' or ARGV[a + EACH.evidence] == 'w')
+      or ARGV[a + EACH.evidence] == 's' or ARGV[a + EACH.evidence] == 'w' or ARGV[a + EACH.evidence] == 'b')
 end
 if not ok then
   return redis.error_reply('step: bad argument')

@@ -77,6 +77,8 @@ local function finish_signals(a, id, outcome)
   local evidence, hold_ms = ARGV[a + EACH.evidence], tonumber(ARGV[a + EACH.hold_ms])
   if evidence == 's' then
     suspect('o', id)  -- it failed while the provider answered others: its own trouble
+  elseif evidence == 'b' then
+    suspect('p', id)  -- blocked or redirected while the provider accepted others: its own
   end
   if flags[5] and evidence ~= '0' and (outcome == 'retry' or outcome == 'dead') then
     hold_probe(ARGV[a + EACH.last_error])  -- a probe that failed, counted (a suspect's): the next waits
