@@ -263,3 +263,25 @@ def _closed(sock: socket.socket, wait_s: float) -> bool:
         return False  # still open, waiting for the rest of its headers
     assert data == b"", data  # closed without a word: no answer to half a request
     return True
+
+
+def test_a_burst_still_going_on_when_the_console_stops_is_summed_up() -> None:
+    lines = io.StringIO()
+    configure_logging("json", "INFO", stream=lines)
+    try:
+        limiter = LoginLimiter(10, 3600)
+        for _ in range(12):
+            limiter.failed("127.0.0.9", "nobody", known=False)
+        assert limiter.retry_after("127.0.0.9", "nobody") > 0
+        limiter.flush()  # what the console's shutdown does
+        limiter.flush()  # once only
+        sweepers = lambda: [t for t in threading.enumerate() if t.name == "console-login-bursts"]  # noqa: E731
+        wait_for(lambda: not sweepers(), 5, 0.01)  # with nothing left to sum up, it ends
+    finally:
+        configure_logging("json", "INFO", stream=io.StringIO())
+    bursts = [e for e in map(json.loads, lines.getvalue().splitlines())
+              if e["event"] == "console.login_burst"]  # fmt: skip
+    assert [(e.get("address"), e.get("user"), e["failures"], e["refused"]) for e in bursts] == [
+        ("127.0.0.9", None, 12, 1),
+        (None, "(not a console user)", 12, 1),
+    ]

@@ -50,6 +50,7 @@ class LoginLimiter:
         self._trusted: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._lock = threading.Lock()
         self._sweeper: threading.Thread | None = None  # alive while a limited window is open
+        self._wake = threading.Event()  # set by flush: the sweeper looks again at once
 
     def retry_after(self, address: str, name: str, now: float | None = None) -> int:
         """Seconds to wait before this address may try ``name`` again (0: it may now);
@@ -97,6 +98,7 @@ class LoginLimiter:
         with self._lock:
             for key in [k for k, w in self._windows.items() if w.failures >= self.allowed]:
                 self._close(key)
+        self._wake.set()
 
     def _sweep_later(self) -> None:
         """Make sure the sweeper runs: it sums up each limited window as it ends."""
@@ -119,7 +121,8 @@ class LoginLimiter:
                 if not waiting:
                     self._sweeper = None
                     return
-            time.sleep(min(waiting) - now + 0.01)
+            self._wake.wait(min(waiting) - now + 0.01)
+            self._wake.clear()
 
     def _current(self, key: tuple[str, str], now: float) -> Window | None:
         """The key's window if it is still open; an ended one is summed up and dropped."""
