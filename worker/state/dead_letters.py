@@ -7,9 +7,10 @@ replay the fleet kills again at once) is never touched, and each letter is acted
 What the action did comes back as a ``MassResult``: how many were done, looked at, there
 at the start, and how many dead letters now died after the start (left alone).
 
-A confirmation page fixes its end by Redis's clock instead (``end_before``: the letters
-that died before a moment, which only Redis's clock, every letter's time of death, can
-tell), so the action it confirms finds the same end, however long the page was shown.
+A confirmation page fixes its end as a moment of Redis's clock instead (``end_before``:
+the letters that died before it). Every letter's time of death is read from that clock,
+so the action the page confirms, given the same moment later, finds the same end
+however long the page was shown.
 """
 
 from __future__ import annotations
