@@ -2,14 +2,18 @@
 """How long the operators' reads take with millions of other keys in Redis.
 
 Starts a private Redis, fills it with ``--keys`` filler keys (``DEBUG POPULATE``: about
-1 GB for 10 million), the provider stub and one real worker (with /metrics), and sends
-real deliveries through them: some delivered, some dead (the stub answers -9), some
-waiting. Then times each read the way an operator makes it, best of ``--repeat``, and
-counts the SCAN and KEYS calls each one made (``INFO commandstats``): none should.
+1 GB for 10 million), the provider stub, one real worker (with /metrics) and a real
+``backfill console``, and sends real deliveries through them: some delivered, some dead
+(the stub answers -9), some waiting an hour; then pauses the fleet and enqueues
+``--pending`` more, due now, which stay pending. Then times each read the way an
+operator makes it, best of ``--repeat``, and counts the SCAN and KEYS calls each one
+made (``INFO commandstats``): none should.
 
 The CLI commands run in this process (click's runner), after one warm-up run, so the
 figure is the command's work, not the interpreter's start-up (about 0.5 to 1 s more
-for a fresh ``backfill`` process). Prints a table and, with --json PATH, the figures.
+for a fresh ``backfill`` process). The console's pages are asked over HTTP, as a
+browser asks them (its confirmation pages by POST, with the form's token), and timed
+to the last byte of the answer. Prints a table and, with --json PATH, the figures.
 
     python ops/bench_reads.py [--keys 10000000] [--delivered 3000] [--dead 1000]
 """
@@ -19,10 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +42,8 @@ from worker.local.stub import ProviderStub
 
 KEY, SECRET = "bench-key-0001", "bench-secret-never-logged"
 APP = "bench-app"
+USER, PASSWORD = "bench", "a-long-bench-password"
+Read = Callable[[], str]
 
 
 def scans(client: redis.Redis) -> int:
@@ -43,7 +52,7 @@ def scans(client: redis.Redis) -> int:
     return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("scan", "keys"))
 
 
-def cli(*args: str) -> Callable[[], str]:
+def cli(*args: str) -> Read:
     """A ``backfill`` command run in this process; returns its exit code and first line."""
     from click.testing import CliRunner
 
@@ -57,37 +66,109 @@ def cli(*args: str) -> Callable[[], str]:
     return run
 
 
-def console_reads(queue: str) -> dict[str, Callable[[], str]]:
-    """What the console's pages read (worker.console.queries and the Store)."""
-    from worker.console import actions, queries
-    from worker.runtime import get_store
+@contextmanager
+def console_process(env: dict[str, str], log: Path) -> Iterator[str]:
+    """A real ``backfill console`` on a free port; its URL while it runs."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "worker", "console", "--port", str(port)],
+            env={**os.environ, **env, "BACKFILL_CONSOLE_USERS": f"{USER}:{PASSWORD}"},
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(url, timeout=1)
+                break
+            except requests.ConnectionError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise SystemExit(f"the console did not start: see {log}") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(15)
 
-    store = get_store()
 
-    def overview() -> str:
-        now = time.time()
-        store.gauges(queue, now)
-        store.pause_state()
-        queries.outage_since(store)
-        workers = len(store.beats())
-        recent = queries.recent(store.redis, int(now * 1000), window_s=store.dedupe_ttl_s)
-        oldest = queries.oldest_pending(store.redis, int(now * 1000))
-        return f"{workers} worker(s), window ≈ {recent.window}, oldest read {oldest.read}"
+def console_reads(url: str, dead_id: str) -> dict[str, Read]:
+    """Each console page over HTTP, as a browser asks it: what it answered, in short."""
+    session = requests.Session()
+    session.auth = (USER, PASSWORD)
+    page = session.get(f"{url}/dead", timeout=30).text
+    token = re.search(r'name="csrf" value="([^"]+)"', page)
+    group = re.search(r'id="group-([0-9a-f]{16})"', page)
+    if token is None or group is None:
+        raise SystemExit("the console's dead-letter page has no form token or no group")
 
-    def dead_page() -> str:
-        groups = queries.dead_groups(store)
-        return f"{len(groups)} group(s) of {sum(g.count for g in groups)}"
+    def get(path: str, shape: Callable[[str], str]) -> Read:
+        def read() -> str:
+            answer = session.get(url + path, timeout=30)
+            return f"{answer.status_code}: {shape(answer.text)}"
 
-    def search() -> str:
-        ids, more = queries.find_ids(store, "app_id", APP, None, 50)
-        return f"{len(queries.summaries(store.redis, ids))} rows, more: {bool(more)}"
+        return read
 
-    return {
-        "console overview": overview,
-        "console dead letters": dead_page,
-        "console search by app_id": search,
-        "console purge-all count": lambda: str(actions.count_group(store, actions.ALL)),
+    def confirm(action: str, which: str) -> Read:
+        form = {"csrf": token.group(1), "group": which}
+
+        def read() -> str:
+            answer = session.post(f"{url}/dead/{action}", data=form, timeout=30,
+                                  headers={"Origin": url})  # fmt: skip
+            return f"{answer.status_code}: {_confirmation(answer.text)}"
+
+        return read
+
+    reads = {"console overview": get("/", _overview)}
+    for state, lane in (("pending", "bulk"), ("waiting", "bulk"), ("dead", ""),
+                        ("delivered", "")):  # fmt: skip
+        path = f"/list?state={state}" + (f"&lane={lane}" if lane else "")
+        reads[f"console list: {state}"] = get(path, _rows)
+    return reads | {
+        "console delivery page": get(f"/deliveries/{dead_id}", _delivery),
+        "console search: app_id": get(f"/deliveries?q={APP}", _found),
+        "console search: msgid": get("/deliveries?q=b-0", _found),
+        "console dead letters": get("/dead", _dead),
+        "console replay all: confirm": confirm("replay", "all"),
+        "console replay group: confirm": confirm("replay", group.group(1)),
+        "console purge all: confirm": confirm("purge", "all"),
+        "console purge group: confirm": confirm("purge", group.group(1)),
     }
+
+
+def _overview(html: str) -> str:
+    workers = re.search(r"live heartbeat</th><td class=\"num\">(\d+)<", html)
+    bars, lanes = html.count('<g class="bar">'), html.count('<tr id="lane-')
+    return f"{workers.group(1) if workers else '?'} worker(s), {bars} bars, {lanes} lanes"
+
+
+def _rows(html: str) -> str:
+    total = re.search(r'<p id="total">(\d+) ', html)
+    rows = html.count('<td><a href="/deliveries/')
+    return f"{rows} rows of {total.group(1) if total else '?'}"
+
+
+def _delivery(html: str) -> str:
+    state = re.search(r'<td id="state">([^<]*)<', html)
+    attempts = html.count('<tr class="attempt">')
+    return f"{state.group(1) if state else '?'}, {attempts} attempt(s)"
+
+
+def _found(html: str) -> str:
+    sections = re.findall(r"<h2>By (\w+): (\d+\+?)</h2>", html)
+    return ", ".join(f"{kind} {count}" for kind, count in sections) or "none"
+
+
+def _dead(html: str) -> str:
+    total = re.search(r"(\d+) dead in all", html)
+    groups = html.count('<section class="group"')
+    return f"{groups} group(s), {total.group(1) if total else '?'} dead"
+
+
+def _confirmation(html: str) -> str:
+    count = re.search(r'id="confirm">\w+ (\d+)</button>', html)
+    return f"count {count.group(1) if count else '?'}"
 
 
 def fill(client: redis.Redis, count: int) -> float:
@@ -119,8 +200,21 @@ def deliveries(stub: ProviderStub, delivered: int, dead: int, waiting: int) -> d
     return {"one": ids[0][0] if ids else "", "msgid": "b-0"}
 
 
-def settle(client: redis.Redis, dead: int, timeout_s: float = 900) -> None:
-    """Wait until the worker has delivered or buried every due delivery."""
+def held_pending(count: int) -> None:
+    """Pause the fleet for an hour and enqueue ``count`` records due now: they stay pending."""
+    from worker.runtime import get_store
+    from worker.state import keys
+
+    store = get_store()
+    store.redis.set(keys.PAUSED, "bench: held so pending deliveries stay listed", px=3_600_000)
+    made = [BackfillRecord(APP, "8613512345678", "1681184764000", msgid=f"p-{i}")
+            for i in range(count)]  # fmt: skip
+    for start in range(0, count, 1000):
+        store.enqueue_many(made[start : start + 1000])
+
+
+def settle(client: redis.Redis, dead: int, timeout_s: float = 900) -> str:
+    """Wait until the worker has delivered or buried every due delivery; a dead letter's id."""
     from worker.state import keys
 
     deadline = time.monotonic() + timeout_s
@@ -129,14 +223,12 @@ def settle(client: redis.Redis, dead: int, timeout_s: float = 900) -> None:
             keys.BULK, "-inf", int(time.time() * 1000)
         )
         if due == 0 and client.zcard(keys.DEAD) >= dead:
-            return
+            return str(client.zrange(keys.DEAD, 0, 0)[0]) if dead else ""
         time.sleep(0.5)
     raise SystemExit("the worker did not settle the deliveries in time")
 
 
-def measure(
-    client: redis.Redis, reads: dict[str, Callable[[], str]], repeat: int
-) -> list[dict[str, Any]]:
+def measure(client: redis.Redis, reads: dict[str, Read], repeat: int) -> list[dict[str, Any]]:
     """Each read: best and first time (s), SCAN/KEYS calls, what it answered."""
     rows = []
     for name, read in reads.items():
@@ -150,9 +242,9 @@ def measure(
     return rows
 
 
-def reads_for(
-    env: dict[str, str], ids: dict[str, str], node: str, metrics_port: int
-) -> dict[str, Callable[[], str]]:
+def cli_reads(ids: dict[str, str], node: str, metrics_port: int) -> dict[str, Read]:
+    """The CLI's reads and a worker's /metrics."""
+
     def metrics() -> str:
         body = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).text
         return next(
@@ -167,7 +259,6 @@ def reads_for(
         "backfill find --app-id": cli("find", "--app-id", APP),
         "backfill find --msgid": cli("find", "--msgid", ids["msgid"]),
         "backfill dead list": cli("dead", "list"),
-        **console_reads(env.get("BACKFILL_QUEUE", "backfill")),
     }
 
 
@@ -177,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delivered", type=int, default=3000)
     parser.add_argument("--dead", type=int, default=1000)
     parser.add_argument("--waiting", type=int, default=1000)
+    parser.add_argument("--pending", type=int, default=1000, help="held by a pause")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
@@ -194,12 +286,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"filled {args.keys:,} keys in {filled:.1f} s", file=sys.stderr)
         worker.start().wait_ready(120)
         ids = deliveries(stub, args.delivered, args.dead, args.waiting)
-        settle(client, args.dead)
-        reads = reads_for(env, ids, "bench@reads", metrics_port)
-        for read in reads.values():  # warm up: imports, connections, scripts
-            read()
-        rows = measure(client, reads, args.repeat)
-        report(rows, int(client.dbsize()), args.json)
+        dead_id = settle(client, args.dead)
+        held_pending(args.pending)
+        with console_process(env, root / "console.log") as url:
+            reads = cli_reads(ids, "bench@reads", metrics_port) | console_reads(url, dead_id)
+            for read in reads.values():  # warm up: imports, connections, scripts
+                read()
+            rows = measure(client, reads, args.repeat)
+        report(rows, int(client.dbsize()), filled, args.json)
     finally:
         worker.stop()
         stub.stop()
@@ -207,14 +301,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report(rows: list[dict[str, Any]], dbsize: int, path: str | None) -> None:
+def report(rows: list[dict[str, Any]], dbsize: int, filled_s: float, path: str | None) -> None:
     print(f"{dbsize:,} keys in Redis")
-    print(f"{'read':28} {'best s':>8} {'first s':>8} {'SCAN/KEYS':>9}  answer")
+    print(f"{'read':31} {'best s':>7} {'first s':>7} {'SCAN/KEYS':>9}  answer")
     for row in rows:
-        print(f"{row['read']:28} {row['best_s']:8.3f} {row['first_s']:8.3f} "
+        print(f"{row['read']:31} {row['best_s']:7.3f} {row['first_s']:7.3f} "
               f"{row['scan_calls']:9d}  {row['answer']}")  # fmt: skip
     if path:
-        Path(path).write_text(json.dumps({"keys": dbsize, "reads": rows}, indent=2))
+        figures = {"keys": dbsize, "filled_s": round(filled_s, 1), "reads": rows}
+        Path(path).write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from worker.local.stub import ProviderStub
 from worker.operate.audit import configure_logging, redactor
 from worker.operate.errors import ConfigError
 from worker.state import delivery, keys
+from worker.state.dead_letters import redis_ms
 from worker.state.store import Store
 
 USERS = {"alice": "correct-horse-battery", "bob": "another-long-password"}
@@ -143,6 +144,14 @@ def csrf(page: str) -> str:
 
 def post(http: Console, path: str, data: dict[str, str], **headers: str) -> Any:
     return http.post(path, data=data, headers=headers)
+
+
+def confirmed(page: str) -> dict[str, str]:
+    """The form a confirmation page's button sends: its hidden fields (token, group or
+    delivery, the end it counted to, confirm=yes)."""
+    form = page[page.index('<form method="post" action="/dead/') :]
+    form = form[: form.index("</form>")]
+    return dict(re.findall(r'<input type="hidden" name="(\w+)" value="([^"]*)">', form))
 
 
 # -- who may ------------------------------------------------------------------------
@@ -505,9 +514,9 @@ def test_dead_letters_are_grouped_by_last_error_and_a_group_replays_alone(
     asked = post(client, "/dead/replay", form)  # a confirmation page with the count first
     assert "every dead letter with this last error again: 2 now" in _text(asked.text)
     assert store.states(bad) == ["dead", "dead"]
-    answer = post(client, "/dead/replay", {**form, "confirm": "yes"})
+    answer = post(client, "/dead/replay", confirmed(asked.text))
     assert answer.status_code == 303
-    assert answer.headers["location"] == "/dead?done=replayed&n=2"
+    assert answer.headers["location"].startswith("/dead?done=replayed&n=2&later=0&ids=")
     assert "2 replayed" in client.get(answer.headers["location"]).text
     wait_for(lambda: store.states(bad) == ["delivered", "delivered"], 20)
     assert store.states([blocked_number]) == ["dead"]
@@ -541,7 +550,7 @@ def test_purge_needs_a_confirmation_step(
     asked = post(client, "/dead/purge", {"csrf": token, "group": "all"})
     assert "This deletes every dead letter: 2 now." in _text(asked.text)
     assert store.states([two, three]) == ["dead", "dead"]
-    done = post(client, "/dead/purge", {"csrf": token, "group": "all", "confirm": "yes"})
+    done = post(client, "/dead/purge", confirmed(asked.text))
     assert done.headers["location"] == "/dead?done=purged&n=2"
     assert store.counts()["dead"] == 0
     purges = [e for e in audit_lines() if e["event"] == "console.purge"]
@@ -569,13 +578,14 @@ def test_replay_of_all_asks_first_and_the_confirmation_keeps_csrf_and_same_origi
     assert 'action="/dead/replay"' in asked.text
     assert set(store.states(ids)) == {"dead"}  # nothing yet
 
-    confirmed = {"csrf": csrf(asked.text), "group": "all", "confirm": "yes"}
-    assert post(client, "/dead/replay", {**confirmed, "csrf": "1.abc"}).status_code == 403
-    cross = post(client, "/dead/replay", confirmed, Origin="http://evil.example")
+    form = confirmed(asked.text)
+    assert set(form) == {"csrf", "group", "end", "confirm"}
+    assert post(client, "/dead/replay", {**form, "csrf": "1.abc"}).status_code == 403
+    cross = post(client, "/dead/replay", form, Origin="http://evil.example")
     assert cross.status_code == 403
     assert set(store.states(ids)) == {"dead"}
-    done = post(client, "/dead/replay", confirmed)
-    assert done.headers["location"] == "/dead?done=replayed&n=3"
+    done = post(client, "/dead/replay", form)
+    assert done.headers["location"].startswith("/dead?done=replayed&n=3&later=0&ids=")
     assert set(store.states(ids)) == {"pending"}
     assert [e["scope"] for e in audit_lines() if e["event"] == "console.replay"] == ["all"]
 
@@ -638,12 +648,94 @@ def test_a_large_group_is_counted_whole_listed_in_part_and_replayed_whole(
     asked = post(client, "/dead/replay", {"csrf": csrf(page), "group": "all"})
     assert "This sends every dead letter again: 60 now." in _text(asked.text)
     assert set(store.states(ids)) == {"dead"}
-    confirmed = {"csrf": csrf(asked.text), "group": "all", "confirm": "yes"}
-    answer = post(client, "/dead/replay", confirmed)
-    assert answer.headers["location"] == "/dead?done=replayed&n=60"
+    answer = post(client, "/dead/replay", confirmed(asked.text))
+    assert answer.headers["location"].startswith("/dead?done=replayed&n=60&later=0&ids=")
     assert set(store.states(ids)) == {"pending"}
     lines = [e for e in audit_lines() if e["event"] == "console.replay"]
     assert [(e["scope"], sorted(e["delivery_ids"])) for e in lines] == [("all", sorted(ids))]
+
+
+def died(store: Store, count: int, api_status: str = "-21") -> list[str]:
+    """Dead letters as the step script leaves them, each dying now by Redis's clock."""
+    r = store.redis
+    ids = [d for d, _ in store.enqueue_many([record() for _ in range(count)])]
+    doc = delivery.attempt_doc(1, int(time.time() * 1000), "dead", http_status=200,
+                               api_status=api_status, api_reason="validation", error=None,
+                               latency_ms=2.0, retry_in_s=None)  # fmt: skip
+    for delivery_id in ids:
+        now = redis_ms(r)
+        r.hset(keys.delivery(delivery_id), mapping={"s": "x", "z": now})
+        r.rpush(keys.attempts(delivery_id), doc)
+        r.zadd(keys.DEAD, {delivery_id: now})
+    return ids
+
+
+def test_a_confirmed_replay_stops_at_the_end_its_page_counted_and_says_how_many(
+    client: Console, store: Store, audit_lines: Callable[[], list[dict[str, Any]]]
+) -> None:
+    store.redis.set(keys.PAUSED, "held for the test", px=600_000)  # replays stay pending
+    counted = died(store, 5)
+    other = died(store, 1, api_status="-9")  # another group: never in this group's scope
+    page = client.get("/dead").text
+    groups = dict(re.findall(r'id="group-([0-9a-f]{16})">\s*<h2>(.*?)</h2>', page))
+    (group,) = [key for key, error in groups.items() if "-21" in error]
+    asked = post(client, "/dead/replay", {"csrf": csrf(page), "group": group})
+    assert "this last error again: 5 now" in _text(asked.text)
+    time.sleep(0.01)
+    later = died(store, 2)  # the same error, dead after the page counted
+    store.replay([counted[0]])  # replayed by someone else meanwhile, and dead again
+    store.redis.hset(keys.delivery(counted[0]), mapping={"s": "x", "z": redis_ms(store.redis)})
+    store.redis.zadd(keys.DEAD, {counted[0]: redis_ms(store.redis)})
+
+    answer = post(client, "/dead/replay", confirmed(asked.text))
+    assert answer.status_code == 303
+    assert answer.headers["location"].startswith("/dead?done=replayed&n=4&later=3&ids=")
+    assert store.states(counted[1:]) == ["pending"] * 4
+    assert store.states([counted[0], *later, *other]) == ["dead"] * 4
+    result = _text(client.get(answer.headers["location"]).text)
+    assert "4 replayed: they wait in the bulk lane, due now; 3 that died after the " \
+        "confirmation page counted were left alone." in result  # fmt: skip
+    lines = [e for e in audit_lines() if e["event"] == "console.replay"]
+    assert [sorted(e["delivery_ids"]) for e in lines] == [sorted(counted[1:])]
+
+    asked = post(client, "/dead/replay", {"csrf": csrf(page), "group": "all"})
+    assert "every dead letter again: 4 now" in _text(asked.text)
+    form = confirmed(asked.text)
+    for end in ("", "12a", " 1", "-1", "1e3", "9" * 16, str(redis_ms(store.redis) + 60_000)):
+        assert post(client, "/dead/replay", {**form, "end": end}).status_code == 400, end
+    del form["end"]
+    assert post(client, "/dead/replay", form).status_code == 400
+    assert store.counts()["dead"] == 4  # nothing replayed by a form without its end
+
+
+def test_a_replay_s_result_links_to_the_letters_it_replayed(client: Console, store: Store) -> None:
+    store.redis.set(keys.PAUSED, "held for the test", px=600_000)  # replays stay pending
+    ids = died(store, 25)
+    page = client.get("/dead").text
+    asked = post(client, "/dead/replay", {"csrf": csrf(page), "group": "all"})
+    answer = post(client, "/dead/replay", confirmed(asked.text))
+    location = answer.headers["location"]
+    result = client.get(location).text
+    section = result[result.index('<section id="replayed">') :]
+    section = section[: section.index("</section>")]
+    linked = re.findall(r'<a href="/deliveries/([^"]+)"><code>', section)
+    assert len(linked) == 20
+    assert set(linked) <= set(ids)
+    assert section.count("<td>pending</td>") == 20  # each row says where the letter is now
+    assert "Replayed: the first 20 of 25, and where each is now" in _text(section)
+    assert 'id="replayed-rest"' in section
+    one = client.get(f"/deliveries/{linked[0]}")
+    assert one.status_code == 200
+    assert '<td id="state">pending</td>' in one.text
+
+    hostile = client.get("/dead", params={"done": "replayed", "n": "2",
+                                          "ids": f"{SCRIPT},../x,{ids[0]},{ids[0]}"})  # fmt: skip
+    assert hostile.status_code == 200
+    assert SCRIPT not in hostile.text
+    section = hostile.text[hostile.text.index('<section id="replayed">') :]
+    assert re.findall(r'<a href="/deliveries/([^"]+)"><code>', section.split("</section>")[0]) \
+        == [ids[0]]  # fmt: skip
+    assert 'id="replayed"' not in client.get("/dead", params={"ids": ids[0]}).text
 
 
 # -- watching -----------------------------------------------------------------------

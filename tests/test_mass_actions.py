@@ -34,6 +34,7 @@ from worker.state.dead_letters import batches, fixed_end, replay_until
 from worker.state.store import Store
 
 BAD = Answer(AnswerClass.BAD_RECORD, api_status="-9", api_reason="invalid number")
+BLOCKED = Answer(AnswerClass.BAD_RECORD, api_status="-24", api_reason="number blocked")
 
 
 @pytest.fixture
@@ -47,18 +48,20 @@ def records(count: int, app_id: str = "app-m") -> list[BackfillRecord]:
             range(count)]  # fmt: skip
 
 
-def bury_due(store: Store) -> list[str]:
-    """Claim every due delivery and dead-letter it through the real step script (a -9
-    answer), up to 32 a step, as a drain does; the ids buried."""
+def bury_due(store: Store, answer: Answer = BAD) -> list[str]:
+    """Claim every due delivery and dead-letter it through the real step script (by
+    default a -9 answer), up to 32 a step, as a drain does; the ids buried."""
     dead = Verdict(Outcome.DEAD)
-    return step_through(store, lambda c: Finish(c, BAD, dead), claim=32, max_attempts=4)
+    return step_through(store, lambda c: Finish(c, answer, dead), claim=32, max_attempts=4)
 
 
-def dead_letters(store: Store, count: int, app_id: str = "app-m") -> list[str]:
+def dead_letters(
+    store: Store, count: int, app_id: str = "app-m", answer: Answer = BAD
+) -> list[str]:
     made = records(count, app_id)
     for start in range(0, count, 1000):
         store.enqueue_many(made[start : start + 1000], lane=LIVE)
-    return bury_due(store)
+    return bury_due(store, answer)
 
 
 def test_a_walk_never_passes_its_end_even_when_every_replay_dies_at_once(store: Store) -> None:
@@ -105,16 +108,77 @@ def test_mass_actions_without_a_terminal_and_without_yes_refuse(
     letters = dead_letters(store, 3)
     env = {"BACKFILL_REDIS_URL": private_redis.url}
     for verb in ("replay", "purge"):
-        refused = backfill("dead", verb, "--all", env=env)
-        assert refused.returncode == 2, refused.stderr
-        assert f"this would {verb} 3 dead letter(s)" in refused.stderr
-        assert "add --yes to confirm (no terminal to ask on)" in refused.stderr
+        for scope, whose in ((["--all"], ""), (["--app-id", "app-m"], " of app app-m")):
+            refused = backfill("dead", verb, *scope, env=env)
+            assert refused.returncode == 2, refused.stderr
+            assert f"this would {verb} 3 dead letter(s){whose}, those" in refused.stderr
+            assert "add --yes to confirm (no terminal to ask on)" in refused.stderr
     assert set(store.states(letters)) == {"dead"}
     one = backfill("dead", "replay", letters[0], env=env)  # one letter is not a mass action
     assert (one.returncode, one.stdout.strip()) == (0, "replayed 1 of 1")
     done = backfill("dead", "purge", "--all", "--app-id", "app-m", "--yes", env=env)
     assert done.returncode == 0, done.stderr
     assert re.match(r"purged 2 of 2 \(dead letters of app app-m that died by \d{4}-", done.stdout)
+    for wrong in ([letters[1], "--all"], [letters[1], "--group", "0" * 16], [],
+                  ["--group", "not-a-key"], ["--group", "ABCDEF0123456789"]):  # fmt: skip
+        assert backfill("dead", "replay", *wrong, env=env).returncode == 2, wrong
+
+
+def test_replay_all_with_yes_replays_every_letter_and_says_so(
+    settings_env: dict[str, str], store: Store, private_redis: LocalRedis
+) -> None:
+    letters = dead_letters(store, 5) + dead_letters(store, 2, "app-n", BLOCKED)
+    env = {"BACKFILL_REDIS_URL": private_redis.url}
+    done = backfill("dead", "replay", "--all", "--yes", env=env)
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(r"replayed 7 of 7 \(dead letters that died by [0-9: .Z-]+\)\n", done.stdout)
+    assert set(store.states(letters)) == {"pending"}
+    none = backfill("dead", "replay", "--all", "--yes", env=env)
+    assert (none.returncode, none.stdout) == (0, "replayed 0 of 0: no dead letters\n")
+
+
+def groups(env: dict[str, str]) -> dict[str, tuple[int, str]]:
+    """``backfill dead groups``: each group's key, count and error."""
+    listed = backfill("dead", "groups", env=env)
+    assert listed.returncode == 0, listed.stderr
+    rows = [line.split(maxsplit=2) for line in listed.stdout.splitlines()[1:]]
+    return {key: (int(count), error) for key, count, error in rows}
+
+
+def test_a_group_is_replayed_or_purged_alone_and_asks_first(
+    settings_env: dict[str, str], store: Store, private_redis: LocalRedis
+) -> None:
+    invalid = dead_letters(store, 4) + dead_letters(store, 2, "app-n")
+    blocked = dead_letters(store, 3, "app-n", BLOCKED)
+    env = {"BACKFILL_REDIS_URL": private_redis.url}
+    found = groups(env)
+    assert sorted(found.values()) == [(3, "status -24: number blocked"),
+                                      (6, "status -9: invalid number")]  # fmt: skip
+    (key,) = [k for k, (_, error) in found.items() if "-9" in error]
+
+    refused = backfill("dead", "replay", "--group", key, env=env)
+    assert refused.returncode == 2, refused.stderr
+    assert f"this would replay 6 dead letter(s) of group {key}, those that died by" in (
+        refused.stderr
+    )
+    assert "add --yes" in refused.stderr
+    code, out = on_terminal(["dead", "replay", "--group", key, "--app-id", "app-n"], env, "n")
+    assert code == 1, out
+    assert f"This will replay 2 dead letter(s) of group {key} of app app-n, those" in out
+    assert set(store.states(invalid + blocked)) == {"dead"}  # asked, nothing done
+
+    code, out = on_terminal(["dead", "replay", "--group", key], env, "y")
+    assert code == 0, out
+    assert f"replayed 6 of 6 (dead letters of group {key} that died by" in out
+    assert set(store.states(invalid)) == {"pending"}
+    assert set(store.states(blocked)) == {"dead"}  # another group: untouched
+
+    (other,) = [k for k in found if k != key]
+    purged = backfill("dead", "purge", "--group", other, "--yes", env=env)
+    assert purged.returncode == 0, purged.stderr
+    assert purged.stdout.startswith(f"purged 3 of 3 (dead letters of group {other} that died")
+    assert store.states(blocked) == [None] * 3
+    assert set(store.states(invalid)) == {"pending"}
 
 
 def on_terminal(args: list[str], env: dict[str, str], answer: str) -> tuple[int, str]:

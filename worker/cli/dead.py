@@ -1,22 +1,30 @@
-"""``backfill dead``: list, show, replay and purge the dead letters."""
+"""``backfill dead``: list, group, show, replay and purge the dead letters."""
 
 from __future__ import annotations
 
 import math
 import re
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from worker.cli.common import exits
 from worker.cli.records import status
 
+if TYPE_CHECKING:
+    from worker.state.dead_letters import DeadEnd
+    from worker.state.store import Store
+
+F = TypeVar("F", bound=Callable[..., Any])
+Pick = Callable[[list[str]], list[str]]  # a group's letters out of a batch
+
 
 @click.group()
 def dead() -> None:
-    """The dead-letter store: list, show, replay, purge."""
+    """The dead-letter store: list, groups, show, replay, purge."""
 
 
 @dead.command("list")
@@ -96,45 +104,87 @@ def dead_show(ctx: click.Context, delivery_id: str) -> None:
     ctx.invoke(status, delivery_id=delivery_id)
 
 
-@dead.command("replay")
-@click.argument("delivery_id", required=False)
-@click.option("--all", "everything", is_flag=True, help="Replay every dead letter.")
-@click.option("--app-id", help="With --all: only this app's dead letters.")
-@click.option("--yes", is_flag=True, help="Confirm --all without being asked.")
+SCOPE = (
+    "Which letters: one DELIVERY_ID (at once), or --all, --app-id A (that app's) or "
+    "--group KEY (those whose last error is the group's, as `dead groups` and the console "
+    "show it); --app-id and --group together narrow each other."
+)
+
+
+def _scoped(verb: str) -> Callable[[F], F]:
+    """The options that choose what a mass action acts on, and --yes."""
+
+    def add(func: F) -> F:
+        for option in reversed((
+            click.argument("delivery_id", required=False),
+            click.option("--all", "everything", is_flag=True, help=f"{verb} every dead letter."),
+            click.option("--app-id", help=f"{verb} this app's dead letters."),
+            click.option("--group", "group", metavar="KEY",
+                         help=f"{verb} the dead letters of this group (last error)."),
+            click.option("--yes", is_flag=True, help="Confirm without being asked."),
+        )):  # fmt: skip
+            func = option(func)
+        return func
+
+    return add
+
+
+@dead.command("replay", epilog=SCOPE)
+@_scoped("Replay")
 @exits
-def dead_replay(delivery_id: str | None, everything: bool, app_id: str | None, yes: bool) -> None:
+def dead_replay(
+    delivery_id: str | None, everything: bool, app_id: str | None, group: str | None, yes: bool
+) -> None:
     """Re-enqueue dead letters (bulk lane, fresh attempt budget, same delivery_id).
 
-    --all asks first (or --yes), then works through the letters that had died when it
-    began, 1,000 at a time, in constant memory: a letter that dies after that (a replay
-    killed again) is left alone. The workers' wakers pick the replays up at the pace of
-    the fleet, behind live records.
+    A mass action asks first (or --yes), then works through the letters that had died
+    when it began, 1,000 at a time, in constant memory: a letter that dies after that (a
+    replay killed again) is left alone. The workers' wakers pick the replays up at the
+    pace of the fleet, behind live records.
     """
-    _mass("replay", delivery_id, everything, app_id, yes)
+    _mass("replay", delivery_id, everything, app_id, group, yes)
 
 
-@dead.command("purge")
-@click.argument("delivery_id", required=False)
-@click.option("--all", "everything", is_flag=True, help="Purge every dead letter.")
-@click.option("--app-id", help="With --all: only this app's dead letters.")
-@click.option("--yes", is_flag=True, help="Confirm --all without being asked.")
+@dead.command("purge", epilog=SCOPE)
+@_scoped("Purge")
 @exits
-def dead_purge(delivery_id: str | None, everything: bool, app_id: str | None, yes: bool) -> None:
-    """Delete dead letters for good (--all asks first, or --yes; 1,000 per script run;
-    only the letters that had died when it began)."""
-    _mass("purge", delivery_id, everything, app_id, yes)
+def dead_purge(
+    delivery_id: str | None, everything: bool, app_id: str | None, group: str | None, yes: bool
+) -> None:
+    """Delete dead letters for good (a mass action asks first, or --yes; 1,000 per script
+    run; only the letters that had died when it began)."""
+    _mass("purge", delivery_id, everything, app_id, group, yes)
+
+
+@dead.command("groups")
+@exits
+def dead_groups() -> None:
+    """The newest 1,000 dead letters grouped by last error, as the console groups them:
+    each group's KEY (for --group), its count among them, and the error."""
+    from worker.console import queries
+    from worker.runtime import get_store
+
+    store = get_store()
+    groups = queries.dead_groups(store)
+    click.echo(f"{'group':16}  {'count':>5}  last_error")
+    for found in groups:
+        click.echo(f"{found.key:16}  {found.count:5d}  {found.error}")
+    shown = sum(found.count for found in groups)
+    click.echo(f"{shown} grouped (the newest), {store.counts()['dead']} dead in all", err=True)
 
 
 def _mass(verb: str, delivery_id: str | None, everything: bool, app_id: str | None,
-          yes: bool) -> None:  # fmt: skip
-    """One letter at once, or every one (of an app) up to an end fixed now, asked first."""
+          group: str | None, yes: bool) -> None:  # fmt: skip
+    """One letter at once, or every one (of an app, of a group) up to an end fixed now,
+    asked first."""
     from worker.runtime import get_store
     from worker.state import dead_letters
 
-    if bool(delivery_id) == everything:
-        raise click.UsageError("give one DELIVERY_ID or --all")
-    if app_id and not everything:
-        raise click.UsageError("--app-id goes with --all")
+    if bool(delivery_id) == (everything or bool(app_id) or bool(group)):
+        raise click.UsageError("give one DELIVERY_ID, or --all, --app-id or --group")
+    if group is not None and not re.fullmatch(r"[0-9a-f]{16}", group):
+        raise click.BadParameter("a group's key: 16 hex digits, as `backfill dead groups` "
+                                 "and the console show it", param_hint="--group")  # fmt: skip
     store = get_store()
     past = {"replay": "replayed", "purge": "purged"}[verb]
     if delivery_id:
@@ -142,19 +192,36 @@ def _mass(verb: str, delivery_id: str | None, everything: bool, app_id: str | No
         click.echo(f"{past} {done} of 1")
         sys.exit(0 if done else 1)
     end = dead_letters.fixed_end(store.redis, app_id)
-    whose = f" of app {app_id}" if app_id else ""
-    if end.ms is None:
+    whose = (f" of group {group}" if group else "") + (f" of app {app_id}" if app_id else "")
+    pick = _group_of(store, group)
+    count = end.count if pick is None else _count(store, app_id, end, pick)
+    if not count:
         click.echo(f"{past} 0 of 0: no dead letters{whose}")
         return
-    _confirm(
-        f"{verb} {end.count} dead letter(s){whose}, those that died by {_when_ms(end.ms)}", yes
-    )
+    assert end.ms is not None  # there are letters: the end has a time
+    _confirm(f"{verb} {count} dead letter(s){whose}, those that died by {_when_ms(end.ms)}", yes)
     act = dead_letters.replay_until if verb == "replay" else dead_letters.purge_until
-    result = act(store, app_id=app_id, end=end)
+    result = act(store, app_id=app_id, end=end, choose=pick)
     click.echo(f"{past} {result.done} of {result.seen} (dead letters{whose} that died by "
                f"{_when_ms(end.ms)})")  # fmt: skip
     if result.later:
         click.echo(f"{result.later} dead letter(s){whose} died after the {verb} began: left alone")
+
+
+def _group_of(store: Store, group: str | None) -> Pick | None:
+    """What picks the letters of ``group`` from a batch (None: no group asked for)."""
+    if group is None:
+        return None
+    from worker.console.actions import choose
+
+    return choose(store, group)
+
+
+def _count(store: Store, app_id: str | None, end: DeadEnd, pick: Pick) -> int:
+    """How many letters of a group had died by ``end`` (read 1,000 at a time)."""
+    from worker.state.dead_letters import batches
+
+    return sum(len(pick(ids)) for ids in batches(store.redis, app_id, end=end))
 
 
 def _confirm(what: str, yes: bool) -> None:

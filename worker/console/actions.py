@@ -5,6 +5,10 @@ those the page showed) or all of them; groups and "all" go through the store 1,0
 letters at a time in constant memory, as ``backfill dead replay --all`` does. Each batch
 writes one ``console.replay`` / ``console.purge`` line naming the console user and the
 delivery ids it changed.
+
+A confirmation page counts the letters that died before a moment of Redis's clock
+(``counted_end``) and carries that moment in its form: the action it confirms stops at
+the same end, so a letter that dies after the page was shown is left alone.
 """
 
 from __future__ import annotations
@@ -14,7 +18,15 @@ from collections.abc import Callable, Iterator
 import structlog
 
 from worker.console.queries import dead_errors, error_key
-from worker.state.dead_letters import DeadEnd, MassResult, act_until, batches, fixed_end
+from worker.state.dead_letters import (
+    DeadEnd,
+    MassResult,
+    act_until,
+    batches,
+    end_before,
+    fixed_end,
+    redis_ms,
+)
 from worker.state.store import Store
 
 log = structlog.get_logger("worker.console")
@@ -23,9 +35,13 @@ ALL = ""  # the group key that means every dead letter
 
 def replay(store: Store, user: str, delivery_ids: list[str], scope: str = "delivery") -> int:
     """Replay dead letters (others are left alone); how many were replayed."""
+    return len(_replay(store, user, delivery_ids, scope))
+
+
+def _replay(store: Store, user: str, delivery_ids: list[str], scope: str) -> list[str]:
     done = store.replay(delivery_ids)
     log.info("console.replay", user=user, scope=scope, delivery_ids=done, replayed=len(done))
-    return len(done)
+    return done
 
 
 def purge(store: Store, user: str, delivery_ids: list[str], scope: str = "delivery") -> int:
@@ -57,12 +73,35 @@ def group_batches(store: Store, key: str, end: DeadEnd | None = None) -> Iterato
             yield chosen
 
 
-def replay_group_until(store: Store, user: str, key: str, end: DeadEnd | None = None) -> MassResult:
+def counted_end(store: Store, before_ms: int | None = None) -> tuple[int, DeadEnd]:
+    """The end a confirmation page counts up to: the letters that died before
+    ``before_ms`` (Redis's clock; now when not given). ValueError when that moment is
+    still to come (only a page this console made names one, and it names a past one)."""
+    now = redis_ms(store.redis)
+    if before_ms is None:
+        before_ms = now
+    elif before_ms > now:
+        raise ValueError("the end is still to come")
+    return before_ms, end_before(store.redis, before_ms)
+
+
+def replay_group_until(
+    store: Store, user: str, key: str, end: DeadEnd | None = None, keep: int = 0
+) -> MassResult:
     """Replay every dead letter of a group that had died by ``end`` (fixed now when not
-    given: a confirmation page may fix it when it counts); what was done."""
+    given: a confirmation page fixes it when it counts); what was done, with the ids of
+    the first ``keep`` replayed (``MassResult.first``)."""
     scope = "all" if key == ALL else f"group {key}"
-    act = lambda ids: replay(store, user, ids, scope)  # noqa: E731
-    return act_until(store, act, end=end, choose=choose(store, key))
+    first: list[str] = []
+
+    def act(ids: list[str]) -> int:
+        done = _replay(store, user, ids, scope)
+        first.extend(done[: max(keep - len(first), 0)])
+        return len(done)
+
+    result = act_until(store, act, end=end, choose=choose(store, key))
+    result.first = first
+    return result
 
 
 def purge_group_until(store: Store, user: str, key: str, end: DeadEnd | None = None) -> MassResult:

@@ -9,7 +9,8 @@ in ``routes``.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import jinja2
 import redis
@@ -57,7 +58,7 @@ def create_app(
 ) -> FastAPI:
     """The console over ``store``, for the users ``guard`` knows, failed logins limited
     by ``limiter`` (by default 10 a minute per address and per user name)."""
-    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, lifespan=_lifespan)
     app.state.console = Console(store, guard, queue, _templates(), limiter or LoginLimiter())
     app.middleware("http")(_guarded)
     app.add_exception_handler(Refused, _refused)  # type: ignore[arg-type]
@@ -65,6 +66,14 @@ def create_app(
     app.add_exception_handler(redis.RedisError, _unavailable)  # type: ignore[arg-type]
     app.include_router(router)
     return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """On the way out, the summary of each login burst still going on."""
+    yield
+    console: Console = app.state.console
+    console.limiter.flush()
 
 
 def _templates() -> jinja2.Environment:

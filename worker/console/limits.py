@@ -6,9 +6,13 @@ ends, without looking at the password (so guessing on learns nothing). A name's 
 does not shut out an address that has logged in as that name before (an operator whose
 browser already holds the password keeps working while someone else guesses it).
 
-A burst writes few lines: ``console.auth_failed`` at the first failure of a window,
+A burst (a window in which a key reached the limit) writes few lines:
+``console.auth_failed`` at the first failure of an address's window,
 ``console.login_limited`` when the limit is reached, and ``console.login_burst`` with
-the failures and refusals counted when the window of a limited key is over.
+the failures and refusals counted, once, when the window is over. A thread of the
+limiter's own writes that summary as the window ends, whether or not another request
+comes (it runs only while a limited window is open); ``flush`` writes those of the
+windows still open when the console stops.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class LoginLimiter:
         self._windows: OrderedDict[tuple[str, str], Window] = OrderedDict()
         self._trusted: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._lock = threading.Lock()
+        self._sweeper: threading.Thread | None = None  # alive while a limited window is open
+        self._wake = threading.Event()  # set by flush: the sweeper looks again at once
 
     def retry_after(self, address: str, name: str, now: float | None = None) -> int:
         """Seconds to wait before this address may try ``name`` again (0: it may now);
@@ -76,6 +82,7 @@ class LoginLimiter:
                 if window.failures == self.allowed:
                     log.warning("console.login_limited", **window.shown, failures=self.allowed,
                                 retry_after_s=math.ceil(self.window_s))  # fmt: skip
+                    self._sweep_later()
 
     def succeeded(self, address: str, name: str, now: float | None = None) -> None:
         """Remember that ``address`` logged in as ``name``."""
@@ -85,6 +92,37 @@ class LoginLimiter:
             self._trusted.move_to_end((address, name))
             while len(self._trusted) > MAX_KEYS:
                 self._trusted.popitem(last=False)
+
+    def flush(self) -> None:
+        """Write the summary of every burst still going on (the console stops)."""
+        with self._lock:
+            for key in [k for k, w in self._windows.items() if w.failures >= self.allowed]:
+                self._close(key)
+        self._wake.set()
+
+    def _sweep_later(self) -> None:
+        """Make sure the sweeper runs: it sums up each limited window as it ends."""
+        if self._sweeper is None:
+            self._sweeper = threading.Thread(
+                target=self._sweep, name="console-login-bursts", daemon=True
+            )
+            self._sweeper.start()
+
+    def _sweep(self) -> None:
+        """Until no limited window is open: sleep until the first ends, sum up the ended."""
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                ends = [w.start + self.window_s for w in self._windows.values()
+                        if w.failures >= self.allowed]  # fmt: skip
+                for key in [k for k, w in self._windows.items() if now >= w.start + self.window_s]:
+                    self._close(key)
+                waiting = [end for end in ends if end > now]
+                if not waiting:
+                    self._sweeper = None
+                    return
+            self._wake.wait(min(waiting) - now + 0.01)
+            self._wake.clear()
 
     def _current(self, key: tuple[str, str], now: float) -> Window | None:
         """The key's window if it is still open; an ended one is summed up and dropped."""

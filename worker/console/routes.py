@@ -19,7 +19,8 @@ from starlette.responses import Response
 
 from worker.console import actions, queries, watch
 from worker.console.chart import chart
-from worker.console.context import Refused, console_of, posted_form
+from worker.console.context import Console, Refused, console_of, posted_form
+from worker.state.dead_letters import DeadEnd
 from worker.state.lookup import InvalidQuery
 
 PAGE = 50
@@ -27,6 +28,9 @@ _ID = re.compile(r"[\x21-\x7e]{1,128}")
 _QUERY = re.compile(r"[\x21-\x7e]{1,128}")
 _CURSOR = re.compile(r"[\x21-\x7e]{1,200}")
 _GROUP = re.compile(r"[0-9a-f]{16}")
+_END = re.compile(r"[0-9]{1,15}")  # a moment of Redis's clock, ms
+_REPLAYED = re.compile(r"[A-Za-z0-9_-]{1,128}")  # a delivery id as enqueue makes them
+REPLAYED_SHOWN = 20  # the replayed letters a replay's result lists
 _KINDS = ("id", "msgid", "app_id")
 REFRESH = ("10", "30", "60")  # the auto-refresh periods offered (s)
 DONE = {  # what a redirect after an action may say (nothing else is ever shown)
@@ -130,34 +134,40 @@ async def replay_one(request: Request, delivery_id: str) -> Response:
 
 
 @router.get("/dead", response_class=HTMLResponse)
-def dead(request: Request, done: str = "", n: str = "") -> Response:
-    """The newest dead letters grouped by last error, with replay and purge buttons."""
+def dead(request: Request, done: str = "", n: str = "", later: str = "", ids: str = "") -> Response:
+    """The newest dead letters grouped by last error, with replay and purge buttons; after
+    a replay of a group or of all, the first letters it replayed, each with its state now."""
     console = console_of(request)
     groups = queries.dead_groups(console.store)
+    replayed = _ids(ids) if done == "replayed" else []
     return console.render(
         request, "dead.html", groups=groups, shown=sum(g.count for g in groups),
-        total=console.store.counts()["dead"], done=DONE.get(done, ""),
-        n=int(n) if n.isascii() and n.isdigit() and len(n) < 10 else 0,
+        total=console.store.counts()["dead"], done=DONE.get(done, ""), n=_count(n),
+        later=_count(later), replayed=queries.summaries(console.store.redis, replayed),
     )  # fmt: skip
 
 
 @router.post("/dead/replay")
 async def replay_many(request: Request) -> Response:
-    """Replay a group of dead letters, or all: a page asking to confirm, then the replay."""
+    """Replay a group of dead letters, or all: a page asking to confirm, counting up to an
+    end it carries in its form, then the replay up to that end."""
     form = await posted_form(request)
     group = _group(form)
     console, user = console_of(request), request.state.user
     if form.get("confirm") != "yes":
-        count = await run_in_threadpool(actions.count_group, console.store, group)
-        return console.render(request, "confirm.html", action="replay", target="",
-                              group=form.get("group", ""), count=count)  # fmt: skip
-    count = await run_in_threadpool(actions.replay_group, console.store, user, group)
-    return _see("/dead?" + urlencode({"done": "replayed", "n": count}))
+        return await _confirm(request, "replay", "", group, form)
+    end = await _counted(console, form)
+    result = await run_in_threadpool(
+        actions.replay_group_until, console.store, user, group, end, REPLAYED_SHOWN
+    )
+    said = {"done": "replayed", "n": result.done, "later": result.later}
+    return _see("/dead?" + urlencode({**said, "ids": ",".join(result.first)}))
 
 
 @router.post("/dead/purge")
 async def purge(request: Request) -> Response:
-    """Purge one dead letter, a group or all: a page asking to confirm, then the purge."""
+    """Purge one dead letter, a group or all: a page asking to confirm, then the purge (of
+    a group or all: up to the end the page counted to)."""
     form = await posted_form(request)
     console, user = console_of(request), request.state.user
     target = form.get("delivery_id", "")
@@ -165,14 +175,53 @@ async def purge(request: Request) -> Response:
         raise Refused(400, "purge: bad delivery_id")
     group = "" if target else _group(form)
     if form.get("confirm") != "yes":
-        count = 1 if target else await run_in_threadpool(actions.count_group, console.store, group)
-        return console.render(request, "confirm.html", action="purge", target=target,
-                              group=form.get("group", ""), count=count)  # fmt: skip
+        return await _confirm(request, "purge", target, group, form)
     if target:
         count = await run_in_threadpool(actions.purge, console.store, user, [target])
     else:
-        count = await run_in_threadpool(actions.purge_group, console.store, user, group)
+        end = await _counted(console, form)
+        found = await run_in_threadpool(actions.purge_group_until, console.store, user, group, end)
+        count = found.done
     return _see("/dead?" + urlencode({"done": "purged", "n": count}))
+
+
+async def _confirm(
+    request: Request, action: str, target: str, group: str, form: dict[str, str]
+) -> Response:
+    """The page asking to confirm: how many letters now, and the end it counted up to."""
+    console = console_of(request)
+    if target:
+        before, count = "", 1
+    else:
+        at, end = await run_in_threadpool(actions.counted_end, console.store)
+        count = await run_in_threadpool(actions.count_group, console.store, group, end)
+        before = str(at)
+    return console.render(request, "confirm.html", action=action, target=target,
+                          group=form.get("group", ""), count=count, end=before)  # fmt: skip
+
+
+async def _counted(console: Console, form: dict[str, str]) -> DeadEnd:
+    """The end a confirmation page counted up to, from its form's ``end`` (Redis's clock,
+    ms): digits only, and a moment already past (Refused 400 otherwise)."""
+    text = form.get("end", "")
+    if not _END.fullmatch(text):
+        raise Refused(400, "expected the end the confirmation page counted to: reload it")
+    try:
+        _, end = await run_in_threadpool(actions.counted_end, console.store, int(text))
+    except ValueError:
+        raise Refused(400, "the confirmation's end is still to come: reload the page") from None
+    return end
+
+
+def _count(text: str) -> int:
+    """A count from a redirect's query (0 unless plain digits of a sane length)."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 10 else 0
+
+
+def _ids(text: str) -> list[str]:
+    """The delivery ids a replay's redirect names (at most REPLAYED_SHOWN; bad ones dropped)."""
+    found = [i for i in text.split(",")[:REPLAYED_SHOWN] if _REPLAYED.fullmatch(i)]
+    return list(dict.fromkeys(found))
 
 
 def _group(form: dict[str, str]) -> str:

@@ -6,13 +6,18 @@ oldest first up to that end, never past it, so a letter that dies after the star
 replay the fleet kills again at once) is never touched, and each letter is acted on once.
 What the action did comes back as a ``MassResult``: how many were done, looked at, there
 at the start, and how many dead letters now died after the start (left alone).
+
+A confirmation page fixes its end as a moment of Redis's clock instead (``end_before``:
+the letters that died before it). Every letter's time of death is read from that clock,
+so the action the page confirms, given the same moment later, finds the same end
+however long the page was shown.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import redis
@@ -51,6 +56,7 @@ class MassResult:
     seen: int = 0  # letters it looked at (a group: those of the group)
     done: int = 0  # letters replayed or purged
     later: int = 0  # letters in scope now that died after it began (left alone)
+    first: list[str] = field(default_factory=list)  # the first ids done, if the caller keeps them
 
 
 def index_of(app_id: str | None) -> str:
@@ -65,6 +71,31 @@ def fixed_end(client: redis.Redis, app_id: str | None = None) -> DeadEnd:
     pipe.zrevrange(index, 0, _TIES - 1, withscores=True)
     pipe.zcard(index)
     top, count = pipe.execute()
+    return _end(client, index, top, count)
+
+
+def redis_ms(client: redis.Redis) -> int:
+    """Redis's clock (ms): the clock every letter's time of death is read from."""
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def end_before(client: redis.Redis, before_ms: int, app_id: str | None = None) -> DeadEnd:
+    """The end of a mass action over the letters that died before ``before_ms`` (Redis's
+    clock, ``redis_ms``). A letter dies at Redis's time of its death, so once that clock
+    has passed ``before_ms`` the same letters are found again whenever this is called: a
+    confirmation page carries ``before_ms`` and its confirmed action stops where it
+    counted, not at a new end."""
+    index = index_of(app_id)
+    pipe = client.pipeline(transaction=True)
+    pipe.zrevrangebyscore(index, f"({before_ms}", "-inf", start=0, num=_TIES, withscores=True)
+    pipe.zcount(index, "-inf", f"({before_ms}")
+    top, count = pipe.execute()
+    return _end(client, index, top, count)
+
+
+def _end(client: redis.Redis, index: str, top: list[Any], count: int) -> DeadEnd:
+    """The end whose newest letters (score descending, at most _TIES) are ``top``."""
     if not top:
         return DeadEnd(None, frozenset(), 0)
     ms = top[0][1]
@@ -108,8 +139,18 @@ def _last(client: redis.Redis, index: str, batch: int, end: DeadEnd) -> Iterator
         yield [i for i, s in zip(chunk, scores, strict=True) if s is not None and s == end.ms]
 
 
-def _walk(client: redis.Redis, index: str, batch: int, high: str) -> Iterator[list[str]]:
-    low: float | str = "-inf"
+def died_after(
+    client: redis.Redis, end: DeadEnd, app_id: str | None = None, batch: int = BATCH
+) -> Iterator[list[str]]:
+    """The letters that died after ``end`` (those a mass action left alone), a batch at a
+    time, oldest first."""
+    if end.ms is not None:
+        yield from _walk(client, index_of(app_id), batch, "+inf", f"({end.ms}")
+
+
+def _walk(
+    client: redis.Redis, index: str, batch: int, high: str, low: float | str = "-inf"
+) -> Iterator[list[str]]:
     seen: set[str] = set()  # the ids already given at score ``low``
     while True:
         rows: list[Any] = client.zrangebyscore(
@@ -142,8 +183,11 @@ def act_until(
         if chosen:
             result.seen += len(chosen)
             result.done += act(chosen)
-    if end.ms is not None:
+    pick = choose
+    if end.ms is not None and pick is None:
         result.later = int(store.redis.zcount(index_of(app_id), f"({end.ms}", "+inf"))
+    elif pick is not None:  # those of the group: the later letters read a batch at a time
+        result.later = sum(len(pick(ids)) for ids in died_after(store.redis, end, app_id))
     return result
 
 
