@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -103,6 +104,13 @@ class Fleet:
     def count(self, ids: list[str], state: str) -> int:
         return sum(1 for s in self.store.states(ids) if s == state)
 
+    def cpu_s(self) -> float:
+        """The worker process's CPU seconds so far (user + system, from /proc)."""
+        assert self.worker.process is not None
+        fields = Path(f"/proc/{self.worker.process.pid}/stat").read_text().rsplit(")", 1)[1]
+        utime, stime = fields.split()[11:13]
+        return (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
+
 
 @contextmanager
 def fleet(
@@ -113,6 +121,7 @@ def fleet(
     with ExitStack() as stack:
         server = LocalRedis(root / "redis").start()
         stack.callback(server.kill)
+        stub_kw = {"latency_s": args.latency_ms / 1000.0, **stub_kw}
         stub = ProviderStub(KEY, SECRET, **stub_kw).start()
         stack.callback(stub.stop)
         settings = {**SETTINGS, "scheduler_tick_s": args.tick, **env}
@@ -146,9 +155,11 @@ def enqueue(f: Fleet, batch: list[BackfillRecord]) -> list[str]:
 
 def fault_free(args: argparse.Namespace, _: dict[str, Report]) -> Report:
     with fleet(args, "free", {}) as f:
+        cpu = f.cpu_s()
         ids = enqueue(f, records(args.records, "free"))
         took = f.wait(ids, "delivered", args.timeout)
         return {
+            "cpu_ms_per_record": round((f.cpu_s() - cpu) * 1000 / args.records, 2),
             "seconds": took,
             "p90_s": f.p90,
             "per_s": round(args.records / took, 1) if took else None,
@@ -162,10 +173,12 @@ def first_dropped(args: argparse.Namespace, done: dict[str, Report]) -> Report:
     with fleet(args, "drop", {}) as f:
         batch = records(args.records, "drop")
         f.stub.set_plan({str(r.msgid): ["drop"] for r in batch})
+        cpu = f.cpu_s()
         ids = enqueue(f, batch)
         took = f.wait(ids, "delivered", args.timeout)
         base = done.get("fault_free", {})
         return {
+            "cpu_ms_per_record": round((f.cpu_s() - cpu) * 1000 / args.records, 2),
             "seconds": took,
             "p90_s": f.p90,
             "ratio_to_fault_free": ratio(took, base.get("seconds")),
@@ -205,11 +218,13 @@ def flaky(args: argparse.Namespace, _: dict[str, Report]) -> Report:
 def random30(args: argparse.Namespace, done: dict[str, Report]) -> Report:
     stub_kw = {"fault_rate": 0.3, "faults": ("503",), "seed": 7}
     with fleet(args, "random", stub_kw, max_attempts=12) as f:
+        cpu = f.cpu_s()
         ids = enqueue(f, records(args.records, "random"))
         took = f.wait(ids, "delivered", args.timeout)
         per_s = round(args.records / took, 1) if took else None
         base = done.get("fault_free", {})
         return {
+            "cpu_ms_per_record": round((f.cpu_s() - cpu) * 1000 / args.records, 2),
             "seconds": took,
             "p90_s": f.p90,
             "per_s": per_s,
@@ -303,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--only", choices=sorted(SCENARIOS), help="run one scenario")
     parser.add_argument("--tick", type=float, default=0.05, help="scheduler tick, s")
+    parser.add_argument(
+        "--latency-ms", type=float, default=0.0,
+        help="the stub answers every request after this long (a far-away provider)",
+    )  # fmt: skip
     parser.add_argument("--concurrency", type=int, default=8, help="worker -c")
     parser.add_argument("--timeout", type=float, default=300.0, help="per wait, s")
     args = parser.parse_args(argv)
