@@ -322,7 +322,12 @@ def main(argv: list[str] | None = None) -> int:
         "--latency-ms", type=float, default=0.0,
         help="the stub answers every request after this long (a far-away provider)",
     )  # fmt: skip
-    parser.add_argument("--concurrency", type=int, default=8, help="worker -c")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="worker -c: requests in flight at most (default: unset, sized from latency)",
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="per wait, s")
     args = parser.parse_args(argv)
     names = list(SCENARIOS) if args.only is None else [args.only]

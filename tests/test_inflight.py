@@ -73,6 +73,23 @@ def test_failures_that_point_at_the_provider_halve_the_limit() -> None:
     assert limiter.limit == 1  # never below one: the next answer is still heard
 
 
+def test_fast_failures_of_records_fill_the_window_and_let_the_limit_grow() -> None:
+    """A provider that drops each record's first request (its retry succeeds): most
+    attempts say nothing of load (a reset connection) or are a record's own; they still
+    count, so the limit grows as with answers, on the baseline the answers set."""
+    limiter = Limiter(cap=200)
+    fill(limiter, 50.0)  # one window of answers: the baseline
+    for _ in range(30):  # 30 rounds of the whole limit in flight: about a window each
+        held = 0
+        while limiter.free:
+            held += limiter.take(limiter.free)
+        for i in range(max(held, 1)):  # one answer in ten, the rest dropped first tries
+            limiter.observe(50.0, Evidence.UP if i % 10 == 0 else Evidence.NONE)
+        limiter.give(held)
+    assert limiter.limit == 200
+    assert all(window.dropped == 0 for window in limiter.trace)
+
+
 def test_take_never_grants_past_the_limit_and_waits_for_room() -> None:
     limiter = Limiter(cap=4)
     assert limiter.take(100) == 2  # half the limit per batch: two batches overlap

@@ -117,11 +117,12 @@ class Limiter:
     def observe(self, latency_ms: float, evidence: Evidence) -> None:
         """One attempt's latency and what it says about the provider."""
         with self._cond:
+            # every attempt fills the window (else a provider that fails most first tries
+            # fast would leave the limit where it started); only answers set the baseline
+            self._samples.append(latency_ms)
             if evidence.down:
                 self._dropped += 1
-                self._samples.append(latency_ms)
             elif evidence is Evidence.UP:
-                self._samples.append(latency_ms)
                 self._baseline(latency_ms)
             if len(self._samples) >= max(WINDOW_MIN, int(self.limit)):
                 self._update()
