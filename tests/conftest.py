@@ -256,6 +256,7 @@ SLOW_MODULES = frozenset(
         "test_cli",
         "test_clock",
         "test_console_browser",
+        "test_console_guard",
         "test_demo",
         "test_hostile_provider",
         "test_intake",

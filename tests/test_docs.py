@@ -1,6 +1,7 @@
 """The documentation holds together: every relative link and anchor resolves, the README
-stays a short front door whose first two commands are the demo and the test scripts, and
-no page cites the internal contract."""
+stays a short front door whose first two commands are the demo and the test scripts, no
+page cites the internal contract, and every docs page opens with a sentence saying what it
+answers."""
 
 from __future__ import annotations
 
@@ -128,3 +129,30 @@ def test_the_readme_opens_with_the_demo_and_the_test_command() -> None:
 def test_code_blocks_are_read_in_order() -> None:
     text = "# T\n\n```\nops/demo.sh\n```\n\n`x`\n\n~~~sh\nops/test.sh -q\n~~~\n"
     assert code_blocks(text) == ["ops/demo.sh", "ops/test.sh -q"]
+
+
+def first_line_after_title(text: str) -> str:
+    """A page's first non-empty line after its ``# title``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# ")) + 1
+    return next((line for line in lines[start:] if line.strip()), "")
+
+
+def is_prose(line: str) -> bool:
+    """Not a code block, a table, a list, a heading or a quote: a sentence."""
+    return not re.match(r"\s*(```|~~~|\||[-*+]\s|\d+[.)]\s|#|>)", line)
+
+
+@pytest.mark.parametrize(
+    "page", sorted((ROOT / "docs").glob("*.md")), ids=lambda p: str(p.relative_to(ROOT))
+)
+def test_every_docs_page_opens_with_what_it_answers(page: Path) -> None:
+    line = first_line_after_title(page.read_text())
+    assert is_prose(line), f"{page.name} opens with {line!r}, not a sentence"
+
+
+def test_the_opening_check_tells_prose_from_the_rest() -> None:
+    assert is_prose("This page answers: how to run the tests.")
+    for line in ("```", "| a | b |", "- item", "* item", "1. step", "## Heading", "> quote"):
+        assert not is_prose(line), line
+    assert first_line_after_title("# T\n\n\nFirst.\nSecond.\n") == "First."
