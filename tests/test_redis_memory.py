@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from worker.local.stub import ProviderStub
 from worker.operate.errors import ConfigError, RedisFull
 from worker.state import capacity, keys
 from worker.state.connection import connect
+from worker.state.delivery import delivery_id
 from worker.state.store import Store
 
 Servers = Callable[..., LocalRedis]
@@ -182,6 +184,59 @@ def test_a_full_redis_is_named_full_everywhere_and_nothing_is_half_written(
     health = backfill("health", "--timeout", "1", env=env)
     assert "Redis does not answer" not in health.stdout
     assert store.redis.zcard(keys.BULK) == got_in  # still nothing half-written
+
+
+def test_enqueue_file_that_fills_redis_part_way_says_how_many_rows_got_in(
+    private_redis_factory: Servers, tmp_path: Path
+) -> None:
+    server = private_redis_factory()  # noeviction, no maxmemory yet
+    client = connect(server.url)
+    # room for some thousands of pending records (a few hundred bytes each), not 20,000
+    client.config_set("maxmemory", capacity.read(client).used + 2 * 2**20)
+    rows = [
+        {"app_id": "app-part", "msgid": f"part{i}", "number": f"8613{i:09d}",
+         "time": str(1_700_000_000_000 + i)}
+        for i in range(20_000)
+    ]  # fmt: skip
+    path = tmp_path / "part.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    done = backfill("enqueue", "--file", str(path), env=env_for(server), timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Redis is full" in done.stderr
+    said = re.search(r"; (\d+) rows got in before it stopped", done.stderr)
+    assert said, done.stderr
+    got_in = int(said[1])
+    assert 0 < got_in < len(rows)
+    assert f"accepted {got_in}  duplicates 0  rejected 0" in done.stdout
+    # what got in is the file's first got_in rows, each whole: its hash with every field
+    # of a new pending bulk delivery, its place in the bulk lane and in the lookup index
+    expected = {delivery_id(BackfillRecord.parse(row)): row for row in rows[:got_in]}
+    prefix = keys.delivery("")
+    stored = {k.removeprefix(prefix) for k in client.scan_iter(keys.delivery("*"))}
+    assert stored == set(expected)
+    assert set(client.zrange(keys.BULK, 0, -1)) == stored
+    assert client.zcard(keys.LIVE) == 0
+    f = keys.FIELD
+    whole = {f[name] for name in ("app_id", "msgid", "number", "time", "state", "due",
+                                  "created", "lane")}  # fmt: skip
+    for delivery, row in expected.items():
+        fields = client.hgetall(keys.delivery(delivery))
+        assert set(fields) == whole, fields
+        assert fields[f["state"]] == "p"
+        assert fields[f["lane"]] == "b"
+        assert (fields[f["msgid"]], fields[f["number"]]) == (row["msgid"], row["number"])
+    indexed = sum(client.zcard(k) for k in client.scan_iter(keys.index_bucket("app-part", "*")))
+    assert indexed == got_in
+    # and nothing else: no attempts, no markers, no wake-ups, no key of a refused batch
+    others = {k for k in client.scan_iter() if not k.startswith((prefix, keys.index_bucket(
+        "app-part", "")))}  # fmt: skip
+    assert others == {keys.BULK, keys.index_directory("app-part"), keys.INDEX_APPS,
+                      keys.INDEX_HAND}  # fmt: skip
+    # once Redis has room, the same file again: the rows that got in are duplicates
+    client.config_set("maxmemory", 0)
+    again = backfill("enqueue", "--file", str(path), env=env_for(server), timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert f"accepted {len(rows) - got_in}  duplicates {got_in}  rejected 0" in again.stdout
 
 
 def test_a_worker_started_against_a_full_redis_drains_it(
