@@ -19,8 +19,11 @@ import redis.asyncio as aioredis
 
 from tests.conftest import API_KEY, API_SECRET, read_log, reset_caches, wait_for
 from tests.helpers import backfill
-from worker.enqueue.intake import accept
+from tests.intake_helpers import healthy, running_intake
+from tests.intake_helpers import rec as http_rec
+from worker.enqueue.intake import PROCESS_OVER, accept
 from worker.enqueue.intake_health import RedisCheck
+from worker.enqueue.intake_server import RETRY_AFTER_S
 from worker.enqueue.record import BackfillRecord
 from worker.local.processes import LocalRedis, WorkerProcess, local_env
 from worker.local.stub import ProviderStub
@@ -237,6 +240,43 @@ def test_enqueue_file_that_fills_redis_part_way_says_how_many_rows_got_in(
     again = backfill("enqueue", "--file", str(path), env=env_for(server), timeout=120)
     assert again.returncode == 0, again.stderr
     assert f"accepted {len(rows) - got_in}  duplicates {got_in}  rejected 0" in again.stdout
+
+
+def test_the_intake_names_a_full_redis_over_http(
+    private_redis_factory: Servers, tmp_path: Path
+) -> None:
+    server = private_redis_factory()  # noeviction, no maxmemory yet
+    client = connect(server.url)
+    log_path = tmp_path / "intake.log"
+    with running_intake(env_for(server), log_path) as intake:  # ready: /healthz said 200
+        assert intake.post(http_rec()).status_code == 202
+        client.config_set("maxmemory", capacity.read(client).used + 2**20)
+        fill(Store(connect(server.url), dedupe_ttl_s=3600), "http")
+        # the last bytes come and go with the clients' buffers: maxmemory 64 KiB under what
+        # Redis holds now, so that no record fits while the test asks
+        client.config_set("maxmemory", capacity.read(client).used - 2**16)
+        before = client.dbsize()
+        health = intake.get("/healthz", token=None)
+        assert health.status_code == 503
+        assert health.json()["error"].startswith("redis: Redis is full (used_memory ")
+        # a single record (in a thread) and a batch over 16 KiB (in a body process)
+        batch = {"records": [http_rec() for _ in range(300)]}
+        assert len(json.dumps(batch)) > PROCESS_OVER
+        for body in (http_rec(), batch):
+            answer = intake.post(body)
+            assert answer.status_code == 503, answer.text
+            assert answer.headers["Retry-After"] == str(RETRY_AFTER_S)
+            assert answer.json() == {
+                "error": "Redis is full: nothing of this request was stored; retry later"
+            }
+        assert client.dbsize() == before  # nothing of either was stored
+        logged = [e for e in read_log(log_path) if e.get("event") == "intake.redis_full"]
+        assert len(logged) == 2
+        assert not [e for e in read_log(log_path) if e.get("event") == "intake.redis_unavailable"]
+        # room again: /healthz and the enqueue recover by themselves
+        client.config_set("maxmemory", 0)
+        wait_for(lambda: healthy(intake), timeout_s=10)
+        assert intake.post(batch).status_code == 202
 
 
 def test_a_worker_started_against_a_full_redis_drains_it(
