@@ -178,7 +178,7 @@ def health_client(settings: Settings) -> aioredis.Redis:
     if not url.startswith("sentinel://"):
         return aioredis.Redis.from_url(url, **options)
     nodes, password, db = sentinel_nodes(url)
-    sentinel = Sentinel(nodes, socket_timeout=HEALTH_TIMEOUT_S)  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(nodes, socket_timeout=HEALTH_TIMEOUT_S)  # type: ignore[no-untyped-call, unused-ignore]
     client: aioredis.Redis = sentinel.master_for(
         settings.redis_master_name, password=password, db=db, **options
     )

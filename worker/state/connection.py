@@ -44,10 +44,10 @@ def connect(
     if not url.startswith("sentinel://"):
         return redis.Redis.from_url(url, **options)
     nodes, password, db = sentinel_nodes(url)
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
         nodes, socket_timeout=2, sentinel_kwargs={"socket_timeout": 2}
     )
-    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call, unused-ignore]
         master_name, password=password, db=db, **options
     )
     return client
