@@ -16,16 +16,17 @@ from pathlib import Path
 import pytest
 import redis
 import redis.asyncio as aioredis
+import requests
 
 from tests.conftest import API_KEY, API_SECRET, read_log, reset_caches, wait_for
-from tests.helpers import backfill
+from tests.helpers import backfill, events
 from tests.intake_helpers import healthy, running_intake
 from tests.intake_helpers import rec as http_rec
 from worker.enqueue.intake import PROCESS_OVER, accept
 from worker.enqueue.intake_health import RedisCheck
 from worker.enqueue.intake_server import RETRY_AFTER_S
 from worker.enqueue.record import BackfillRecord
-from worker.local.processes import LocalRedis, WorkerProcess, local_env
+from worker.local.processes import LocalRedis, WorkerProcess, free_port, local_env
 from worker.local.stub import ProviderStub
 from worker.operate.errors import ConfigError, RedisFull
 from worker.state import capacity, keys
@@ -78,13 +79,13 @@ def record(i: int, tag: str = "mem") -> BackfillRecord:
     )
 
 
-def fill(store: Store, tag: str) -> int:
-    """Enqueue until Redis refuses: how many records got in."""
+def fill(store: Store, tag: str, due_in_s: float = 0.0) -> int:
+    """Enqueue until Redis refuses: how many records got in (due in ``due_in_s``)."""
     count, size = 0, 200
     while True:
         batch = [record(count + i, tag) for i in range(size)]
         try:
-            store.enqueue_many(batch, source="test")
+            store.enqueue_many(batch, source="test", due_in_s=due_in_s)
         except RedisFull:
             if size == 1:
                 return count
@@ -183,9 +184,13 @@ def test_a_full_redis_is_named_full_everywhere_and_nothing_is_half_written(
 
     problem = asyncio.run(healthz_problem())
     assert problem.startswith("Redis is full")
-    # `health` names it (with no worker it is unhealthy for that reason, not for Redis)
-    health = backfill("health", "--timeout", "1", env=env)
-    assert "Redis does not answer" not in health.stdout
+    # `health`: with no worker nothing frees it: unhealthy, and it says so
+    for args in ((), ("--node", "celery@%h")):
+        health = backfill("health", "--timeout", "1", *args, env=env)
+        assert health.returncode == 1, health.stdout + health.stderr
+        assert health.stdout.startswith("unhealthy: Redis is full (used_memory "), health.stdout
+        assert health.stdout.rstrip().endswith("nothing delivers to free it"), health.stdout
+        assert "nor wrote a heartbeat" in health.stdout
     assert store.redis.zcard(keys.BULK) == got_in  # still nothing half-written
 
 
@@ -287,7 +292,8 @@ def test_a_worker_started_against_a_full_redis_drains_it(
     got_in = fill(store, "drain")
     assert capacity.read(store.redis).full
     with ProviderStub(API_KEY, API_SECRET) as stub:
-        # delivered records compacted at once (the default): delivering frees memory
+        # delivered records compacted at once, so that delivering frees memory at once (the
+        # default, 900 s, keeps each one's hash and history 15 minutes: docs/reliability.md)
         env = {**settings_env, "BACKFILL_REDIS_URL": small.url, "BACKFILL_BASE_URL": stub.url,
                "BACKFILL_KEEP_DELIVERED_S": "0"}  # fmt: skip
         worker = WorkerProcess(env, tmp_path / "worker.log").start()
@@ -304,6 +310,51 @@ def test_a_worker_started_against_a_full_redis_drains_it(
             wait_for(lambda: stub.stats()["accepted"] == got_in + 1, timeout_s=30)
         finally:
             worker.kill()
+
+
+def scrape(port: int) -> dict[str, float]:
+    """A worker's /metrics: each sample without labels by name."""
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    lines = (line.split(" ") for line in text.splitlines() if not line.startswith("#"))
+    return {parts[0]: float(parts[1]) for parts in lines if len(parts) == 2}
+
+
+def test_a_worker_waiting_on_a_full_redis_is_healthy_by_its_heartbeat_and_reports_it_full(
+    small: LocalRedis, settings_env: dict[str, str], tmp_path: Path
+) -> None:
+    # full of records due in an hour: nothing a worker could deliver now frees it
+    store = Store(connect(small.url), dedupe_ttl_s=3600)
+    assert fill(store, "later", due_in_s=3600) > 0
+    # the last bytes come and go with the clients' buffers: 64 KiB under what it holds
+    store.redis.config_set("maxmemory", capacity.read(store.redis).used - 2**16)
+    port = free_port()
+    env = {**settings_env, "BACKFILL_REDIS_URL": small.url, "BACKFILL_METRICS_PORT": str(port),
+           "BACKFILL_METRICS_HOST": "127.0.0.1"}  # fmt: skip
+    worker = WorkerProcess(env, tmp_path / "worker.log").start()
+    try:
+        # it delivers without Celery (which a full Redis would stop) and says why
+        wait_for(lambda: events(worker, "redis.full"), timeout_s=60)
+        assert scrape(port)["backfill_redis_full"] == 1
+        assert scrape(port)["backfill_redis_memory_used_ratio"] >= capacity.FULL_AT
+        # it answers no ping, but its heartbeat says it is at work: healthy, Redis named
+        for args in ((), ("--node", "celery@%h")):
+            health = backfill("health", "--timeout", "1", *args, env=env)
+            assert health.returncode == 0, health.stdout + health.stderr
+            assert health.stdout.startswith("healthy: "), health.stdout
+            assert "wrote a heartbeat" in health.stdout
+            assert "; WARNING: Redis is full (used_memory " in health.stdout
+        # room again (maxmemory raised): the gauge says so, and the worker starts Celery
+        store.redis.config_set("maxmemory", 64 * 2**20)
+        worker.wait_ready(timeout_s=60)
+        assert events(worker, "redis.full_over")
+        assert scrape(port)["backfill_redis_full"] == 0
+        health = backfill("health", "--timeout", "5", "--node", "celery@%h", env=env)
+        assert health.returncode == 0, health.stdout + health.stderr
+        assert "worker celery@" in health.stdout
+        assert " replied, making progress" in health.stdout
+        assert "Redis is full" not in health.stdout
+    finally:
+        worker.kill()
 
 
 def test_full_redis_figures() -> None:
