@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import read_log, wait_for
-from tests.helpers import backfill
+from tests.helpers import DeadRedis, backfill
 from tests.intake_helpers import OTHER, TOKEN, Intake, healthy, rec, running_intake
 from worker.local.processes import LocalRedis, WorkerProcess, free_port
 from worker.state import keys, reads
@@ -333,32 +333,6 @@ def test_enqueue_script_checks_every_argument_before_writing(
     assert {app: len(reads.index_entries(r, app, "-", "+", 10**6)) for app in apps} == index_before
     created = store._call("enqueue", _two_record_call())  # the unspoilt call passes
     assert created[0::2] == [1, 1]
-
-
-class DeadRedis:
-    """Redis's port once Redis is gone: it takes each connection and closes it at once
-    (redis-py's "Connection closed by server"), counting them: how many times a client
-    tried before it gave up, whatever the machine's speed."""
-
-    def __init__(self, port: int) -> None:
-        self.accepted = 0
-        self._sock = socket.socket()
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", port))
-        self._sock.listen(64)
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:  # closed
-                return
-            self.accepted += 1
-            conn.close()
-
-    def close(self) -> None:
-        self._sock.close()
 
 
 def test_redis_down_is_a_fast_503_with_retry_after_and_one_warning_line(
