@@ -116,7 +116,7 @@ OWN_REDIS = {
     "worker.state.capacity", "worker.state.dead_letters", "worker.runtime",
     "worker.enqueue.bulk", "worker.enqueue.intake", "worker.enqueue.intake_server",
     "worker.enqueue.intake_health", "worker.deliver.waker", "worker.console.app",
-    "worker.cli.common", "worker.cli.find", "worker.cli.services", "worker.local.processes",
+    "worker.cli.common", "worker.cli.find", "worker.cli.health", "worker.local.processes",
 }  # fmt: skip
 
 

@@ -135,8 +135,10 @@ def test_a_trickling_provider_is_cut_at_the_deadline_and_each_attempt_counts(
     assert [a["attempt"] for a in attempts] == [1, 2, 3]
     deadline_ms = (CONNECT_S + READ_S) * 1000
     for attempt in attempts:
+        # ended by the deadline (its error says so), not before it; without it each read
+        # would wait out the trickle, 60 s: far beyond the 20 s allowed a busy machine
         assert attempt["error"].startswith("deadline exceeded")
-        assert deadline_ms - 100 <= attempt["latency_ms"] <= deadline_ms + 1500
+        assert deadline_ms - 100 <= attempt["latency_ms"] < 20_000
     sent = [r.at for r in server.seen(msgid_of(store, delivery_id))]
     assert len(sent) == 3
     # never a second send of the same delivery while an attempt was in flight

@@ -9,23 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 import redis.asyncio as aioredis
+import requests
 
 from tests.conftest import API_KEY, API_SECRET, read_log, reset_caches, wait_for
-from tests.helpers import backfill
-from worker.enqueue.intake import accept
+from tests.helpers import backfill, events
+from tests.intake_helpers import healthy, running_intake
+from tests.intake_helpers import rec as http_rec
+from worker.enqueue.intake import PROCESS_OVER, accept
 from worker.enqueue.intake_health import RedisCheck
+from worker.enqueue.intake_server import RETRY_AFTER_S
 from worker.enqueue.record import BackfillRecord
-from worker.local.processes import LocalRedis, WorkerProcess, local_env
+from worker.local.processes import LocalRedis, WorkerProcess, free_port, local_env
 from worker.local.stub import ProviderStub
 from worker.operate.errors import ConfigError, RedisFull
 from worker.state import capacity, keys
 from worker.state.connection import connect
+from worker.state.delivery import delivery_id
 from worker.state.store import Store
 
 Servers = Callable[..., LocalRedis]
@@ -73,13 +79,13 @@ def record(i: int, tag: str = "mem") -> BackfillRecord:
     )
 
 
-def fill(store: Store, tag: str) -> int:
-    """Enqueue until Redis refuses: how many records got in."""
+def fill(store: Store, tag: str, due_in_s: float = 0.0) -> int:
+    """Enqueue until Redis refuses: how many records got in (due in ``due_in_s``)."""
     count, size = 0, 200
     while True:
         batch = [record(count + i, tag) for i in range(size)]
         try:
-            store.enqueue_many(batch, source="test")
+            store.enqueue_many(batch, source="test", due_in_s=due_in_s)
         except RedisFull:
             if size == 1:
                 return count
@@ -178,10 +184,104 @@ def test_a_full_redis_is_named_full_everywhere_and_nothing_is_half_written(
 
     problem = asyncio.run(healthz_problem())
     assert problem.startswith("Redis is full")
-    # `health` names it (with no worker it is unhealthy for that reason, not for Redis)
-    health = backfill("health", "--timeout", "1", env=env)
-    assert "Redis does not answer" not in health.stdout
+    # `health`: with no worker nothing frees it: unhealthy, and it says so
+    for args in ((), ("--node", "celery@%h")):
+        health = backfill("health", "--timeout", "1", *args, env=env)
+        assert health.returncode == 1, health.stdout + health.stderr
+        assert health.stdout.startswith("unhealthy: Redis is full (used_memory "), health.stdout
+        assert health.stdout.rstrip().endswith("nothing delivers to free it"), health.stdout
+        assert "nor wrote a heartbeat" in health.stdout
     assert store.redis.zcard(keys.BULK) == got_in  # still nothing half-written
+
+
+def test_enqueue_file_that_fills_redis_part_way_says_how_many_rows_got_in(
+    private_redis_factory: Servers, tmp_path: Path
+) -> None:
+    server = private_redis_factory()  # noeviction, no maxmemory yet
+    client = connect(server.url)
+    # room for some thousands of pending records (a few hundred bytes each), not 20,000
+    client.config_set("maxmemory", capacity.read(client).used + 2 * 2**20)
+    rows = [
+        {"app_id": "app-part", "msgid": f"part{i}", "number": f"8613{i:09d}",
+         "time": str(1_700_000_000_000 + i)}
+        for i in range(20_000)
+    ]  # fmt: skip
+    path = tmp_path / "part.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    done = backfill("enqueue", "--file", str(path), env=env_for(server), timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Redis is full" in done.stderr
+    said = re.search(r"; (\d+) rows got in before it stopped", done.stderr)
+    assert said, done.stderr
+    got_in = int(said[1])
+    assert 0 < got_in < len(rows)
+    assert f"accepted {got_in}  duplicates 0  rejected 0" in done.stdout
+    # what got in is the file's first got_in rows, each whole: its hash with every field
+    # of a new pending bulk delivery, its place in the bulk lane and in the lookup index
+    expected = {delivery_id(BackfillRecord.parse(row)): row for row in rows[:got_in]}
+    prefix = keys.delivery("")
+    stored = {k.removeprefix(prefix) for k in client.scan_iter(keys.delivery("*"))}
+    assert stored == set(expected)
+    assert set(client.zrange(keys.BULK, 0, -1)) == stored
+    assert client.zcard(keys.LIVE) == 0
+    f = keys.FIELD
+    whole = {f[name] for name in ("app_id", "msgid", "number", "time", "state", "due",
+                                  "created", "lane")}  # fmt: skip
+    for delivery, row in expected.items():
+        fields = client.hgetall(keys.delivery(delivery))
+        assert set(fields) == whole, fields
+        assert fields[f["state"]] == "p"
+        assert fields[f["lane"]] == "b"
+        assert (fields[f["msgid"]], fields[f["number"]]) == (row["msgid"], row["number"])
+    indexed = sum(client.zcard(k) for k in client.scan_iter(keys.index_bucket("app-part", "*")))
+    assert indexed == got_in
+    # and nothing else: no attempts, no markers, no wake-ups, no key of a refused batch
+    others = {k for k in client.scan_iter() if not k.startswith((prefix, keys.index_bucket(
+        "app-part", "")))}  # fmt: skip
+    assert others == {keys.BULK, keys.index_directory("app-part"), keys.INDEX_APPS,
+                      keys.INDEX_HAND}  # fmt: skip
+    # once Redis has room, the same file again: the rows that got in are duplicates
+    client.config_set("maxmemory", 0)
+    again = backfill("enqueue", "--file", str(path), env=env_for(server), timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert f"accepted {len(rows) - got_in}  duplicates {got_in}  rejected 0" in again.stdout
+
+
+def test_the_intake_names_a_full_redis_over_http(
+    private_redis_factory: Servers, tmp_path: Path
+) -> None:
+    server = private_redis_factory()  # noeviction, no maxmemory yet
+    client = connect(server.url)
+    log_path = tmp_path / "intake.log"
+    with running_intake(env_for(server), log_path) as intake:  # ready: /healthz said 200
+        assert intake.post(http_rec()).status_code == 202
+        client.config_set("maxmemory", capacity.read(client).used + 2**20)
+        fill(Store(connect(server.url), dedupe_ttl_s=3600), "http")
+        # the last bytes come and go with the clients' buffers: maxmemory 64 KiB under what
+        # Redis holds now, so that no record fits while the test asks
+        client.config_set("maxmemory", capacity.read(client).used - 2**16)
+        before = client.dbsize()
+        health = intake.get("/healthz", token=None)
+        assert health.status_code == 503
+        assert health.json()["error"].startswith("redis: Redis is full (used_memory ")
+        # a single record (in a thread) and a batch over 16 KiB (in a body process)
+        batch = {"records": [http_rec() for _ in range(300)]}
+        assert len(json.dumps(batch)) > PROCESS_OVER
+        for body in (http_rec(), batch):
+            answer = intake.post(body)
+            assert answer.status_code == 503, answer.text
+            assert answer.headers["Retry-After"] == str(RETRY_AFTER_S)
+            assert answer.json() == {
+                "error": "Redis is full: nothing of this request was stored; retry later"
+            }
+        assert client.dbsize() == before  # nothing of either was stored
+        logged = [e for e in read_log(log_path) if e.get("event") == "intake.redis_full"]
+        assert len(logged) == 2
+        assert not [e for e in read_log(log_path) if e.get("event") == "intake.redis_unavailable"]
+        # room again: /healthz and the enqueue recover by themselves
+        client.config_set("maxmemory", 0)
+        wait_for(lambda: healthy(intake), timeout_s=10)
+        assert intake.post(batch).status_code == 202
 
 
 def test_a_worker_started_against_a_full_redis_drains_it(
@@ -192,7 +292,8 @@ def test_a_worker_started_against_a_full_redis_drains_it(
     got_in = fill(store, "drain")
     assert capacity.read(store.redis).full
     with ProviderStub(API_KEY, API_SECRET) as stub:
-        # delivered records compacted at once (the default): delivering frees memory
+        # delivered records compacted at once, so that delivering frees memory at once (the
+        # default, 900 s, keeps each one's hash and history 15 minutes: docs/reliability.md)
         env = {**settings_env, "BACKFILL_REDIS_URL": small.url, "BACKFILL_BASE_URL": stub.url,
                "BACKFILL_KEEP_DELIVERED_S": "0"}  # fmt: skip
         worker = WorkerProcess(env, tmp_path / "worker.log").start()
@@ -209,6 +310,51 @@ def test_a_worker_started_against_a_full_redis_drains_it(
             wait_for(lambda: stub.stats()["accepted"] == got_in + 1, timeout_s=30)
         finally:
             worker.kill()
+
+
+def scrape(port: int) -> dict[str, float]:
+    """A worker's /metrics: each sample without labels by name."""
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    lines = (line.split(" ") for line in text.splitlines() if not line.startswith("#"))
+    return {parts[0]: float(parts[1]) for parts in lines if len(parts) == 2}
+
+
+def test_a_worker_waiting_on_a_full_redis_is_healthy_by_its_heartbeat_and_reports_it_full(
+    small: LocalRedis, settings_env: dict[str, str], tmp_path: Path
+) -> None:
+    # full of records due in an hour: nothing a worker could deliver now frees it
+    store = Store(connect(small.url), dedupe_ttl_s=3600)
+    assert fill(store, "later", due_in_s=3600) > 0
+    # the last bytes come and go with the clients' buffers: 64 KiB under what it holds
+    store.redis.config_set("maxmemory", capacity.read(store.redis).used - 2**16)
+    port = free_port()
+    env = {**settings_env, "BACKFILL_REDIS_URL": small.url, "BACKFILL_METRICS_PORT": str(port),
+           "BACKFILL_METRICS_HOST": "127.0.0.1"}  # fmt: skip
+    worker = WorkerProcess(env, tmp_path / "worker.log").start()
+    try:
+        # it delivers without Celery (which a full Redis would stop) and says why
+        wait_for(lambda: events(worker, "redis.full"), timeout_s=60)
+        assert scrape(port)["backfill_redis_full"] == 1
+        assert scrape(port)["backfill_redis_memory_used_ratio"] >= capacity.FULL_AT
+        # it answers no ping, but its heartbeat says it is at work: healthy, Redis named
+        for args in ((), ("--node", "celery@%h")):
+            health = backfill("health", "--timeout", "1", *args, env=env)
+            assert health.returncode == 0, health.stdout + health.stderr
+            assert health.stdout.startswith("healthy: "), health.stdout
+            assert "wrote a heartbeat" in health.stdout
+            assert "; WARNING: Redis is full (used_memory " in health.stdout
+        # room again (maxmemory raised): the gauge says so, and the worker starts Celery
+        store.redis.config_set("maxmemory", 64 * 2**20)
+        worker.wait_ready(timeout_s=60)
+        assert events(worker, "redis.full_over")
+        assert scrape(port)["backfill_redis_full"] == 0
+        health = backfill("health", "--timeout", "5", "--node", "celery@%h", env=env)
+        assert health.returncode == 0, health.stdout + health.stderr
+        assert "worker celery@" in health.stdout
+        assert " replied, making progress" in health.stdout
+        assert "Redis is full" not in health.stdout
+    finally:
+        worker.kill()
 
 
 def test_full_redis_figures() -> None:

@@ -341,20 +341,26 @@ def test_states_and_status_read_every_state_and_nothing_for_the_unknown(store: S
 
 def test_gauges_read_the_fleet_as_of_the_time_given(store: Store) -> None:
     bury(store, [rec("m-dead")])
-    store.enqueue(rec("m-live"))
-    store.enqueue_many([rec("m-bulk")], due_in_s=60)
+    live, _ = store.enqueue(rec("m-live"))
+    ((bulk, _),) = store.enqueue_many([rec("m-bulk")], due_in_s=60)
     store.redis.lpush("wq", "w1", "w2")
+    # when each is due (ms, Redis's clock): how overdue each is follows from the time given
+    live_due, bulk_due = store.redis.zscore(keys.LIVE, live), store.redis.zscore(keys.BULK, bulk)
+    assert bulk_due - live_due >= 60_000
+
+    def overdue(due_ms: float, at: float) -> float:
+        return max(int(at * 1000) - due_ms, 0) / 1000
+
     at = time.time()
     figures = store.gauges("wq", at)
-    assert 0 <= figures.pop("overdue_live_s") < 1
     assert figures == {
         "queue_depth": 2, "pending": 2, "waiting_retries": 1, "dead_letters": 1, "paused": 0,
-        "outage": 0, "overdue_bulk_s": 0.0,
+        "outage": 0, "overdue_live_s": overdue(live_due, at), "overdue_bulk_s": 0.0,
     }  # fmt: skip
     later = store.gauges("wq", at + 120)  # as if read two minutes later: the bulk one is due
     assert later["waiting_retries"] == 0
-    assert 119 < later["overdue_live_s"] < 121
-    assert 59 < later["overdue_bulk_s"] < 61
+    assert later["overdue_live_s"] == overdue(live_due, at + 120) > 119
+    assert later["overdue_bulk_s"] == overdue(bulk_due, at + 120) > 0
 
 
 def test_pause_and_outage_state_read_the_fleet_flags(store: Store) -> None:

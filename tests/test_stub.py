@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -351,7 +352,22 @@ def test_answers_never_echo_the_sign_or_secret(
 def test_stop_is_idempotent_and_frees_idle_connections(session: requests.Session) -> None:
     stub = ProviderStub(VECTOR_KEY, VECTOR_SECRET).start()
     assert post(session, stub, record()).json()["status"] == "0"  # leaves a keep-alive open
-    started = time.monotonic()
+    # and one kept alive on a socket of the test's own: its handler waits for the next request
+    host, port = stub.url.removeprefix("http://").split("/")[0].split(":")
+    idle = socket.create_connection((host, int(port)), timeout=30)
+    idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: stub\r\n\r\n")
+    answer = b""
+    while not answer.endswith(b'{"ok": true}'):
+        answer += idle.recv(65536)
     stub.stop()
     stub.stop()
-    assert time.monotonic() - started < 4.0  # not the 5 s a thread join would wait for it
+    # stop() did not give up on its serving thread (its join waits 5 s at most), and cut
+    # the idle connection, which would otherwise wait for a request forever
+    assert stub._thread is not None
+    assert not stub._thread.is_alive()
+    with idle:
+        assert idle.recv(65536) == b""  # the end, not the 30 s timeout
+    with socket.socket() as again:  # and the port is free (TIME_WAIT aside: nothing listens)
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind((host, int(port)))
+        again.listen()

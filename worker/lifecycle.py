@@ -28,6 +28,7 @@ from worker.operate import metrics
 from worker.operate.audit import configure_logging
 from worker.operate.clock import clock
 from worker.operate.errors import ConfigError
+from worker.operate.heartbeat import BEAT_TTL_S, progress
 from worker.runtime import checked_store, get_client, get_settings, get_store, wake
 from worker.settings import Settings
 from worker.state import capacity
@@ -63,7 +64,7 @@ def _worker_init(sender: Any = None, **_: Any) -> None:
         configure_logging(settings.log_format, settings.log_level)
         log.critical("worker.config_error", error=str(exc))
         raise SystemExit(2) from None
-    _relieve(settings)
+    _relieve(settings, _node(sender))
     if settings.metrics_port is None:
         return
     # `backfill worker` has bound the port already (a no-op then); under
@@ -82,9 +83,16 @@ def _worker_init(sender: Any = None, **_: Any) -> None:
 RELIEVED = 0.1
 
 
-def _relieve(settings: Settings) -> None:
+def _node(sender: Any) -> str:
+    """The node name of the worker Celery built (its heartbeat's name)."""
+    return str(getattr(sender, "hostname", None) or f"pid{os.getpid()}")
+
+
+def _relieve(settings: Settings, node: str) -> None:
     """A full Redis refuses kombu's start-up bookkeeping (Celery would stop), not the step
-    script, and delivering frees memory: drain here, without Celery, until it has room."""
+    script, and delivering frees memory: drain here, without Celery, until it has room.
+    The heartbeat goes on meanwhile (its script runs on a full Redis): ``backfill health``,
+    whose ping a full Redis refuses, judges the worker by it."""
     store = get_store()
     if not _full(store):
         return
@@ -93,6 +101,7 @@ def _relieve(settings: Settings) -> None:
     said = 0.0
     with ThreadPoolExecutor(settings.drains, thread_name_prefix="relief") as pool:
         while _full(store, RELIEVED):
+            store.beat(node, progress.beat(), BEAT_TTL_S)
             if time.monotonic() - said > 30:
                 memory = capacity.read(store.redis)
                 log.error("redis.full", detail=memory.full_message(),
@@ -152,7 +161,7 @@ def _start(sender: Any = None, **_: Any) -> None:
         queue=settings.queue,
         tick_s=settings.scheduler_tick_s,
         concurrency=getattr(getattr(sender, "pool", None), "limit", None) or settings.drains,
-        node=str(getattr(sender, "hostname", None) or f"pid{os.getpid()}"),
+        node=_node(sender),
         relieve=lambda: drain(Context(settings, get_store(), client, None)),
     )
     waker.start()

@@ -6,9 +6,9 @@ hand (the project's own record rules, one place), so the answers are exactly:
 202 accepted; 401 bad or missing token; 415 not ``application/json``; 413 body over
 1 MiB; 408 body not received in time; 400 not JSON or nested too deep; 422 invalid
 records (each bad field per record; nothing of that request is enqueued); 503 Redis
-unavailable (with Retry-After). A token reads only the deliveries it enqueued (404 for
-any other id, as for an unknown one), and a lookup by msgid or app_id (``GET
-/v1/backfills?msgid=``, ``worker.state.lookup``) finds only those.
+unavailable or full (with Retry-After; a full one is named). A token reads only the
+deliveries it enqueued (404 for any other id, as for an unknown one), and a lookup by
+msgid or app_id (``GET /v1/backfills?msgid=``, ``worker.state.lookup``) finds only those.
 
 Every request is hostile until parsed: the event loop only checks the token and reads
 the body (bounded in size and time); decoding, validation and the enqueue run off the
