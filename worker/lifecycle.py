@@ -97,6 +97,9 @@ def _relieve(settings: Settings, node: str) -> None:
     if not _full(store):
         return
     configure_logging(settings.log_format, settings.log_level)
+    # these deliveries sign too: by the shared clock, as the worker's once Celery runs
+    clock.correct, clock.limit_s = settings.clock_correction, settings.clock_max_offset_s
+    clock.check(store.redis)
     ctx = Context(settings, store, get_client(), None)
     said = 0.0
     with ThreadPoolExecutor(settings.drains, thread_name_prefix="relief") as pool:
