@@ -198,6 +198,7 @@ def test_every_alert_is_tested_firing_and_quiet_and_says_what_to_do() -> None:
         "BackfillNotDelivering",
         "BackfillLiveDeliveriesOverdue",
         "BackfillNoWorkerScraped",
+        "BackfillRedisFull",
     }
     assert names - firing == set(), "alerts never shown firing"
     assert names - quiet == set(), "alerts never shown quiet"
@@ -217,6 +218,7 @@ MUTATIONS = [
     ("or max by (job) (backfill_outage", "or max by (job) (backfill_paused"),
     ("[15m])) > 0", "[15m])) > 5"),
     ("for: 1m", "for: 3m"),
+    ("(backfill_redis_full{job=\"backfill\"}) == 1", "(backfill_redis_full{job=\"backfill\"}) > 1"),
 ]
 
 
