@@ -218,7 +218,7 @@ MUTATIONS = [
     ("or max by (job) (backfill_outage", "or max by (job) (backfill_paused"),
     ("[15m])) > 0", "[15m])) > 5"),
     ("for: 1m", "for: 3m"),
-    ("(backfill_redis_full{job=\"backfill\"}) == 1", "(backfill_redis_full{job=\"backfill\"}) > 1"),
+    ('(backfill_redis_full{job="backfill"}) == 1', '(backfill_redis_full{job="backfill"}) > 1'),
 ]
 
 
