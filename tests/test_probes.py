@@ -336,3 +336,62 @@ def test_a_stop_longer_than_the_short_limit_resumes_at_the_ramps_start(
         (event,) = over.events
         assert event["kind"] == "outage_over"
         assert json.loads(event["detail"])["duration_ms"] > RULES.short_s * 1000
+
+
+# -- known bugs (docs/reliability.md, "Provider outages" and "Blame at the right scope"):
+# strict xfails, so each fails the suite once fixed and its marker must go
+
+
+def pause_with_one_more_in_flight(store: Store) -> None:
+    """Two attempts in flight are answered account-blocked, each recorded by its own step
+    (two lanes or workers): the first begins the pause, the second lands during it."""
+    deliver(store, 200)
+    enqueue(store, "app-a", 2)
+    first, second = step(store, claim=2).claims
+    enqueue(store, "app-b", WANT + 2)
+    assert step(store, [answered(first, BLOCKED)]).recorded == [("paused", True)]
+    assert step(store, [answered(second, BLOCKED)]).recorded == [("paused", False)]
+
+
+IN_FLIGHT = (
+    "finish_paused doubles bf:probe for every blocked answer recorded during the pause, "
+    "not only a refused probe's: an attempt in flight when the pause began counts as one"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=IN_FLIGHT)
+def test_a_pause_ended_by_its_first_probe_resumes_with_no_ramp_after_answers_in_flight(
+    store: Store,
+) -> None:
+    pause_with_one_more_in_flight(store)
+    over = end_with_an_answer(store, PAUSE, refused_first=0)
+    assert not store.redis.exists(keys.RAMP)
+    assert (over.status, waits(over)) == ("full", [0.0] * WANT)
+
+
+@pytest.mark.xfail(strict=True, reason=IN_FLIGHT)
+def test_a_pause_whose_first_probe_is_refused_probes_again_in_2_s_after_answers_in_flight(
+    store: Store,
+) -> None:
+    pause_with_one_more_in_flight(store)
+    run_out_the_wait(store)
+    refused = step(store, [PAUSE.refused(probe(store))])
+    assert [verdict for verdict, _ in refused.recorded] == ["paused"]
+    assert store.redis.get(keys.PROBE) == "2000"
+    assert 0 < store.redis.pttl(keys.PAUSED) <= 2000
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="with pause_s <= 1 s every probe waits pause_s, so bf:probe always equals the "
+    "first pause's wait and step.lua takes every pause's end for a first-probe false alarm",
+)
+@pytest.mark.parametrize("store_options", [{"outage": RULES, "pause_s": 1.0}])
+def test_a_long_pause_with_pause_s_of_1_s_resumes_at_the_ramps_start(store: Store) -> None:
+    stopped_after_traffic(store, PAUSE)
+    move_start_back(store, int(RULES.short_s * 1000) + 1000)
+    over = end_with_an_answer(store, PAUSE, refused_first=2)
+    ramp = store.redis.get(keys.RAMP)
+    assert ramp is not None  # fails: no ramp at all, as after a first probe's answer
+    assert float(str(ramp).split("|")[1]) == RULES.ramp_start_per_s
+    assert waits(over) == [0.0, 0.25, 0.5, 0.75, 1.0]
