@@ -145,7 +145,7 @@ def begin_pause(store: Store, ids: Sequence[str]) -> None:
     claims = step(store, claim=len(ids)).claims
     paused = step(store, [answered(c, BLOCKED) for c in claims])
     assert paused.recorded[0] == ("paused", True)
-    assert store.redis.get(keys.PROBE) == "1000"
+    assert store.redis.get(keys.PROBE) == "1000|0"  # the wait, no probe refused yet
 
 
 @dataclass(frozen=True)
@@ -338,8 +338,7 @@ def test_a_stop_longer_than_the_short_limit_resumes_at_the_ramps_start(
         assert json.loads(event["detail"])["duration_ms"] > RULES.short_s * 1000
 
 
-# -- known bugs (docs/reliability.md, "Provider outages" and "Blame at the right scope"):
-# strict xfails, so each fails the suite once fixed and its marker must go
+# -- answers of attempts that were in flight when a pause began, and a 1 s pause
 
 
 def pause_with_one_more_in_flight(store: Store) -> None:
@@ -353,13 +352,6 @@ def pause_with_one_more_in_flight(store: Store) -> None:
     assert step(store, [answered(second, BLOCKED)]).recorded == [("paused", False)]
 
 
-IN_FLIGHT = (
-    "finish_paused doubles bf:probe for every blocked answer recorded during the pause, "
-    "not only a refused probe's: an attempt in flight when the pause began counts as one"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=IN_FLIGHT)
 def test_a_pause_ended_by_its_first_probe_resumes_with_no_ramp_after_answers_in_flight(
     store: Store,
 ) -> None:
@@ -369,7 +361,6 @@ def test_a_pause_ended_by_its_first_probe_resumes_with_no_ramp_after_answers_in_
     assert (over.status, waits(over)) == ("full", [0.0] * WANT)
 
 
-@pytest.mark.xfail(strict=True, reason=IN_FLIGHT)
 def test_a_pause_whose_first_probe_is_refused_probes_again_in_2_s_after_answers_in_flight(
     store: Store,
 ) -> None:
@@ -377,21 +368,37 @@ def test_a_pause_whose_first_probe_is_refused_probes_again_in_2_s_after_answers_
     run_out_the_wait(store)
     refused = step(store, [PAUSE.refused(probe(store))])
     assert [verdict for verdict, _ in refused.recorded] == ["paused"]
-    assert store.redis.get(keys.PROBE) == "2000"
+    assert store.redis.get(keys.PROBE) == "2000|1"  # the wait, and one probe refused
     assert 0 < store.redis.pttl(keys.PAUSED) <= 2000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with pause_s <= 1 s every probe waits pause_s, so bf:probe always equals the "
-    "first pause's wait and step.lua takes every pause's end for a first-probe false alarm",
-)
 @pytest.mark.parametrize("store_options", [{"outage": RULES, "pause_s": 1.0}])
 def test_a_long_pause_with_pause_s_of_1_s_resumes_at_the_ramps_start(store: Store) -> None:
     stopped_after_traffic(store, PAUSE)
     move_start_back(store, int(RULES.short_s * 1000) + 1000)
     over = end_with_an_answer(store, PAUSE, refused_first=2)
     ramp = store.redis.get(keys.RAMP)
-    assert ramp is not None  # fails: no ramp at all, as after a first probe's answer
+    assert ramp is not None  # two probes were refused: not a false alarm
     assert float(str(ramp).split("|")[1]) == RULES.ramp_start_per_s
     assert waits(over) == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def test_a_failure_in_flight_when_a_hold_began_leaves_the_first_probe_at_once(
+    store: Store,
+) -> None:
+    """The hold's first probe goes at once; a failure of an attempt that was in flight
+    when the hold began, recorded after that moment and before any probe, is not a
+    refused probe: the wait stays, and the next claim is the probe, granted now."""
+    enqueue(store, "app-a", 4)
+    claims = step(store, claim=4).claims
+    late = claims[-1]
+    held = step(store, [answered(c, DOWN) for c in claims[:-1]])
+    assert held.outage
+    run_out_the_wait(store)  # the 1 ms before the first probe has passed: its turn
+    kept = step(store, [answered(late, DOWN, holding=True)])
+    assert kept.recorded == [("held", False)]
+    start, wait, probes = str(store.redis.get(keys.OUTAGE)).split("|")
+    assert (wait, probes) == ("1", "0")  # no probe was refused: the wait did not double
+    assert not store.redis.exists(keys.PAUSED)
+    first = probe(store)  # granted at once
+    assert first.attempts >= 1
