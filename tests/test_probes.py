@@ -397,7 +397,7 @@ def test_a_failure_in_flight_when_a_hold_began_leaves_the_first_probe_at_once(
     run_out_the_wait(store)  # the 1 ms before the first probe has passed: its turn
     kept = step(store, [answered(late, DOWN, holding=True)])
     assert kept.recorded == [("held", False)]
-    start, wait, probes = str(store.redis.get(keys.OUTAGE)).split("|")
+    _start, wait, probes = str(store.redis.get(keys.OUTAGE)).split("|")
     assert (wait, probes) == ("1", "0")  # no probe was refused: the wait did not double
     assert not store.redis.exists(keys.PAUSED)
     first = probe(store)  # granted at once
