@@ -96,8 +96,13 @@ if clear_probe and not keep_probe and flags[2] then
   -- its first probe was answered: a false alarm (one record's redirect or drop), so no
   -- ramp at all; else from the rate before a short one, or from ramp_start
   local false_alarm = ended_probes and ended_probes <= 1
-  if ended_probes == nil then
-    false_alarm = tonumber(flags[2]) == math.min(1000, pause_ms)  -- the first pause's wait
+  if ended_probes == nil then  -- a pause: no probe of it was refused
+    local wait, refused = string.match(flags[2], '^(%d+)|?(%d*)$')
+    if refused and refused ~= '' then
+      false_alarm = refused == '0'
+    else  -- a flag an earlier version wrote: by the first pause's wait
+      false_alarm = tonumber(wait) == math.min(1000, pause_ms)
+    end
   end
   if false_alarm then
     gone[#gone + 1] = RAMP

@@ -60,12 +60,28 @@ local function finish_paused(a, id, key, lane, attempts)
   end
   held_by('p', id)
   -- probes follow after 1 s, then twice as long each time one is refused, up to pause_ms:
-  -- a short block costs seconds, a long one a probe per pause_ms
-  local wait = math.min(math.max((tonumber(flags[2]) or 0) * 2, 1000), pause_ms)
-  local first = redis.call('SET', PAUSED, ARGV[a + EACH.last_error], 'NX', 'PX', math.floor(wait))
-  redis.call('SET', PROBE, string.format('%d', wait))
-  redis.call('DEL', PROBE_LOCK)
-  local resume = now + math.max(redis.call('PTTL', PAUSED), 0)
+  -- a short block costs seconds, a long one a probe per pause_ms. PROBE keeps the wait and
+  -- how many probes were refused ('<ms>|<n>'). Only a refused probe doubles the wait: an
+  -- attempt that was in flight when the pause began (or ended) changes nothing.
+  local pttl = redis.call('PTTL', PAUSED)
+  local first = false
+  if pttl <= 0 then
+    local was, refused = string.match(flags[2] or '', '^(%d+)|?(%d*)$')
+    was, refused = tonumber(was), tonumber(refused) or 0
+    if not was then  -- a new pause
+      pttl = math.min(1000, pause_ms)
+    elseif redis.call('EXISTS', PROBE_LOCK) == 1 then  -- its probe was refused
+      pttl, refused = math.min(math.max(was * 2, 1000), pause_ms), refused + 1
+    else  -- sent before the pause's wait ended: the probe's turn is now, as it was
+      pttl = 0
+    end
+    if pttl > 0 then
+      first = redis.call('SET', PAUSED, ARGV[a + EACH.last_error], 'NX', 'PX', math.floor(pttl))
+      redis.call('SET', PROBE, string.format('%d|%d', pttl, refused))
+      redis.call('DEL', PROBE_LOCK)
+    end
+  end
+  local resume = now + math.max(pttl, 0)
   redis.call('HSET', key, F.due, resume, F.lease, 0, F.attempts, attempts)
   redis.call('ZADD', lane, resume, id)
   return 'paused', first and 1 or 0

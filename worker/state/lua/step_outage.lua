@@ -38,6 +38,11 @@ local function hold_probe(last_error)
   if pttl > 0 then
     return pttl
   end
+  if redis.call('EXISTS', PROBE_LOCK) == 0 then
+    -- no probe in flight: an attempt sent before the wait ended (say, in flight when the
+    -- hold began): due with the probe, whose turn it is, and the wait stays as it was
+    return 0
+  end
   local start, wait, probes = string.match(flags[5], '^(%d+)|(%d+)|?(%d*)$')
   wait = math.min(math.max((tonumber(wait) or 1000) * 2, 1000), o_cap)
   hold(start or tostring(now), wait, last_error, tonumber(probes))
