@@ -198,6 +198,8 @@ def test_uncorrected_the_run_of_minus_16_holds_instead_of_dead_lettering(
         store = open_store(private_redis.url)
         ids = [i for i, _ in store.enqueue_many(records(60, "skew"), source="test")]
         wait_for(lambda: store.redis.exists(keys.OUTAGE), timeout_s=60)
+        # the hold's line follows its step (the key is set first)
+        wait_for(lambda: logged(worker, "postback.outage"), timeout_s=30)
         lines = read_log(Path(worker.log_path))
         assert any(
             line.get("event") == "worker.clock_offset" and line["corrected"] is False
@@ -261,6 +263,7 @@ def test_a_provider_ten_minutes_ahead_is_named_and_holds_instead_of_dead_letteri
         worker.wait_ready(timeout_s=60)
         store = open_store(private_redis.url)
         ids = [i for i, _ in store.enqueue_many(records(60, "late"), source="test")]
+        wait_for(lambda: logged(worker, "worker.provider_clock_differs"), timeout_s=60)
         wait_for(lambda: store.redis.exists(keys.OUTAGE), timeout_s=60)
         lines = read_log(Path(worker.log_path))
         (differs,) = [
@@ -290,6 +293,11 @@ def _answers(url: str) -> bool:
             return True
     except OSError:
         return False
+
+
+def logged(worker: WorkerProcess, event: str) -> bool:
+    """Whether the worker's log has a line of ``event``."""
+    return any(line.get("event") == event for line in read_log(Path(worker.log_path)))
 
 
 def _group_alive(pgid: int) -> bool:
