@@ -46,8 +46,8 @@ BLOCKED = Answer(AnswerClass.BLOCKED, http_status=200, api_status="-13", api_rea
 
 # What a hold or a pause leaves in Redis while it lasts; none of it once an answer ends it.
 FLEET_STOP_KEYS = (
-    keys.OUTAGE, keys.OUTAGE_SEEN, keys.PAUSED, keys.PROBE, keys.PROBE_LOCK, keys.BEFORE,
-    keys.HELD_BY,
+    keys.OUTAGE, keys.OUTAGE_LAST, keys.OUTAGE_SEEN, keys.PAUSED, keys.PROBE, keys.PROBE_LOCK,
+    keys.BEFORE, keys.HELD_BY,
 )  # fmt: skip
 
 

@@ -118,7 +118,7 @@ local function outage_over()
   if flags[5] then
     local start = tonumber(string.match(flags[5], '^(%d+)|')) or now
     ended_probes = tonumber(string.match(flags[5], '^%d+|%d+|(%d+)$')) or 0
-    redis.call('DEL', OUTAGE)
+    redis.call('DEL', OUTAGE, OUTAGE_LAST)
     local reason = redis.call('GET', PAUSED)
     if reason and string.sub(reason, 1, 7) == 'outage:' then
       redis.call('DEL', PAUSED)
