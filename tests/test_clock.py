@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import email.utils
 import os
+import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -29,7 +29,7 @@ import pytest
 from tests.conftest import API_KEY, API_SECRET, read_log, wait_for
 from tests.helpers import open_store
 from worker.enqueue.record import BackfillRecord
-from worker.local.processes import LocalRedis, WorkerProcess, free_port
+from worker.local.processes import LocalRedis, WorkerProcess
 from worker.local.stub import ProviderStub
 from worker.operate.clock import SharedClock, offset_problem
 from worker.state import keys
@@ -243,17 +243,17 @@ def test_a_provider_ten_minutes_ahead_is_named_and_holds_instead_of_dead_letteri
     """The stub (the provider) runs under faketime ten minutes ahead; this host and Redis
     agree. Every call is refused -16: the fleet holds, nothing is dead-lettered, and the
     provider's Date header names the provider's clock as the likely culprit."""
-    port = free_port()
-    stub = subprocess.Popen(
-        [*AHEAD, sys.executable, "-m", "worker", "stub", "--port", str(port),
-         "--api-key", API_KEY, "--api-secret", API_SECRET],
-        env={**os.environ, **under_faketime(tmp_path)},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+    out = tmp_path / "stub.log"
+    with out.open("wb") as sink:
+        stub = subprocess.Popen(
+            [*AHEAD, sys.executable, "-m", "worker", "stub", "--port", "0",
+             "--api-key", API_KEY, "--api-secret", API_SECRET],
+            env={**os.environ, **under_faketime(tmp_path)},
+            stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
     worker: WorkerProcess | None = None
     try:
-        url = f"http://127.0.0.1:{port}/sms"
-        wait_for(lambda: _answers(url), timeout_s=30)
+        url = wait_for(lambda: _listening(out, stub), timeout_s=60)
         worker = WorkerProcess(
             {**settings_env, "BACKFILL_REDIS_URL": private_redis.url, "BACKFILL_BASE_URL": url,
              "BACKFILL_MAX_ATTEMPTS": "3", "BACKFILL_BACKOFF_BASE_S": "0.2"},
@@ -285,14 +285,15 @@ def test_a_provider_ten_minutes_ahead_is_named_and_holds_instead_of_dead_letteri
         stub.wait(10)
 
 
-def _answers(url: str) -> bool:
-    try:
-        with socket.create_connection(
-            ("127.0.0.1", int(url.split(":")[2].split("/", maxsplit=1)[0])), 1
-        ):
-            return True
-    except OSError:
-        return False
+def _listening(out: Path, process: subprocess.Popen[bytes]) -> str | None:
+    """The stub's URL once it says it listens (its first line); its output if it died."""
+    said = out.read_text(errors="replace")
+    found = re.search(r"stub listening on (http://\S+)", said)
+    if found:
+        return found.group(1)
+    if process.poll() is not None:
+        pytest.fail(f"the stub exited with {process.returncode}: {said[-2000:]}")
+    return None
 
 
 def logged(worker: WorkerProcess, event: str) -> bool:

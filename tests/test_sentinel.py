@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -108,4 +109,11 @@ def test_deliveries_continue_through_a_failover_with_none_lost(
         f"deliveries resumed after {resumed_at - killed_at:.1f} s, lost 0 of {len(ids)}"
     )
     assert resumed_at - killed_at < 30
-    wait_for(lambda: store.states(ids) == ["delivered"] * len(ids), 30, 0.2)
+    # a delivery whose outcome was recorded on the old primary only is claimed there and
+    # recorded nowhere: it goes again when its lease (12 s here) ends, answered -20; a
+    # busy machine stretches that, so the bound is wide (stuck would be for good)
+    try:
+        wait_for(lambda: store.states(ids) == ["delivered"] * len(ids), 90, 0.2)
+    except BaseException:
+        print("states:", Counter(store.states(ids)))
+        raise
