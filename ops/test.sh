@@ -3,7 +3,7 @@
 # root or with sudo), makes the venv, installs the package with its dev extras, runs pytest.
 #
 #   ops/test.sh                  # the whole suite (about 9 min on a quiet 2-core machine)
-#   ops/test.sh -m "not slow"    # the quick subset (under a minute and a half)
+#   ops/test.sh -m "not slow"    # the quick subset (about a minute)
 #   ops/test.sh tests/test_x.py  # any pytest arguments
 set -euo pipefail
 cd "$(dirname "$0")/.."
