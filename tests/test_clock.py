@@ -120,6 +120,7 @@ def test_under_faketime_the_signature_carries_the_shared_clocks_time(
     # the provider's Date header agrees with Redis, not with this host's clock
     assert "provider_clock_differs" not in logged["1"]
     assert "provider_clock_differs" in logged["0"]
+    assert "so this host's clock is off" in logged["0"]
 
 
 def under_faketime(where: Path) -> dict[str, str]:

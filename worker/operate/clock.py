@@ -132,6 +132,11 @@ class SharedClock:
                 "it agrees with this host's own clock, so the shared clock (Redis TIME) is "
                 "likely off: fix the Redis host's time sync"
             )
+        if not self.correct and abs(provider_offset_s - self.offset_s) <= near:
+            return (
+                "it agrees with the shared clock (Redis TIME), so this host's clock is off: "
+                "fix its time sync (or set BACKFILL_CLOCK_CORRECTION=true)"
+            )
         if abs(self.offset_s) <= near:
             return (
                 "this host and Redis agree, so the provider's clock is likely off (or both of "
