@@ -15,7 +15,6 @@ from worker.cli.common import exits
 from worker.cli.records import status
 
 if TYPE_CHECKING:
-    from worker.state.dead_letters import DeadEnd
     from worker.state.store import Store
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -177,6 +176,7 @@ def _mass(verb: str, delivery_id: str | None, everything: bool, app_id: str | No
           group: str | None, yes: bool) -> None:  # fmt: skip
     """One letter at once, or every one (of an app, of a group) up to an end fixed now,
     asked first."""
+    from worker.console.actions import count_group
     from worker.runtime import get_store
     from worker.state import dead_letters
 
@@ -194,7 +194,7 @@ def _mass(verb: str, delivery_id: str | None, everything: bool, app_id: str | No
     end = dead_letters.fixed_end(store.redis, app_id)
     whose = (f" of group {group}" if group else "") + (f" of app {app_id}" if app_id else "")
     pick = _group_of(store, group)
-    count = end.count if pick is None else _count(store, app_id, end, pick)
+    count = end.count if group is None else count_group(store, group, end, app_id)
     if not count:
         click.echo(f"{past} 0 of 0: no dead letters{whose}")
         return
@@ -215,13 +215,6 @@ def _group_of(store: Store, group: str | None) -> Pick | None:
     from worker.console.actions import choose
 
     return choose(store, group)
-
-
-def _count(store: Store, app_id: str | None, end: DeadEnd, pick: Pick) -> int:
-    """How many letters of a group had died by ``end`` (read 1,000 at a time)."""
-    from worker.state.dead_letters import batches
-
-    return sum(len(pick(ids)) for ids in batches(store.redis, app_id, end=end))
 
 
 def _confirm(what: str, yes: bool) -> None:

@@ -63,11 +63,13 @@ def choose(store: Store, key: str) -> Callable[[list[str]], list[str]] | None:
     return chosen
 
 
-def group_batches(store: Store, key: str, end: DeadEnd | None = None) -> Iterator[list[str]]:
-    """The dead letters of one group (``ALL``: every one), a batch at a time, up to
-    ``end`` (fixed now when not given)."""
+def group_batches(
+    store: Store, key: str, end: DeadEnd | None = None, app_id: str | None = None
+) -> Iterator[list[str]]:
+    """The dead letters of one group (``ALL``: every one; of one app when given), a batch
+    at a time, up to ``end`` (fixed now when not given)."""
     pick = choose(store, key)
-    for batch in batches(store.redis, end=end or fixed_end(store.redis)):
+    for batch in batches(store.redis, app_id, end=end or fixed_end(store.redis, app_id)):
         chosen = batch if pick is None else pick(batch)
         if chosen:
             yield chosen
@@ -121,8 +123,11 @@ def purge_group(store: Store, user: str, key: str) -> int:
     return purge_group_until(store, user, key).done
 
 
-def count_group(store: Store, key: str, end: DeadEnd | None = None) -> int:
-    """How many dead letters a group has now (up to ``end``), for a confirmation."""
+def count_group(
+    store: Store, key: str, end: DeadEnd | None = None, app_id: str | None = None
+) -> int:
+    """How many dead letters a group has now (up to ``end``; of one app when given), for
+    a confirmation."""
     if key == ALL:
-        return (end or fixed_end(store.redis)).count
-    return sum(len(batch) for batch in group_batches(store, key, end))
+        return (end or fixed_end(store.redis, app_id)).count
+    return sum(len(batch) for batch in group_batches(store, key, end, app_id))

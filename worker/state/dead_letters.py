@@ -183,11 +183,10 @@ def act_until(
         if chosen:
             result.seen += len(chosen)
             result.done += act(chosen)
-    pick = choose
-    if end.ms is not None and pick is None:
+    if choose is not None:  # those of the group: the later letters read a batch at a time
+        result.later = sum(len(choose(ids)) for ids in died_after(store.redis, end, app_id))
+    elif end.ms is not None:
         result.later = int(store.redis.zcount(index_of(app_id), f"({end.ms}", "+inf"))
-    elif pick is not None:  # those of the group: the later letters read a batch at a time
-        result.later = sum(len(pick(ids)) for ids in died_after(store.redis, end, app_id))
     return result
 
 
